@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import Apertus, ModelConfig, XIELU, rope_inv_freq
+from model import Apertus, ModelConfig, XIELU
 
 
 class CheckpointError(Exception):
@@ -110,7 +110,6 @@ def load_hf(path, device="cpu", dtype=torch.float32) -> Apertus:
     for m in model.modules():  # buffers the file may lack (beta, eps): their defined values
         if isinstance(m, XIELU):
             m.reset_parameters()
-    model.inv_freq.copy_(rope_inv_freq(cfg))
     expected = dict(model.state_dict(keep_vars=True))
     params = {n for n, _ in model.named_parameters()}
     for file in hf_files(path):
@@ -170,3 +169,190 @@ def _write_shard(path, i, tensors):
     tmp = os.path.join(path, f".shard-{i}.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
     return tmp, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+# A checkpoint is a directory ckpt-00001000/ holding meta.json (step, config, layout) and one
+# rank-00003.safetensors per rank. Rank files hold what that rank owns under ZeRO-1: for each
+# parameter piece, elements [start, end) of the flattened tensor-parallel shard `tp_rank`, as
+#     "{kind}|{name}|{tp_rank}|{start}|{end}"   kind = master (fp32 weights) or an optimizer moment
+# and the file's metadata says how each shard sits in the full tensor (tp_dim, full and local shape).
+# Replicated parameters are written by tp_rank 0 only. The directory is written as ckpt-*.tmp and
+# renamed when every rank is done, so a crash during a save never leaves a checkpoint that looks whole.
+def _barrier(grid):
+    if grid.world > 1:
+        torch.distributed.barrier()
+
+
+def latest_checkpoint(out_dir):
+    """The newest complete checkpoint in out_dir, or None (unfinished .tmp directories are ignored)."""
+    if not os.path.isdir(out_dir):
+        return None
+    done = sorted(n for n in os.listdir(out_dir) if n.startswith("ckpt-") and not n.endswith(".tmp")
+                  and os.path.exists(os.path.join(out_dir, n, "meta.json")))
+    return os.path.join(out_dir, done[-1]) if done else None
+
+
+def save_checkpoint(out_dir, step, opt, grid, config, optimizer_name, keep=3):
+    from parallel import tp_dim
+    final = os.path.join(out_dir, f"ckpt-{step:08d}")
+    tmp = final + ".tmp"
+    if grid.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier(grid)
+    tensors, layout = {}, {}
+    for piece, master in zip(opt.pieces, opt.masters):
+        dim = tp_dim(opt.model, piece.name)
+        if dim is None and grid.tp_rank != 0:
+            continue
+        p = opt.model.get_parameter(piece.name)
+        layout[piece.name] = dict(tp_dim=dim, tp=grid.tp, local_shape=list(p.shape),
+                                  full_shape=list(getattr(opt.model.get_submodule(piece.name.rsplit(".", 1)[0]),
+                                                          "full_shape", None) or p.shape))
+        suffix = f"|{piece.name}|{grid.tp_rank}|{piece.start}|{piece.end}"
+        tensors["master" + suffix] = master
+        for kind, value in opt.optimizer.state.get(master, {}).items():
+            if torch.is_tensor(value) and value.numel() == master.numel():
+                tensors[kind + suffix] = value
+    tensors["rng|torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and grid.device.type == "cuda":
+        tensors["rng|cuda"] = torch.cuda.get_rng_state(grid.device)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+              os.path.join(tmp, f"rank-{grid.rank:05d}.safetensors"), metadata={"layout": json.dumps(layout)})
+    _barrier(grid)
+    if grid.rank == 0:
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(dict(step=step, optimizer=optimizer_name, tp=grid.tp, dp=grid.dp, world=grid.world,
+                           config=config), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted(n for n in os.listdir(out_dir) if n.startswith("ckpt-") and not n.endswith(".tmp"))
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+    _barrier(grid)
+
+
+class ShardedCheckpoint:
+    """Reads a training checkpoint under any layout: a piece is taken as written when this layout has
+    the same one, else the full tensor is assembled from all the slices that the writers held."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            with open(os.path.join(path, "meta.json")) as f:
+                self.meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: unreadable meta.json ({e})") from None
+        self.where, self.layout, self.slices = {}, {}, {}
+        files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        if len(files) != self.meta["world"]:
+            raise CheckpointError(f"{path}: {len(files)} rank files, meta.json says {self.meta['world']}")
+        for name in files:
+            file = os.path.join(path, name)
+            with safe_open(file, framework="pt") as f:
+                self.layout.update(json.loads(f.metadata()["layout"]))
+                for key in f.keys():
+                    self.where[key] = file
+                    if not key.startswith("rng|"):
+                        kind, pname, tp_rank, s, e = key.split("|")
+                        self.slices.setdefault((kind, pname), []).append((int(tp_rank), int(s), int(e), key))
+        self._cache = (None, None)
+
+    def read(self, key):
+        with safe_open(self.where[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    def kinds(self, name):
+        return [k for (k, n) in self.slices if n == name]
+
+    def full(self, kind, name):
+        """The whole tensor (fp32), put together from the slices of every writer."""
+        if self._cache[0] == (kind, name):
+            return self._cache[1]
+        if (kind, name) not in self.slices:
+            raise CheckpointError(f"{self.path}: no {kind} for parameter {name}")
+        lay = self.layout[name]
+        full = torch.empty(lay["full_shape"])
+        covered = 0
+        for r in range(lay["tp"] if lay["tp_dim"] is not None else 1):
+            local = torch.empty(lay["local_shape"]).flatten()
+            for tp_rank, s, e, key in self.slices[(kind, name)]:
+                if tp_rank == r:
+                    local[s:e] = self.read(key)
+                    covered += e - s
+            dim = lay["tp_dim"]
+            target = full if dim is None else full.narrow(dim, r * lay["local_shape"][dim], lay["local_shape"][dim])
+            target.copy_(local.view(lay["local_shape"]))
+        if covered != full.numel():
+            raise CheckpointError(f"{self.path}: {kind} of {name} is incomplete ({covered} of {full.numel()} elements)")
+        self._cache = ((kind, name), full)
+        return full
+
+    def piece(self, kind, name, tp_dim, grid, start, end):
+        key = f"{kind}|{name}|{grid.tp_rank if tp_dim is not None else 0}|{start}|{end}"
+        if key in self.where and (tp_dim is None or self.layout[name]["tp"] == grid.tp):
+            return self.read(key)  # the same layout wrote exactly this piece
+        from parallel import shard_of
+        return shard_of(self.full(kind, name), tp_dim, grid).flatten()[start:end]
+
+
+@torch.no_grad()
+def load_checkpoint(path, opt, grid, optimizer_name):
+    """Fill the distributed optimizer (master pieces, optimizer state) and the model from a checkpoint
+    written under any layout. Returns the step."""
+    from parallel import tp_dim
+    ck = ShardedCheckpoint(path)
+    if ck.meta["optimizer"] != optimizer_name:
+        raise CheckpointError(f"{path} holds {ck.meta['optimizer']} state, this run uses {optimizer_name}")
+    step = ck.meta["step"]
+    for piece, master in zip(opt.pieces, opt.masters):
+        dim = tp_dim(opt.model, piece.name)
+        master.copy_(ck.piece("master", piece.name, dim, grid, piece.start, piece.end))
+        state = {k: ck.piece(k, piece.name, dim, grid, piece.start, piece.end).to(master.device)
+                 for k in ck.kinds(piece.name) if k != "master"}
+        if state:
+            opt.optimizer.state[master] = {"step": torch.tensor(float(step)), **state}
+    opt.publish()
+    if ck.meta["world"] == grid.world:  # RNG streams belong to ranks: only meaningful for the same world
+        torch.set_rng_state(_rank_rng(ck, grid.rank, "torch"))
+        if grid.device.type == "cuda":
+            cuda_state = _rank_rng(ck, grid.rank, "cuda")
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, grid.device)
+    return step
+
+
+def _rank_rng(ck, rank, which):
+    file = os.path.join(ck.path, f"rank-{rank:05d}.safetensors")
+    with safe_open(file, framework="pt") as f:
+        return f.get_tensor(f"rng|{which}") if f"rng|{which}" in f.keys() else None
+
+
+def consolidate(ckpt_path, out_dir, dtype=torch.bfloat16):
+    """A training checkpoint (any layout) -> a Hugging Face directory, one tensor at a time, on CPU."""
+    ck = ShardedCheckpoint(ckpt_path)
+    cfg = ModelConfig(**ck.meta["config"]["model"])
+    with torch.device("meta"):
+        names = list(Apertus(cfg).state_dict())
+    defaults = XIELU()  # beta and eps are fixed buffers, not trained
+
+    def tensors():
+        for name in names:
+            if name.endswith(("act_fn.beta", "act_fn.eps")):
+                yield name, getattr(defaults, name.rsplit(".", 1)[1]).to(dtype)
+            else:
+                yield name, ck.full("master", name).to(dtype)
+    write_hf(cfg, tensors(), out_dir, dtype)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "consolidate":
+        sys.exit("usage: python checkpoint.py consolidate CHECKPOINT_DIR HF_OUT_DIR")
+    try:
+        consolidate(sys.argv[2], sys.argv[3])
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {sys.argv[3]}")

@@ -106,7 +106,7 @@ class XIELU(nn.Module):
 def rope_inv_freq(cfg: ModelConfig, theta: float | None = None) -> torch.Tensor:
     """[head_dim/2] inverse frequencies, with llama3 scaling (APERTUS.md section 1)."""
     D = cfg.head_dim
-    inv = 1.0 / ((theta or cfg.rope_theta) ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    inv = 1.0 / ((theta or cfg.rope_theta) ** (torch.arange(0, D, 2, device="cpu").float() / D))
     s = cfg.rope_scaling
     if s is None:
         return inv
@@ -241,7 +241,7 @@ class Apertus(nn.Module):
         self.config = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.inv_freq = rope_inv_freq(cfg)  # a plain tensor, not a buffer: .to(bfloat16) must not round it
         self.loss_fn = cross_entropy
         self.attn_backend = "sdpa"  # "flex" on CUDA (train.py), "sdpa" with an explicit mask on CPU
         self.activation_checkpointing = False
@@ -258,6 +258,8 @@ class Apertus(nn.Module):
         else:
             pos = document_positions(doc_ids)
         x = self.model.embed_tokens(input_ids)
+        if self.inv_freq.device != x.device:
+            self.inv_freq = self.inv_freq.to(x.device)
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
         block_mask = None
         if self.attn_backend == "flex":
@@ -295,7 +297,6 @@ class Apertus(nn.Module):
         for m in self.modules():
             if isinstance(m, XIELU):
                 m.reset_parameters()
-        self.inv_freq.copy_(rope_inv_freq(self.config))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
@@ -321,6 +322,18 @@ def full_shape(model, name):
 
 
 # ----------------------------------------------------------------------------- the audit
+def param_count(cfg: ModelConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in Apertus(cfg).parameters())
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int | None = None) -> float:
+    """Training FLOPs per token: 6N for the matmuls (forward + backward), plus causal attention:
+    QK^T and AV cost 12*L*H*D*T forward + backward for full attention, half of that when causal."""
+    n = n_params if n_params is not None else param_count(cfg)
+    return 6 * n + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+
+
 def audit(cfg: ModelConfig, seq_len: int = 4096) -> str:
     """Parameter count, breakdown, FLOPs per token and size, from a model built on the meta device."""
     with torch.device("meta"):
@@ -337,8 +350,7 @@ def audit(cfg: ModelConfig, seq_len: int = 4096) -> str:
         groups[key] += n
     total = sum(groups.values())
     L, H, D = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
-    attn = 6 * L * H * D * seq_len  # 12*L*H*D*T for full attention (QK^T and AV, fwd+bwd), halved: causal
-    flops = 6 * total + attn
+    flops = flops_per_token(cfg, seq_len, total)
     lines = [f"Apertus: d={cfg.hidden_size}, layers={L}, heads={H}/{cfg.num_key_value_heads} (q/kv), "
              f"head_dim={D}, mlp={cfg.intermediate_size}, vocab={cfg.vocab_size}",
              f"{'component':<22}{'parameters':>18}{'share':>8}"]

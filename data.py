@@ -1,0 +1,479 @@
+r"""
+Tokens for nanoapertus: the tokenizer, the shard files on disk, `prepare` (text -> shards), the demo
+corpus, and the DataLoader that hands each data-parallel rank its micro-batches.
+
+    python data.py prepare corpus/ extra.jsonl --out data/mine                      # byte tokenizer
+    python data.py prepare corpus/ --out data/mine-tekken --tokenizer path/to/tekken_240718.json
+    python data.py demo                     # prepare the demo corpus once, print its directory
+
+A dataset directory holds meta.json and the shards train_000000.bin, train_000001.bin, ...,
+val_000000.bin, ... Every document is stored as [BOS] + tokens + [EOS] (Apertus wraps every document
+in <s> ... </s>); a split is its shards concatenated in name order. One shard file, little endian:
+
+    | offset | bytes        | field                                           |
+    |--------|--------------|-------------------------------------------------|
+    | 0      | 8            | magic b"NAPTOKS\0"                              |
+    | 8      | 4            | version, uint32 = 1                             |
+    | 12     | 4            | itemsize, uint32: 2 (uint16 ids) or 4 (uint32)  |
+    | 16     | 8            | token count N, uint64                           |
+    | 24     | 8            | reserved, zero                                  |
+    | 32     | N * itemsize | the token ids                                   |
+"""
+import argparse
+import base64
+import bisect
+import contextlib
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import tiktoken
+import torch
+from tqdm import tqdm
+
+
+@dataclass
+class DataConfig:
+    dataset: str = ""        # directory of prepared shards; "" = the built-in demo corpus (prepared once, cached)
+    tokenizer: str = "byte"  # "byte" or the path of a Mistral tekken JSON (e.g. tekken_240718.json)
+    seq_len: int = 256       # tokens per training sequence
+    eval_batches: int = 4    # global batches in one validation pass
+
+
+class DataError(Exception):
+    """A problem with the user's data or settings; the message is one line and names the file."""
+
+
+BOS_ID, EOS_ID, PAD_ID = 1, 2, 3  # <s>, </s>, <pad> in both tokenizers; id 0 is <unk>
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+class Tokenizer:
+    """A tiktoken byte-level BPE whose ranks sit above `offset` reserved special ids: id = rank + offset."""
+
+    def __init__(self, name: str, enc: tiktoken.Encoding, offset: int, vocab_size: int):
+        self.name, self.enc, self.offset, self.vocab_size = name, enc, offset, vocab_size
+        self.bos_id, self.eos_id, self.pad_id = BOS_ID, EOS_ID, PAD_ID
+
+    def encode(self, text: str) -> list[int]:
+        # encode_ordinary: a "<s>" inside the text is just text, never a special token
+        return [rank + self.offset for rank in self.enc.encode_ordinary(text)]
+
+    def encode_document(self, text: str) -> list[int]:
+        return [self.bos_id] + self.encode(text) + [self.eos_id]
+
+    def decode(self, ids) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        # special ids have no bytes, nor do ids past the ranks (a model's vocab is often padded, 260 -> 272)
+        ranks = [i - self.offset for i in ids if self.offset <= i < self.offset + self.enc.n_vocab]
+        return self.enc.decode_bytes(ranks).decode("utf-8", errors="replace")
+
+
+@functools.lru_cache(maxsize=None)  # parsing tekken takes ~0.5 s and prepare asks once per piece of work
+def get_tokenizer(name: str) -> Tokenizer:
+    """The tokenizer named "byte" (ids 0-3 special, bytes at 4..259) or in a Mistral tekken JSON file."""
+    if name == "byte":
+        # no merges, so the split pattern changes only the speed, never the ids
+        ranks = {bytes([b]): b for b in range(256)}
+        enc = tiktoken.Encoding("byte", pat_str=r"\s+|\S+", mergeable_ranks=ranks, special_tokens={})
+        return Tokenizer("byte", enc, offset=4, vocab_size=260)
+    try:
+        with open(name, encoding="utf-8") as f:
+            spec = json.load(f)
+        config = spec["config"]
+        offset, vocab_size = config["default_num_special_tokens"], config["default_vocab_size"]
+        # Apertus / Mistral-NeMo: 1000 special ids, then the first 130072 BPE ranks (the file holds 150000)
+        ranks = {base64.b64decode(t["token_bytes"]): t["rank"] for t in spec["vocab"][: vocab_size - offset]}
+        stem = os.path.splitext(os.path.basename(name))[0]
+        enc = tiktoken.Encoding(stem, pat_str=config["pattern"], mergeable_ranks=ranks, special_tokens={})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{name}: tokenizer must be 'byte' or a tekken JSON file ({type(e).__name__}: {e})") from None
+    return Tokenizer(stem, enc, offset, vocab_size)
+
+
+# -----------------------------------------------------------------------------
+# shard files (layout in the docstring at the top)
+
+MAGIC, VERSION = b"NAPTOKS\0", 1
+HEADER = struct.Struct("<8sIIQ8x")  # magic, version, itemsize, token count, 8 reserved bytes = 32 bytes
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2" if vocab_size <= 2**16 else "<u4")
+
+
+def write_shard(path: str, tokens: np.ndarray) -> None:
+    """Write a whole shard at once (prepare streams instead, see _ShardWriter); tokens are uint16 or uint32."""
+    tokens = np.ascontiguousarray(tokens, dtype=tokens.dtype.newbyteorder("<"))
+    assert tokens.dtype.itemsize in (2, 4) and tokens.dtype.kind == "u", tokens.dtype
+    with open(path, "wb") as f:
+        f.write(HEADER.pack(MAGIC, VERSION, tokens.dtype.itemsize, tokens.size))
+        f.write(tokens.tobytes())
+
+
+def read_shard(path) -> np.ndarray:
+    """The tokens of one shard, memory-mapped (never read whole), after checking the header against the file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(HEADER.size)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read shard ({e.strerror})") from None
+    if len(head) < HEADER.size or head[:8] != MAGIC:
+        raise DataError(f"{path}: not a token shard (no {MAGIC!r} header); run `python data.py prepare`")
+    _, version, itemsize, count = HEADER.unpack(head)
+    if version != VERSION or itemsize not in (2, 4):
+        raise DataError(f"{path}: corrupt shard header (version {version}, itemsize {itemsize})")
+    held = (size - HEADER.size) // itemsize
+    if held != count or (size - HEADER.size) % itemsize:
+        what = "truncated" if held < count else "corrupt"
+        raise DataError(f"{path}: {what} shard: header says {count} tokens, file holds {held}")
+    if count == 0:  # np.memmap refuses an empty map
+        return np.empty(0, dtype=f"<u{itemsize}")
+    return np.memmap(path, dtype=f"<u{itemsize}", mode="r", offset=HEADER.size, shape=(count,))
+
+
+class _ShardWriter:
+    """Streams tokens into {split}_000000.bin, {split}_000001.bin, ..., a new file every shard_tokens."""
+
+    def __init__(self, out_dir: str, split: str, dtype: np.dtype, shard_tokens: int):
+        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+        self.f, self.shards, self.in_shard, self.tokens, self.documents = None, 0, 0, 0, 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            if self.f is None:
+                self.f = open(os.path.join(self.out_dir, f"{self.split}_{self.shards:06d}.bin"), "wb")
+                self.f.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, 0))  # count patched in _close
+            take = min(tokens.size, self.shard_tokens - self.in_shard)
+            self.f.write(tokens[:take].astype(self.dtype, copy=False).tobytes())
+            tokens, self.in_shard, self.tokens = tokens[take:], self.in_shard + take, self.tokens + take
+            if self.in_shard == self.shard_tokens:
+                self._close()
+
+    def _close(self) -> None:
+        self.f.seek(0)
+        self.f.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.in_shard))
+        self.f.close()
+        self.f, self.shards, self.in_shard = None, self.shards + 1, 0
+
+    def finish(self) -> None:
+        if self.f is None and self.shards == 0:  # an empty split still gets one (empty) shard
+            self.f = open(os.path.join(self.out_dir, f"{self.split}_000000.bin"), "wb")
+        if self.f is not None:
+            self._close()
+
+
+# -----------------------------------------------------------------------------
+# prepare: text files, directories and .jsonl files -> shards
+
+PIECE_BYTES = 4 << 20  # .jsonl files are cut at line ends into pieces this big, so one big file uses every worker
+
+
+def _jsonl_pieces(path: str) -> list[tuple[int, int, int]]:
+    """(start byte, end byte, line number of the first line) of each piece of a .jsonl file."""
+    pieces, start, first_line, offset, lines = [], 0, 1, 0, 0
+    with open(path, "rb") as f:
+        while block := f.read(PIECE_BYTES):
+            lines += block.count(b"\n")
+            if (nl := block.rfind(b"\n")) >= 0:  # cut after the block's last line end
+                pieces.append((start, offset + nl + 1, first_line))
+                start, first_line = offset + nl + 1, lines + 1
+            offset += len(block)
+    return pieces + [(start, offset, first_line)] if start < offset else pieces
+
+
+def _list_pieces(inputs: list[str]) -> list[tuple[str, str, int, int, int]]:
+    """(path, key, start, end, first line) of every piece of work, in a fixed order (directories sorted).
+    key names the file for the split hash: its path relative to the input's parent directory, so that
+    the train/val split does not depend on the working directory or where the corpus is mounted."""
+    pieces = []
+    for inp in inputs:
+        if not os.path.exists(inp):
+            raise DataError(f"{inp}: no such file or directory")
+        files = [inp]
+        if os.path.isdir(inp):
+            files = []
+            for dirpath, dirnames, filenames in os.walk(inp):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # sorted: a fixed walk order
+                files += [os.path.join(dirpath, n) for n in sorted(filenames) if not n.startswith(".")]
+        base = os.path.dirname(os.path.abspath(inp))
+        for path in files:
+            key = os.path.relpath(os.path.abspath(path), base)
+            try:
+                if path.endswith(".jsonl"):
+                    pieces += [(path, key, *piece) for piece in _jsonl_pieces(path)]
+                else:
+                    pieces.append((path, key, 0, os.path.getsize(path), 1))
+            except OSError as e:
+                raise DataError(f"{path}: cannot read input ({e.strerror})") from None
+    return pieces
+
+
+def _documents(path: str, raw: bytes, first_line: int):
+    """(line, text) of every document in a piece: one per .jsonl line, else the whole file."""
+    if not path.endswith(".jsonl"):
+        yield 1, raw.decode("utf-8", errors="replace")
+        return
+    for line, data in enumerate(raw.split(b"\n"), first_line):
+        if not data.strip():
+            continue
+        try:
+            doc = json.loads(data.decode("utf-8", errors="replace"))
+        except ValueError as e:
+            raise DataError(f"{path}:{line}: not valid JSON ({e})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+            raise DataError(f'{path}:{line}: a .jsonl line must be an object with a string "text" field')
+        yield line, doc["text"]
+
+
+def _in_val(key: str, line: int, val_fraction: float) -> bool:
+    # a stable hash (Python's hash() is salted per process) so that every run makes the same split
+    digest = hashlib.blake2b(f"{key}:{line}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < val_fraction * 2**64
+
+
+def _tokenize_piece(task):
+    """Tokenize one piece in a worker: (train tokens, length of its last document, #train docs, val tokens, #val)."""
+    (path, key, start, end, first_line), tokenizer, val_fraction = task
+    tok = get_tokenizer(tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            raw = f.read(end - start)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read input ({e.strerror})") from None
+    docs = {"train": [], "val": []}
+    for line, text in _documents(path, raw, first_line):
+        split = "val" if _in_val(key, line, val_fraction) else "train"
+        docs[split].append(np.array(tok.encode_document(text), dtype=dtype))
+    train, val = (np.concatenate(docs[s]) if docs[s] else np.empty(0, dtype) for s in ("train", "val"))
+    last = len(docs["train"][-1]) if docs["train"] else 0
+    return train, last, len(docs["train"]), val, len(docs["val"])
+
+
+def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fraction: float = 0.01,
+            workers: int = 0, shard_tokens: int = 2**28) -> None:
+    """Tokenize text files, directories (walked recursively) and .jsonl files (one {"text": ...} per line)
+    into out_dir. A document goes to val when a stable hash of (file, line) falls under val_fraction;
+    the output is the same for any number of workers (0 = one per CPU core)."""
+    tok = get_tokenizer(tokenizer)  # a bad tokenizer path fails before any work
+    if not 0 <= val_fraction < 1 or shard_tokens < 1:
+        raise DataError(f"val_fraction {val_fraction} must be in [0, 1) and shard_tokens {shard_tokens} positive")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise DataError(f"{out_dir}: already exists; remove it or choose another --out")
+    pieces = _list_pieces(inputs)
+    if not pieces:
+        raise DataError(f"nothing to tokenize in {' '.join(inputs)}")
+    workers = min(workers or os.cpu_count() or 1, len(pieces))
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    # build in a temporary directory and rename it at the end: an interrupted run leaves no half dataset
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a dataset is for everyone who may read its parent
+    try:
+        dtype = token_dtype(tok.vocab_size)
+        out = {split: _ShardWriter(tmp, split, dtype, shard_tokens) for split in ("train", "val")}
+        tasks = [(piece, tokenizer, val_fraction) for piece in pieces]
+        bar = tqdm(total=sum(p[3] - p[2] for p in pieces), unit="B", unit_scale=True, desc="tokenizing")
+        held = None  # the last train document, written one step late (see below)
+        with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+            # imap (not imap_unordered): results arrive in piece order whatever the number of workers
+            results = pool.imap(_tokenize_piece, tasks) if pool else map(_tokenize_piece, tasks)
+            for piece, (train, last, n_train, val, n_val) in zip(pieces, results):
+                if n_train:
+                    if held is not None:
+                        out["train"].write(held)
+                    out["train"].write(train[:-last])
+                    held = train[-last:]
+                out["val"].write(val)
+                out["train"].documents += n_train
+                out["val"].documents += n_val
+                bar.update(piece[3] - piece[2])
+        bar.close()
+        # the held document is the corpus's last train document, so writing it now keeps the order; it moves
+        # to val only when no document hashed there, so that a small corpus still has something to validate on
+        if held is not None:
+            to_val = out["val"].documents == 0 and out["train"].documents >= 2
+            out["val" if to_val else "train"].write(held)
+            if to_val:
+                out["train"].documents, out["val"].documents = out["train"].documents - 1, 1
+        for writer in out.values():
+            writer.finish()
+        meta = {"format": "nanoapertus token shards, version 1", "tokenizer": tok.name,
+                "vocab_size": tok.vocab_size, "dtype": dtype.name, "val_fraction": val_fraction,
+                "inputs": list(inputs), **{k: {s: getattr(w, k) for s, w in out.items()}
+                                            for k in ("tokens", "documents", "shards")}}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError as e:
+            raise DataError(f"{out_dir}: cannot move the prepared data into place ({e.strerror})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _stdlib_files(max_file_bytes: int = 200_000, max_total_bytes: int = 16 << 20) -> list[str]:
+    """The standard library's .py sources in a fixed order: about 10 MB of text that every Python ships."""
+    files, total = [], 0
+    for dirpath, dirnames, filenames in os.walk(os.path.dirname(os.__file__)):
+        # third-party packages are machine-dependent; the test suites are mostly fixtures
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")
+                             and "test" not in d)
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            # _sysconfigdata is a generated dump of build paths; the biggest files are data tables, not code
+            if name.endswith(".py") and not name.startswith("_sysconfigdata"):
+                size = os.path.getsize(path)
+                if size <= max_file_bytes:
+                    if total + size > max_total_bytes:
+                        return files
+                    files.append(path)
+                    total += size
+    return files
+
+
+def demo_dataset(tokenizer: str = "byte") -> str:
+    """The demo corpus (the stdlib's sources + pydoc's help topics), prepared once under
+    $NANOAPERTUS_CACHE (default ~/.cache/nanoapertus); returns its directory."""
+    import pydoc_data.topics
+
+    cache = os.path.expanduser(os.environ.get("NANOAPERTUS_CACHE", "~/.cache/nanoapertus"))
+    out_dir = os.path.join(cache, f"demo-{get_tokenizer(tokenizer).name}")
+    if os.path.exists(os.path.join(out_dir, "meta.json")):
+        return out_dir
+    os.makedirs(cache, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        # one .jsonl file, so that the split hash sees the same key ("python-stdlib.jsonl", line) on every run
+        corpus = os.path.join(tmp, "python-stdlib.jsonl")
+        with open(corpus, "w", encoding="utf-8") as f:
+            for path in _stdlib_files():
+                with open(path, encoding="utf-8", errors="replace") as src:
+                    f.write(json.dumps({"text": src.read()}) + "\n")
+            for topic in sorted(pydoc_data.topics.topics):
+                f.write(json.dumps({"text": pydoc_data.topics.topics[topic]}) + "\n")
+        try:
+            prepare([corpus], out_dir, tokenizer)
+        except DataError:
+            if not os.path.exists(os.path.join(out_dir, "meta.json")):
+                raise  # else another process (another torchrun rank, say) prepared it first
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+class DataLoader:
+    """Sequences of one split in an order that is a pure function of (seed, step, dp_rank, dp_size).
+
+    The split's shards form one token stream; sequence i is stream[i*T : i*T + T + 1] (x = the first T,
+    y = the last T: one token of overlap, as in Megatron-LM). Global batch `step` is the samples
+    g = step*G ... step*G + G-1, sample g being sequence perm_epoch[g % n] of epoch g // n. DP rank r takes
+    the contiguous slice [r*G/dp, (r+1)*G/dp) and cuts it into micro-batches, so the ranks together
+    always see the same sequences as one process would, and resuming at `step` needs nothing else.
+    """
+
+    def __init__(self, path: str, split: str, seq_len: int, global_batch: int, micro_batch: int,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, vocab_size: int | None = None,
+                 shuffle: bool = True):
+        if not os.path.isdir(path):
+            raise DataError(f"{path}: no such dataset directory; run `python data.py prepare INPUT --out {path}`")
+        names = sorted(n for n in os.listdir(path) if n.startswith(f"{split}_") and n.endswith(".bin"))
+        if not names:
+            raise DataError(f"{path}: no {split}_*.bin shards; run `python data.py prepare INPUT --out {path}`")
+        assert 0 <= dp_rank < dp_size, (dp_rank, dp_size)
+        if seq_len < 1:
+            raise DataError(f"seq_len {seq_len} must be positive")
+        if global_batch < 1 or micro_batch < 1 or global_batch % (dp_size * micro_batch):
+            raise DataError(f"global_batch {global_batch} must divide by dp_size {dp_size} x micro_batch {micro_batch}")
+        self.shards = [s for s in (read_shard(os.path.join(path, n)) for n in names) if s.size]
+        self.starts = np.cumsum([0] + [s.size for s in self.shards]).tolist()  # stream offset of each shard
+        self.num_sequences = (self.starts[-1] - 1) // seq_len
+        if self.num_sequences < 1:
+            raise DataError(f"{path}: the {split} split holds {self.starts[-1]} tokens, too few for one "
+                            f"sequence of seq_len {seq_len} (+1 for the targets)")
+        self.path, self.split, self.seq_len, self.vocab_size = path, split, seq_len, vocab_size
+        self.global_batch, self.micro_batch, self.dp_rank, self.dp_size = global_batch, micro_batch, dp_rank, dp_size
+        self.seed, self.shuffle = seed, shuffle
+        self._perms = {}  # epoch -> permutation; at most 2, since a batch can straddle one epoch boundary
+
+    def _sequence_index(self, g: int) -> int:
+        epoch, i = divmod(g, self.num_sequences)
+        if not self.shuffle:
+            return i
+        if epoch not in self._perms:
+            if len(self._perms) == 2:
+                del self._perms[min(self._perms)]
+            # 8 bytes per sequence: fine up to ~1e9 sequences (4T tokens at T = 4096)
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences)
+        return int(self._perms[epoch][i])
+
+    def _tokens(self, start: int, n: int) -> np.ndarray:
+        """stream[start : start + n] as int64, gathered across shard boundaries."""
+        out = np.empty(n, dtype=np.int64)
+        k, done = bisect.bisect_right(self.starts, start) - 1, 0
+        while done < n:
+            lo = start + done - self.starts[k]
+            take = min(n - done, self.shards[k].size - lo)
+            out[done:done + take] = self.shards[k][lo:lo + take]
+            done, k = done + take, k + 1
+        return out
+
+    def get_batch(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This DP rank's micro-batches of global batch `step`: [(x [micro, T] int64, y [micro, T] int64), ...]."""
+        per_rank, T = self.global_batch // self.dp_size, self.seq_len
+        first = step * self.global_batch + self.dp_rank * per_rank
+        rows = np.stack([self._tokens(self._sequence_index(g) * T, T + 1) for g in range(first, first + per_rank)])
+        if self.vocab_size is not None and rows.max() >= self.vocab_size:
+            raise DataError(f"{self.path}: {self.split} data holds token id {rows.max()} >= vocab_size "
+                            f"{self.vocab_size} (wrong tokenizer for this model?)")
+        rows = torch.from_numpy(rows)  # [per_rank, T + 1]
+        m = self.micro_batch
+        return [(rows[k:k + m, :-1].contiguous(), rows[k:k + m, 1:].contiguous()) for k in range(0, per_rank, m)]
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Tokenize text into nanoapertus shards.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("prepare", help="text files, directories and .jsonl files -> shards")
+    p.add_argument("inputs", nargs="+", help="text files, directories (recursive) and .jsonl files")
+    p.add_argument("--out", required=True, help="the dataset directory to create")
+    p.add_argument("--tokenizer", default="byte", help="'byte' or the path of a tekken JSON")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
+    p.add_argument("--workers", type=int, default=0, help="processes; 0 = one per CPU core")
+    d = commands.add_parser("demo", help="prepare the demo corpus (once) and print its directory")
+    d.add_argument("--tokenizer", default="byte", help="'byte' or the path of a tekken JSON")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            prepare(args.inputs, args.out, args.tokenizer, args.val_fraction, args.workers)
+            with open(os.path.join(args.out, "meta.json")) as f:
+                meta = json.load(f)
+            print(f"{args.out}: {meta['tokens']} tokens, {meta['documents']} documents")
+        else:
+            print(demo_dataset(args.tokenizer))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

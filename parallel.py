@@ -345,19 +345,15 @@ class DistributedOptimizer:
         self.sync = True  # set False before the forward of micro-steps that only accumulate
         dp = grid.dp
         # backward produces gradients from the last layer to the first: fill buckets in that order
-        self.index, self.buckets, pos, start = {}, [], 0, 0
+        self.index, self.buckets, names, pos, start = {}, [], [], 0, 0  # index: name -> (offset, bucket)
         for n, p in reversed(self.params):
-            self.index[n] = pos
+            self.index[n] = (pos, len(self.buckets))
+            names.append(n)
             pos += p.numel()
             if pos - start >= bucket_size or n == self.params[0][0]:
                 size = -(-(pos - start) // dp) * dp  # padded so reduce-scatter splits it evenly
-                self.buckets.append(dict(start=start, size=size, names=[], ready=0, work=None))
-                pos = start = start + size
-        for b_id, b in enumerate(self.buckets):
-            for n, _ in self.params:
-                if b["start"] <= self.index[n] < b["start"] + b["size"]:
-                    b["names"].append(n)
-                    self.index[n] = (self.index[n], b_id)
+                self.buckets.append(dict(start=start, size=size, names=names, ready=0, work=None))
+                names, pos, start = [], start + size, start + size
         p0 = self.params[0][1]
         self.param_buffer = torch.zeros(pos, dtype=p0.dtype, device=p0.device)
         self.grad_buffer = torch.zeros(pos, dtype=torch.float32, device=p0.device)

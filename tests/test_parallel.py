@@ -1,0 +1,221 @@
+"""Tensor and data parallelism on CPU: real processes on gloo, checked against one process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import parallel
+from model import Apertus, ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+RUN = ["configs/tiny.toml", "--train.log_interval=1", "--train.sample_tokens=0", "--train.eval_interval=0",
+       "--train.max_steps=8", "--train.checkpoint_interval=4", "--parallel.bucket_size=60000"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, world, *args):
+    port = free_port()
+    mp.spawn(fn, args=(world, port, *args), nprocs=world, join=True)
+
+
+def _init(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- layers
+def _layers_worker(rank, world, port, sp):
+    _init(rank, world, port)
+    grid = parallel.init_distributed(parallel.ParallelConfig(tp=world, sequence_parallel=sp), "cpu")
+    torch.manual_seed(0)  # the same full tensors on every rank
+    B, T, d, out, V = 2, 8, 12, 16, 24
+    x = torch.randn(B, T, d)
+    W1, W2, E = torch.randn(out, d), torch.randn(d, out), torch.randn(V, d)
+    ids, targets = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+    mask = torch.rand(B, T) > 0.2
+    # single-process reference: embedding -> column -> row -> head -> cross-entropy
+    ref = [t.clone().requires_grad_() for t in (W1, W2, E)]
+    h = F.embedding(ids, ref[2]) + x
+    y = F.linear(F.linear(h, ref[0]), ref[1])
+    logits = F.linear(y, ref[2])
+    want = (F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(B, T) * mask).sum()
+    want.backward()
+
+    col = parallel.ColumnParallelLinear(d, out, grid)
+    row = parallel.RowParallelLinear(out, d, grid)
+    emb = parallel.VocabParallelEmbedding(V, d, grid)
+    head = parallel.ColumnParallelLinear(d, V, grid)
+    with torch.no_grad():
+        col.weight.copy_(parallel.shard_of(W1, 0, grid))
+        row.weight.copy_(parallel.shard_of(W2, 1, grid))
+        emb.weight.copy_(parallel.shard_of(E, 0, grid))
+        head.weight.copy_(parallel.shard_of(E, 0, grid))
+    seq = (lambda t: t.chunk(world, 1)[rank]) if sp else (lambda t: t)
+    h = emb(ids) + seq(x)
+    y = row(col(h))
+    logits = head(y)
+    assert logits.shape == (B, T, V // world)  # the full logits never exist on one rank
+    got = parallel.vocab_parallel_cross_entropy(grid.tp_group)(logits, targets, mask).sum()
+    got.backward()
+    assert torch.allclose(got, want, rtol=1e-5), (got, want)
+    for mod, full, dim in ((col, ref[0], 0), (row, ref[1], 1)):
+        assert torch.allclose(mod.weight.grad, parallel.shard_of(full.grad, dim, grid), atol=1e-4, rtol=1e-4)
+    # the embedding matrix is used twice in the reference (tied here for the test): sum both shards
+    assert torch.allclose(emb.weight.grad + head.weight.grad, parallel.shard_of(ref[2].grad, 0, grid),
+                          atol=1e-4, rtol=1e-4)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,sp", [(2, False), (4, False), (4, True)])
+def test_parallel_layers_match_single_process(world, sp):
+    _spawn(_layers_worker, world, sp)
+
+
+def _model_worker(rank, world, port, tp, sp, opt_name):
+    """Whole model steps under (tp, dp) against the same steps on one process. SGD checks the gradients
+    tightly (AdEMAMix's first steps are nearly sign(g), blind to a gradient's size); AdEMAMix checks the
+    sharded optimizer state, with a tolerance far below one update (lr)."""
+    _init(rank, world, port)
+    import train
+    grid = parallel.init_distributed(parallel.ParallelConfig(tp=tp, sequence_parallel=sp), "cpu")
+    cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, head_dim=8, vocab_size=64, rope_theta=1e4, rope_scaling=None)
+    t = train.TrainConfig(optimizer="ademamix", ademamix_warmup=10, weight_decay=0.1)
+
+    def build(g):
+        with torch.device("meta"):
+            m = Apertus(cfg)
+        parallel.parallelize(m, g)
+        m.to_empty(device="cpu")
+        m.init_weights(5, lambda n, full: parallel.shard_of(full, parallel.tp_dim(m, n), g))
+        return m
+    torch.manual_seed(1)
+    ids = torch.randint(3, 64, (4, 17))  # 16 inputs: divisible by tp for sequence parallelism
+    ids[:, 7] = 2  # documents
+    from model import document_ids
+    single_grid = parallel.Grid()
+    ref = build(single_grid)
+    make = (lambda m: (lambda named: torch.optim.SGD([p for _, p in named], lr=0.0))) if opt_name == "sgd" \
+        else (lambda m: train.make_optimizer(t, m))
+    ref_opt = parallel.DistributedOptimizer(ref, single_grid, make(ref))
+    model = build(grid)
+    opt = parallel.DistributedOptimizer(model, grid, make(model), bucket_size=3000)
+    lr, atol = (0.5, 1e-6) if opt_name == "sgd" else (1e-2, 2e-4)
+    mine = slice(grid.dp_rank * 4 // grid.dp, (grid.dp_rank + 1) * 4 // grid.dp)
+    for step in range(3):
+        for m, o, rows in ((ref, ref_opt, slice(None)), (model, opt, mine)):
+            x, y = ids[rows, :-1], ids[rows, 1:]
+            loss = m(x, y, doc_ids=document_ids(x, 2), reduction="sum") / (4 * 16)
+            loss.backward()
+            o.step(lr, clip=0.5)
+    full = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        want = parallel.shard_of(full[name], parallel.tp_dim(model, name), grid)
+        assert torch.allclose(p, want, atol=atol, rtol=0), (name, (p - want).abs().max())
+    assert parallel.check_replicas(model, grid) == []
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tp,sp,opt", [(2, False, "sgd"), (2, True, "sgd"), (4, True, "sgd"), (2, False, "ademamix"),
+                                       (1, False, "ademamix")])
+def test_optimizer_steps_match_single_process_and_replicas_agree(tp, sp, opt):
+    _spawn(_model_worker, 4, tp, sp, opt)
+
+
+# ----------------------------------------------------------------------------- whole runs
+def torchrun(nproc, out_dir, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "train.py", *RUN, f"--train.out_dir={out_dir}", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl")))}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("runs")
+    out = subprocess.run([sys.executable, "train.py", *RUN, f"--train.out_dir={base / 'single'}"], cwd=ROOT,
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for tp in (1, 2, 4):
+        out = torchrun(4, base / f"tp{tp}", f"--parallel.tp={tp}")
+        assert out.returncode == 0, out.stderr[-3000:]
+    return base
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_4_processes_give_the_single_process_losses(runs, tp):
+    want, got = losses(runs / "single"), losses(runs / f"tp{tp}")
+    assert sorted(got) == list(range(1, 9))
+    for step, loss in got.items():
+        assert abs(loss - want[step]) <= 1e-5 * abs(want[step]), (step, loss, want[step])
+
+
+@pytest.mark.parametrize("tp", [4, 1])
+def test_checkpoint_from_tp2_dp2_resumes_under_another_layout(runs, tmp_path, tp):
+    subprocess.run(["cp", "-r", str(runs / "tp2" / "ckpt-00000004"), str(tmp_path)], check=True)
+    out = torchrun(4, tmp_path, f"--parallel.tp={tp}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stdout
+    want, got = losses(runs / "single"), losses(tmp_path)
+    assert sorted(got) == [5, 6, 7, 8]
+    for step, loss in got.items():
+        assert abs(loss - want[step]) <= 1e-5 * abs(want[step])
+
+
+def test_consolidate_tp2_dp2_checkpoint_to_hugging_face(runs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import checkpoint
+    out = subprocess.run([sys.executable, "checkpoint.py", "consolidate", str(runs / "tp2" / "ckpt-00000008"),
+                          str(tmp_path / "hf")], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    ck = checkpoint.ShardedCheckpoint(str(runs / "tp1" / "ckpt-00000008"))  # same run, other layout
+    ours = checkpoint.load_hf(tmp_path / "hf")
+    for name, p in ours.named_parameters():
+        assert torch.allclose(p, ck.full("master", name).to(torch.bfloat16).float(), atol=1e-2), name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(4, 260, (1, 32))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours.eval()(ids), atol=1e-4)
+
+
+def test_a_layout_that_does_not_fit_is_refused():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "train.py",
+           *RUN, "--parallel.tp=2"]
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "layout refused: world size 3 is not divisible by tp=2" in out.stderr
+    out = subprocess.run([sys.executable, "train.py", "configs/tiny.toml", "--plan", "--parallel.tp=8"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "tp=8 does not divide the KV heads (4)" in out.stderr
+
+
+def test_plan_70b_answers_in_seconds():
+    out = subprocess.run([sys.executable, "train.py", "configs/apertus-70b.toml", "--plan", "--parallel.tp=4",
+                          "--parallel.dp=128"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "tp=4 dp=128" in out.stdout and "GH200" in out.stdout and "H100" in out.stdout
+
+
+def test_slurm_environment_gives_the_rank(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert parallel.env_rank() == (5, 8, 1)

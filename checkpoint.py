@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import Apertus, ModelConfig, XIELU
+from model import Apertus, ModelConfig, XIELU, full_shape
 
 
 class CheckpointError(Exception):
@@ -208,8 +208,7 @@ def save_checkpoint(out_dir, step, opt, grid, config, optimizer_name, keep=3):
             continue
         p = opt.model.get_parameter(piece.name)
         layout[piece.name] = dict(tp_dim=dim, tp=grid.tp, local_shape=list(p.shape),
-                                  full_shape=list(getattr(opt.model.get_submodule(piece.name.rsplit(".", 1)[0]),
-                                                          "full_shape", None) or p.shape))
+                                  full_shape=list(full_shape(opt.model, piece.name)))
         suffix = f"|{piece.name}|{grid.tp_rank}|{piece.start}|{piece.end}"
         tensors["master" + suffix] = master
         for kind, value in opt.optimizer.state.get(master, {}).items():

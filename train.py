@@ -371,12 +371,11 @@ def run(cfg, overrides_text=""):
         return x
 
     def forward_loss(batches, train):
-        masks = [loss_mask(x.to(device), y.to(device), t, mcfg.eos_token_id) if train
-                 else x.to(device) != mcfg.eos_token_id for x, y in batches]
+        batches = [(x.to(device), y.to(device)) for x, y in batches]
+        masks = [loss_mask(x, y, t, mcfg.eos_token_id) if train else x != mcfg.eos_token_id for x, y in batches]
         n_tokens = global_sum(sum(m.sum() for m in masks).float())  # the global batch's counted tokens
         total = torch.zeros((), device=device)
         for i, ((x, y), m) in enumerate(zip(batches, masks)):
-            x, y = x.to(device), y.to(device)
             opt.sync = i == len(batches) - 1  # set BEFORE the forward: only the last micro-step reduces
             loss = model(x, y, loss_mask=m, doc_ids=document_ids(x, mcfg.eos_token_id), reduction="sum")
             loss = loss / n_tokens

@@ -1,32 +1,39 @@
-"""The Apertus model (swiss-ai/Apertus-8B, -70B) in one readable file.
+"""The Apertus model (swiss-ai/Apertus-8B-2509, -70B-2509) in one readable file.
 
 Decoder-only, pre-norm, no biases:
     h   = x + o_proj(attn(attention_layernorm(x)))
     out = h + down_proj(xielu(up_proj(feedforward_layernorm(h))))
 with GQA, an RMSNorm over head_dim on q and k (QK-norm) BEFORE RoPE, llama3-scaled RoPE in the
 rotate_half convention, a non-gated MLP with the xIELU activation, a final norm and an untied head.
+Sources: the Apertus tech report (arXiv 2509.14233, section 2), the Apertus model of Hugging Face
+transformers (models/apertus/modeling_apertus.py, the reference the tests compare against), xIELU
+(arXiv 2411.13010) and Llama 3's RoPE scaling (transformers' _compute_llama3_parameters).
 Module and parameter names are the Hugging Face ones, so `model.state_dict()` has exactly the keys of
 the released safetensors (model.layers.{i}.self_attn.q_proj.weight, ...).
 
+Every parameter carries a Role, stamped where it is made (Megatron-LM's habit): its init, whether it
+is weight-decayed, and how tensor parallelism treats it. Init, parallel.py, the optimizer groups and
+the checkpoints read the role, never the name, so a renamed module cannot silently lose a gradient sum.
+
 The model knows nothing of parallelism: every shape that tensor parallelism changes is read off the
 weights (`view(B, T, -1, head_dim)`), so parallel.py can swap nn.Linear for its column/row-parallel
-versions and the same forward runs on a shard. Audit an architecture without allocating it:
+versions and the same forward runs on a slice. Audit an architecture without allocating it:
 
     python model.py configs/apertus-70b.toml
 """
 import math
 import sys
 import zlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 try:  # FlexAttention: the fast document-masked attention on CUDA (torch >= 2.5)
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except ImportError:  # pragma: no cover
-    create_block_mask = flex_attention = None
+    BlockMask = create_block_mask = flex_attention = None
 
 
 @dataclass
@@ -65,10 +72,54 @@ class ModelConfig:
             raise ValueError(f"unsupported rope_scaling {self.rope_scaling}: only llama3 (or none)")
 
 
+@dataclass(frozen=True)
+class Role:
+    """What a parameter is, declared where it is made; every consumer reads this, never the name.
+
+    init              "normal" N(0, init_std) | "output" N(0, init_std / sqrt(2L)) (o_proj, down_proj)
+                      | "ones" (norms) | "xielu" (the activation's own constants)
+    weight_decay      decayed by the optimizer (matrices yes; norms and xIELU scalars no)
+    tp_dim            the dimension tensor parallelism splits it along; None = whole on every TP rank
+    full_shape        the unsplit shape (None = the parameter's own shape)
+    tp_partial_grad   whole on every TP rank, but each rank sees only part of its gradient (QK-norm
+                      weights act on this rank's heads, xIELU scalars on its MLP features): summed over TP
+    sequence_parallel runs on sequence slices under sequence parallelism (the block and final norms):
+                      its gradient is summed over TP when sequence parallelism is on
+    """
+    init: str
+    weight_decay: bool
+    tp_dim: int | None = None
+    full_shape: tuple | None = None
+    tp_partial_grad: bool = False
+    sequence_parallel: bool = False
+
+
+def stamp(p: nn.Parameter, role: Role) -> nn.Parameter:
+    p.role = role
+    return p
+
+
+def role_of(name: str, p: torch.Tensor) -> Role:
+    if not isinstance(getattr(p, "role", None), Role):
+        raise RuntimeError(f"parameter {name} has no Role: stamp one where it is made (model.stamp)")
+    return p.role
+
+
+def full_shape(name: str, p: torch.Tensor) -> tuple:
+    """The unsplit shape of a parameter (tensor-parallel layers record it in the role)."""
+    return tuple(role_of(name, p).full_shape or p.shape)
+
+
+def linear(d_in, d_out, init="normal"):
+    lin = nn.Linear(d_in, d_out, bias=False)
+    stamp(lin.weight, Role(init, weight_decay=True))
+    return lin
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, **role):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = stamp(nn.Parameter(torch.ones(dim)), Role("ones", weight_decay=False, **role))
         self.eps = eps
 
     def forward(self, x):
@@ -81,8 +132,9 @@ class XIELU(nn.Module):
     """xIELU (arXiv 2411.13010): learnable per-layer alpha_p / alpha_n, stored raw (before softplus)."""
     def __init__(self, alpha_p_init=0.8, alpha_n_init=0.8, beta=0.5, eps=-1e-6):
         super().__init__()
-        self.alpha_p = nn.Parameter(torch.empty(1))
-        self.alpha_n = nn.Parameter(torch.empty(1))
+        scalar = Role("xielu", weight_decay=False, tp_partial_grad=True)
+        self.alpha_p = stamp(nn.Parameter(torch.empty(1)), scalar)
+        self.alpha_n = stamp(nn.Parameter(torch.empty(1)), scalar)
         self.register_buffer("beta", torch.tensor(beta))  # 0-dim buffers: the HF checkpoints hold them
         self.register_buffer("eps", torch.tensor(eps))
         self.inits = (alpha_p_init, alpha_n_init, beta, eps)
@@ -104,7 +156,8 @@ class XIELU(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig, theta: float | None = None) -> torch.Tensor:
-    """[head_dim/2] inverse frequencies, with llama3 scaling (APERTUS.md section 1)."""
+    """[head_dim/2] inverse frequencies, with Llama 3's scaling: long wavelengths slowed by `factor`,
+    short ones kept, the band in between interpolated (transformers' _compute_llama3_parameters)."""
     D = cfg.head_dim
     inv = 1.0 / ((theta or cfg.rope_theta) ** (torch.arange(0, D, 2, device="cpu").float() / D))
     s = cfg.rope_scaling
@@ -132,11 +185,15 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def document_ids(input_ids, eos_id):
-    """[B, T] -> doc_ids [B, T]. A document starts after every EOS (Megatron's --reset-attention-mask),
-    so a sequence that starts mid-document treats its head as a document of its own."""
-    is_eos = (input_ids == eos_id).int()
-    return is_eos.cumsum(-1) - is_eos  # the EOS itself still belongs to its document
+def document_ids(input_ids, eos_id, bos_id=None):
+    """[B, T] -> doc_ids [B, T]. A document starts after every EOS (Megatron's --reset-attention-mask)
+    and, given bos_id, at every BOS too (chat data has <s> but no </s> between conversations); a
+    sequence that starts mid-document treats its head as a document of its own."""
+    start = torch.zeros_like(input_ids, dtype=torch.int32)
+    start[:, 1:] = input_ids[:, :-1] == eos_id   # the EOS itself still belongs to its document
+    if bos_id is not None:
+        start[:, 1:] |= input_ids[:, 1:] == bos_id
+    return start.cumsum(-1, dtype=torch.int32)
 
 
 def document_positions(doc_ids):
@@ -147,31 +204,53 @@ def document_positions(doc_ids):
     return arange - torch.where(start, arange, torch.zeros_like(arange)).cummax(-1).values
 
 
-_compiled_flex = None
+# ----------------------------------------------------------------------------- attention
+FLEX_KERNEL_OPTIONS = None  # FlexAttention's kernel_options (block sizes, warps); None = its defaults
+# Eager code calls the compiled kernel (eager flex_attention is a slow reference); inside a compiled
+# block flex_attention itself is traced into the block's graph. torch.compile is lazy: nothing
+# compiles until the first CUDA call.
+_flex_compiled = torch.compile(flex_attention, dynamic=False) if flex_attention is not None else None
 
 
-def attention(q, k, v, doc_ids=None, backend="sdpa", block_mask=None):
-    """q [B, Hq, T, D], k/v [B, Hkv, T, D] -> [B, Hq, T, D]. Causal; with doc_ids [B, T] also never
-    across a document boundary. KV head j serves query heads j*G .. j*G+G-1 (G = Hq/Hkv), as in HF."""
-    if backend == "flex":
-        global _compiled_flex
-        if _compiled_flex is None:  # compiled once, on first use; eager flex is a slow reference
-            _compiled_flex = torch.compile(flex_attention) if q.is_cuda else flex_attention
-        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
-    if doc_ids is None:
+def _block_mask(doc_ids):
+    B, T = doc_ids.shape
+
+    def causal_same_document(b, h, q, kv):
+        return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
+    return create_block_mask(causal_same_document, B, None, T, T, device=doc_ids.device)
+
+
+# compiled as a whole, so the mask function made at each call is traced, not guarded on: one graph,
+# no recompiles, no host sync
+_block_mask_compiled = torch.compile(_block_mask, dynamic=False) if create_block_mask is not None else None
+
+
+def make_block_mask(doc_ids):
+    """The FlexAttention block mask of a micro-batch: causal, and never across a document boundary.
+    Built once per forward and shared by every layer."""
+    return (_block_mask_compiled if doc_ids.is_cuda else _block_mask)(doc_ids)
+
+
+def sdpa_mask(doc_ids):
+    """The same mask for scaled_dot_product_attention, [B, 1, T, T] bool; None when no micro-batch
+    row has a document boundary (plain causal is faster; the check syncs with the host, fine on CPU)."""
+    if bool((doc_ids[:, -1] == doc_ids[:, 0]).all()):
+        return None
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+
+
+def attention(q, k, v, mask=None):
+    """q [B, Hq, T, D], k/v [B, Hkv, T, D] -> [B, Hq, T, D], causal. mask: a BlockMask (FlexAttention),
+    a [B, 1, T, T] bool mask (SDPA) or None (plain causal). KV head j serves query heads j*G .. j*G+G-1
+    (G = Hq/Hkv), as in HF."""
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        flex = flex_attention if torch.compiler.is_compiling() or not q.is_cuda else _flex_compiled
+        return flex(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=FLEX_KERNEL_OPTIONS)
+    if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    T = q.shape[2]
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    mask = causal & (doc_ids[:, :, None] == doc_ids[:, None, :])  # [B, T, T]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
-
-
-def flex_block_mask(doc_ids, B, T, device):
-    if doc_ids is None:
-        mask_mod = lambda b, h, q, kv: q >= kv
-    else:
-        mask_mod = lambda b, h, q, kv: (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
-    return create_block_mask(mask_mod, B if doc_ids is not None else None, None, T, T, device=device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 class Attention(nn.Module):
@@ -179,29 +258,30 @@ class Attention(nn.Module):
         super().__init__()
         d, D = cfg.hidden_size, cfg.head_dim
         self.head_dim = D
-        self.q_proj = nn.Linear(d, cfg.num_attention_heads * D, bias=False)
-        self.k_proj = nn.Linear(d, cfg.num_key_value_heads * D, bias=False)
-        self.v_proj = nn.Linear(d, cfg.num_key_value_heads * D, bias=False)
-        self.o_proj = nn.Linear(cfg.num_attention_heads * D, d, bias=False)
-        self.q_norm = RMSNorm(D, cfg.rms_norm_eps)  # one [D] weight shared by all heads
-        self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.q_proj = linear(d, cfg.num_attention_heads * D)
+        self.k_proj = linear(d, cfg.num_key_value_heads * D)
+        self.v_proj = linear(d, cfg.num_key_value_heads * D)
+        self.o_proj = linear(cfg.num_attention_heads * D, d, init="output")
+        # one [D] weight shared by all heads; each TP rank holds some heads, so its gradient is partial
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps, tp_partial_grad=True)
+        self.k_norm = RMSNorm(D, cfg.rms_norm_eps, tp_partial_grad=True)
 
-    def forward(self, x, cos, sin, doc_ids, backend, block_mask):
-        B, T = x.shape[0], cos.shape[1]  # T: the full sequence (x may be a sequence-parallel shard)
+    def forward(self, x, cos, sin, mask):
+        B, T = x.shape[0], cos.shape[1]  # T: the full sequence (x may be a sequence-parallel slice)
         q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim))  # [B, T, Hq(/tp), D]
         k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim))  # [B, T, Hkv(/tp), D]
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)         # QK-norm first, then RoPE
-        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), doc_ids, backend, block_mask)
+        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size)
         self.act_fn = XIELU()
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, init="output")
 
     def forward(self, x):
         return self.down_proj(self.act_fn(self.up_proj(x)))
@@ -210,13 +290,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=True)
         self.self_attn = Attention(cfg)
-        self.feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=True)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, doc_ids=None, backend="sdpa", block_mask=None):
-        h = x + self.self_attn(self.attention_layernorm(x), cos, sin, doc_ids, backend, block_mask)
+    def forward(self, x, cos, sin, mask=None):
+        h = x + self.self_attn(self.attention_layernorm(x), cos, sin, mask)
         return h + self.mlp(self.feedforward_layernorm(h))
 
 
@@ -224,15 +304,109 @@ class Decoder(nn.Module):  # "model." in the HF keys
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        stamp(self.embed_tokens.weight, Role("normal", weight_decay=True))
+        # a dict keyed by the layer index: a pipeline stage keeps only its own layers, under their
+        # global names (model.layers.17...), so checkpoints do not depend on the layout
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_hidden_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=True)
 
 
-def cross_entropy(logits, targets, loss_mask):
-    """Per-token loss [B, T] in fp32, zero where loss_mask is False. parallel.py swaps in a
-    vocab-parallel version that never gathers the full logits."""
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return loss.view(targets.shape) * loss_mask
+# ----------------------------------------------------------------------------- the loss
+# logits held at once: on CPU memory is what counts (64 tokens x 131,072 ids, 32 MB in fp32); on a
+# GPU the chunk must be large enough that the fp32 accumulation of the head's weight gradient, a
+# [V, d] read and write per chunk, stays small next to the chunk's GEMMs (2,048 tokens at 131,072 ids)
+LOSS_CHUNK_ELEMENTS = {"cpu": 2**23, "cuda": 2**28}
+
+
+def _accumulate_mm(acc, a, b):
+    """acc += a @ b with acc in fp32: bf16 inputs on CUDA accumulate straight into fp32 (one GEMM)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    try:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    except (RuntimeError, NotImplementedError, TypeError):  # a torch or device without mixed-dtype addmm
+        acc.add_(a @ b)
+
+
+# The three passes over one chunk of logits [C, Vl], split where vocab-parallel ranks must all-reduce.
+# Compiled on CUDA (each becomes one fused kernel that reads the bf16 logits once); eager elsewhere.
+def _ce_max(logits):                                          # -> [C] row max
+    return logits.amax(-1).to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _ce_sum_exp(logits, mx, local, inside):                   # -> sum of exp, target logit (shifted)
+    x = logits.to(mx.dtype)
+    target = (x.gather(1, local[:, None])[:, 0] - mx) * inside
+    return (x - mx[:, None]).exp().sum(-1), target
+
+
+def _ce_grad(logits, mx, sum_exp, local, inside, m):          # -> (softmax - onehot) * mask, [C, Vl]
+    p = (logits.to(mx.dtype) - mx[:, None]).exp() / sum_exp[:, None]
+    hit = (torch.arange(logits.shape[1], device=logits.device) == local[:, None]) & inside[:, None]
+    return ((p - hit.to(p.dtype)) * m[:, None]).to(logits.dtype)
+
+
+_CE_COMPILED = {f: torch.compile(f, dynamic=False) for f in (_ce_max, _ce_sum_exp, _ce_grad)}
+
+
+class LMHeadLoss(torch.autograd.Function):
+    """sum_i mask_i * cross_entropy(h_i @ W^T, target_i), a chunk of tokens at a time, so the [N, V]
+    logits never exist, forward or backward (Liger-Kernel's fused linear cross-entropy). The output
+    is a scalar, so the gradients are computed in the forward, chunk by chunk, and backward only
+    scales them. W may be a vocabulary slice [V/tp, d] starting at id vocab_start: then all_reduce
+    (given by parallel.py) combines the max, the target logit and the sum of exp over the TP ranks
+    (Megatron's vocab-parallel cross-entropy)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, mask, need_grad, chunk, vocab_start, all_reduce, compiled):
+        # h [N, d], weight [Vl, d], targets [N] (global ids), mask [N] bool
+        N, Vl = h.shape[0], weight.shape[0]
+        acc = torch.promote_types(h.dtype, torch.float32)  # fp32 for bf16 weights (fp64 in tests)
+        f_max, f_sum, f_grad = (_CE_COMPILED[f] if compiled else f for f in (_ce_max, _ce_sum_exp, _ce_grad))
+        total = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_grad else None
+        for s in range(0, N, chunk):
+            hc, m = h[s:s + chunk], mask[s:s + chunk].to(acc)
+            logits = hc @ weight.t()                                         # [C, Vl], h's dtype
+            local = targets[s:s + chunk] - vocab_start
+            inside = (local >= 0) & (local < Vl)
+            local = local.masked_fill(~inside, 0)
+            mx = f_max(logits)
+            all_reduce(mx, "max")
+            sum_exp, target = f_sum(logits, mx, local, inside)
+            all_reduce(sum_exp, "sum")
+            all_reduce(target, "sum")
+            total += ((sum_exp.log() - target) * m).sum()
+            if need_grad:  # d loss / d logits = softmax - onehot(target), masked
+                g = f_grad(logits, mx, sum_exp, local, inside, m)
+                del logits
+                grad_h[s:s + chunk] = g @ weight
+                _accumulate_mm(grad_w, g.t(), hc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype, ctx.h_dtype = weight.dtype, h.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w = ctx.saved_tensors  # scaled in fp32, then rounded once to the weights' dtype
+        return (grad_h * grad).to(ctx.h_dtype), grad_w.mul_(grad).to(ctx.weight_dtype), *[None] * 7
+
+
+def _no_reduce(x, op):
+    return x
+
+
+def lm_head_loss(h, head, targets, mask, vocab_start=0, all_reduce=_no_reduce, compiled=False):
+    """h [B, T, d] -> the summed loss over the tokens where mask is True (fp32 scalar)."""
+    d, Vl = h.shape[-1], head.weight.shape[0]
+    elements = LOSS_CHUNK_ELEMENTS if isinstance(LOSS_CHUNK_ELEMENTS, int) else \
+        LOSS_CHUNK_ELEMENTS["cuda" if h.is_cuda else "cpu"]
+    chunk = max(1, elements // Vl)
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)
+    return LMHeadLoss.apply(h.reshape(-1, d), head.weight, targets.reshape(-1), mask.reshape(-1),
+                            need_grad, chunk, vocab_start, all_reduce, compiled and h.is_cuda)
 
 
 class Apertus(nn.Module):
@@ -240,63 +414,77 @@ class Apertus(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = linear(cfg.hidden_size, cfg.vocab_size)
         self.inv_freq = rope_inv_freq(cfg)  # a plain tensor, not a buffer: .to(bfloat16) must not round it
-        self.loss_fn = cross_entropy
+        self.loss_fn = lm_head_loss
         self.attn_backend = "sdpa"  # "flex" on CUDA (train.py), "sdpa" with an explicit mask on CPU
         self.activation_checkpointing = False
+        self.compiled = False  # compile_blocks() sets it: the loss's chunk passes are compiled too
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda() and .to_empty() may replace the Parameter objects: carry the roles over
+        roles = {n: p.role for n, p in self.named_parameters() if hasattr(p, "role")}
+        super()._apply(fn, recurse)
+        for n, p in self.named_parameters():
+            if n in roles:
+                p.role = roles[n]
+        return self
 
     def forward(self, input_ids, targets=None, loss_mask=None, doc_ids=None, reduction="mean"):
         """input_ids [B, T] -> logits [B, T, V] (V/tp under tensor parallelism); with targets, the loss:
         the mean (or sum) over the tokens that count (loss_mask True and target != -100).
         doc_ids [B, T] (see document_ids) masks attention per document and restarts positions."""
         B, T = input_ids.shape
-        if doc_ids is not None and bool((doc_ids[:, -1] == doc_ids[:, 0]).all()):
-            doc_ids = None  # no document boundary in this batch: the plain causal path
-        if doc_ids is None:
-            pos = torch.arange(T, device=input_ids.device).expand(B, T)
-        else:
-            pos = document_positions(doc_ids)
         x = self.model.embed_tokens(input_ids)
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
+        pos = torch.arange(T, device=x.device).expand(B, T) if doc_ids is None else document_positions(doc_ids)
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
-        block_mask = None
-        if self.attn_backend == "flex":
-            block_mask = flex_block_mask(doc_ids, B, T, input_ids.device)
-        for block in self.model.layers:
+        if doc_ids is None:
+            mask = make_block_mask(torch.zeros_like(input_ids)) if self.attn_backend == "flex" else None
+        else:  # built once here, shared by every layer
+            mask = make_block_mask(doc_ids) if self.attn_backend == "flex" else sdpa_mask(doc_ids)
+        for block in self.model.layers.values():
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, doc_ids, self.attn_backend,
-                                                      block_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, doc_ids, self.attn_backend, block_mask)
-        logits = self.lm_head(self.model.norm(x))
+                x = block(x, cos, sin, mask)
+        h = self.model.norm(x)
         if targets is None:
-            return logits
-        mask = targets != -100 if loss_mask is None else loss_mask & (targets != -100)
-        loss = self.loss_fn(logits, targets.clamp(min=0), mask).sum()
-        return loss / mask.sum().clamp(min=1) if reduction == "mean" else loss
+            return self.lm_head(h)
+        counted = targets != -100 if loss_mask is None else loss_mask & (targets != -100)
+        loss = self.loss_fn(h, self.lm_head, targets.clamp(min=0), counted, compiled=self.compiled)
+        return loss / counted.sum().clamp(min=1) if reduction == "mean" else loss
 
     @torch.no_grad()
-    def init_weights(self, seed=0, param_slices=None):
-        """Apertus pretraining init, deterministic from seed. Each full tensor is drawn from its own
-        generator (seeded by seed and the tensor's name) and then sliced, so every parallel layout
-        starts from the same numbers: param_slices(name, full_tensor) -> this rank's shard."""
+    def init_weights(self, seed=0, tp_slice=None):
+        """Apertus pretraining init (report section 2.4: N(0, 0.008944), output projections scaled by
+        1/sqrt(2L)), deterministic from seed. Each full tensor is drawn from its own generator (seeded by
+        seed and the tensor's name) and then sliced, so every parallel layout starts from the same
+        numbers: tp_slice(role, full_tensor) -> this rank's slice."""
         std, L = self.config.init_std, self.config.num_hidden_layers
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
+            role = role_of(name, p)
+            if role.init == "ones":
                 p.fill_(1.0)
-                continue
-            if name.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):
-                continue
-            shape = full_shape(self, name) if param_slices else p.shape
-            g = torch.Generator(p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            s = std / math.sqrt(2 * L) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
-            full = torch.randn(shape, generator=g, device=p.device, dtype=torch.float32) * s
-            p.copy_(param_slices(name, full) if param_slices else full)
+            elif role.init in ("normal", "output"):
+                g = torch.Generator(p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                s = std / math.sqrt(2 * L) if role.init == "output" else std
+                full = torch.randn(full_shape(name, p), generator=g, device=p.device, dtype=torch.float32) * s
+                p.copy_(tp_slice(role, full) if tp_slice else full)
+            elif role.init != "xielu":
+                raise ValueError(f"{name}: unknown init {role.init!r}")
         for m in self.modules():
             if isinstance(m, XIELU):
                 m.reset_parameters()
+
+    def compile_blocks(self):
+        """torch.compile each block's forward in place (the blocks repeat, so compilation stays short).
+        The modules stay where they are, so every parameter keeps its name (no `_orig_mod.` in
+        state_dict or checkpoints), and hooks on a block run outside its compiled graph."""
+        for block in self.model.layers.values():
+            block.forward = torch.compile(block.forward, dynamic=False)
+        self.compiled = True
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
@@ -315,12 +503,6 @@ class Apertus(nn.Module):
         return idx
 
 
-def full_shape(model, name):
-    """The unsharded shape of a parameter (parallel layers record it as `full_shape`)."""
-    mod = model.get_submodule(name.rsplit(".", 1)[0])
-    return getattr(mod, "full_shape", None) or model.get_parameter(name).shape
-
-
 # ----------------------------------------------------------------------------- the audit
 def param_count(cfg: ModelConfig) -> int:
     with torch.device("meta"):
@@ -328,10 +510,12 @@ def param_count(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int | None = None) -> float:
-    """Training FLOPs per token: 6N for the matmuls (forward + backward), plus causal attention:
-    QK^T and AV cost 12*L*H*D*T forward + backward for full attention, half of that when causal."""
+    """Training FLOPs per token: 6N for the matmuls (forward + backward) where N leaves out the input
+    embedding (a lookup, not a matmul), plus causal attention: QK^T and AV cost 12*L*H*D*T forward +
+    backward for full attention, half of that when causal."""
     n = n_params if n_params is not None else param_count(cfg)
-    return 6 * n + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+    n_matmul = n - cfg.vocab_size * cfg.hidden_size
+    return 6 * n_matmul + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
 
 
 def audit(cfg: ModelConfig, seq_len: int = 4096) -> str:
@@ -356,8 +540,9 @@ def audit(cfg: ModelConfig, seq_len: int = 4096) -> str:
              f"{'component':<22}{'parameters':>18}{'share':>8}"]
     lines += [f"{k:<22}{v:>18,}{v / total:>8.1%}" for k, v in groups.items()]
     lines += [f"{'total':<22}{total:>18,}",
-              f"training FLOPs/token at seq_len {seq_len}: {flops:.4g} = 6N + 6 x L x H x D x T "
-              f"(dense matmuls fwd+bwd, plus causal attention: half of the 12LHDT of full attention)",
+              f"training FLOPs/token at seq_len {seq_len}: {flops:.4g} = 6N' + 6 x L x H x D x T "
+              f"(N' = parameters without the input embedding, a lookup; the matmuls forward and backward, "
+              f"plus causal attention: half of the 12LHDT of full attention)",
               f"bf16 weights: {2 * total / 1e9:.2f} GB ({2 * total / 2**30:.2f} GiB)"]
     return "\n".join(lines)
 

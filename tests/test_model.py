@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoint
-from model import Apertus, ModelConfig, attention, document_ids, flex_block_mask
+import model as model_py
+from model import Apertus, ModelConfig, attention, document_ids, make_block_mask, sdpa_mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 transformers = pytest.importorskip("transformers")
@@ -108,9 +109,9 @@ def test_flex_attention_matches_sdpa(with_docs):
     ids = torch.randint(3, 20, (B, T))
     ids[0, [30, 100, 101, 200]] = 2
     ids[1, [7]] = 2
-    doc = document_ids(ids, 2) if with_docs else None
-    want = attention(q, k, v, doc, "sdpa")
-    got = attention(q, k, v, doc, "flex", flex_block_mask(doc, B, T, "cpu"))
+    doc = document_ids(ids, 2) if with_docs else torch.zeros_like(ids)
+    want = attention(q, k, v, sdpa_mask(doc))
+    got = attention(q, k, v, make_block_mask(doc))
     assert (got - want).abs().max() < 1e-5
 
 
@@ -122,11 +123,11 @@ def test_init_is_deterministic_and_apertus_like():
     b.init_weights(seed=3)
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
-    assert torch.all(a.model.layers[0].attention_layernorm.weight == 1)
-    xielu = a.model.layers[1].mlp.act_fn
+    assert torch.all(a.model.layers["0"].attention_layernorm.weight == 1)
+    xielu = a.model.layers["1"].mlp.act_fn
     assert abs(torch.nn.functional.softplus(xielu.alpha_p).item() - 0.8) < 1e-6
     assert abs(0.5 + torch.nn.functional.softplus(xielu.alpha_n).item() - 0.8) < 1e-6
-    std_o = a.model.layers[0].self_attn.o_proj.weight.std().item()
+    std_o = a.model.layers["0"].self_attn.o_proj.weight.std().item()
     assert abs(std_o - 0.008944 / (2 * 4) ** 0.5) < 0.0005
 
 
@@ -169,3 +170,60 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     out = subprocess.run([sys.executable, "model.py", str(tmp_path / "nope.toml")], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode != 0 and out.stderr.startswith("error:") and "Traceback" not in out.stderr
+
+
+def test_documents_start_after_eos_and_at_bos():
+    ids = torch.tensor([[5, 6, 2, 1, 7, 8, 1, 9, 2, 1]])  # pretraining: </s><s>; chat: <s> without </s>
+    assert document_ids(ids, 2).tolist() == [[0, 0, 0, 1, 1, 1, 1, 1, 1, 2]]
+    assert document_ids(ids, 2, 1).tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2, 3]]
+    assert model_py.document_positions(document_ids(ids, 2, 1)).tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 0]]
+
+
+def test_every_parameter_has_a_role_that_survives_conversions():
+    cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, vocab_size=64)
+    with torch.device("meta"):
+        m = Apertus(cfg)
+    m.to_empty(device="cpu").to(torch.bfloat16)
+    roles = {n: model_py.role_of(n, p) for n, p in m.named_parameters()}
+    assert roles["model.layers.0.self_attn.o_proj.weight"].init == "output"
+    assert roles["model.layers.1.self_attn.q_norm.weight"].tp_partial_grad
+    assert roles["model.layers.1.mlp.act_fn.alpha_p"].tp_partial_grad and not roles["model.layers.1.mlp.act_fn.alpha_p"].weight_decay
+    assert roles["model.norm.weight"].sequence_parallel and not roles["model.norm.weight"].weight_decay
+    assert {n for n, r in roles.items() if r.weight_decay} == {n for n, p in m.named_parameters() if p.dim() == 2}
+    del m.lm_head.weight.role
+    with pytest.raises(RuntimeError, match="lm_head.weight has no Role"):
+        m.init_weights()
+
+
+def test_compiled_blocks_keep_every_name():
+    cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, vocab_size=64)
+    a = Apertus(cfg)
+    names = list(a.state_dict())
+    a.compile_blocks()
+    assert list(a.state_dict()) == names and not any("_orig_mod" in n for n in names)
+    assert [n for n, _ in a.named_parameters()] == [n for n, _ in Apertus(cfg).named_parameters()]
+
+
+def test_chunked_loss_equals_full_logits_cross_entropy():
+    """Value and gradients of the chunked head + loss against the plain [N, V] logits version."""
+    torch.manual_seed(0)
+    N, d, V = 37, 16, 50
+    h = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(d, V, bias=False).double()
+    targets = torch.randint(0, V, (N,))
+    mask = torch.rand(N) > 0.3
+    want = (torch.nn.functional.cross_entropy(head(h), targets, reduction="none") * mask).sum()
+    gh, gw = torch.autograd.grad(want * 0.37, (h, head.weight))
+    for chunk in (V * 1, V * 5, V * 100):  # 1, 5 and all tokens per chunk (an int: on any device)
+        model_py.LOSS_CHUNK_ELEMENTS, old = chunk, model_py.LOSS_CHUNK_ELEMENTS
+        try:
+            got = model_py.lm_head_loss(h, head, targets, mask)
+            ah, aw = torch.autograd.grad(got * 0.37, (h, head.weight))
+        finally:
+            model_py.LOSS_CHUNK_ELEMENTS = old
+        assert torch.allclose(got, want, rtol=1e-12)
+        assert torch.allclose(ah, gh, rtol=1e-10, atol=1e-14) and torch.allclose(aw, gw, rtol=1e-10, atol=1e-14)
+    with torch.no_grad():  # no gradient work when none is wanted
+        assert torch.allclose(model_py.lm_head_loss(h, head, targets, mask), want)

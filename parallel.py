@@ -13,24 +13,33 @@ Tensor parallelism (Megatron-LM, arXiv 1909.08053), for Y = X A:
                           g = all-reduce forward, identity backward
 
 q/k/v and up_proj are column-parallel (each rank owns n_heads/tp query heads, n_kv_heads/tp KV heads,
-ff/tp MLP features), o_proj and down_proj row-parallel: one all-reduce per sublayer forward, one
-backward. The embedding and the head are split over the vocabulary; the loss is computed on the
-vocab shards (vocab_parallel_cross_entropy) and the full logits are never gathered.
-With sequence parallelism (arXiv 2205.05198) f / g become all-gather / reduce-scatter along the
-sequence, and the norms and residuals between sublayers run on [B, T/tp, d] shards.
+ff/tp MLP features), o_proj and down_proj row-parallel. f is applied ONCE to the input of the attention
+(shared by q, k and v) and once to the MLP's: one collective per sublayer forward and one backward,
+4 per block in all, as Megatron-LM. The embedding and the head are split over the vocabulary; the loss
+is computed on the vocabulary slices (model.LMHeadLoss with all-reduces of the max, the target logit
+and the sum of exp) and the full logits are never gathered. With sequence parallelism
+(arXiv 2205.05198) f / g become all-gather / reduce-scatter along the sequence, and the norms and
+residuals between sublayers run on [B, T/tp, d] slices (4 all-gathers and 4 reduce-scatters a block).
 
 Data parallelism is a ZeRO-1 distributed optimizer (DistributedOptimizer): gradients land in flat
 fp32 buckets that are reduce-scattered while backward goes on; each DP rank keeps fp32 master weights
-and optimizer state for its 1/dp of every bucket; the updated weights are all-gathered after the step.
+and optimizer state for its partition (1/dp) of every bucket; after the step the updated weights are
+all-gathered back, bucket by bucket and asynchronously, and each block waits only for its own
+buckets just before its forward (Megatron's overlapped parameter gather).
+
+Words: a tensor-parallel rank holds a *slice* of a weight; a data-parallel rank owns a *partition* of
+each gradient bucket, and its *pieces* are the parts of parameters that fall in that partition.
 Debugging: start with check_replicas(model), which says which replicated tensor differs across ranks.
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model import lm_head_loss, role_of
 
 
 @dataclass
@@ -38,7 +47,7 @@ class ParallelConfig:
     """The [parallel] section."""
     tp: int = 1                      # tensor-parallel degree (GPUs of one node share a layer)
     dp: int = 0                      # data-parallel degree, for --plan only; at run time world / tp
-    sequence_parallel: bool = False  # norms and residuals on sequence shards (saves activations)
+    sequence_parallel: bool = False  # norms and residuals on sequence slices (saves activations)
     bucket_size: int = 25_000_000    # gradient elements per reduce-scatter bucket
 
 
@@ -62,11 +71,14 @@ class Grid:
 
 
 def env_rank():
-    """(rank, world, local_rank) from torchrun's environment, else Slurm's (srun python train.py)."""
+    """(rank, world, local_rank) from torchrun's environment, else from srun's. Only srun's own
+    variables count (SLURM_STEP_NUM_TASKS is set for the tasks of a job step, not for the batch
+    script): `python train.py` typed inside an sbatch allocation is one process, not rank 0 of
+    SLURM_NTASKS ranks that will never come."""
     if "RANK" in os.environ:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
-        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ["SLURM_LOCALID"])
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", 1)) > 1:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_STEP_NUM_TASKS"]), int(os.environ["SLURM_LOCALID"])
     return 0, 1, 0
 
 
@@ -93,6 +105,10 @@ def init_distributed(pcfg: ParallelConfig, device_type: str) -> Grid:
     rank, world, local_rank = env_rank()
     device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else "cpu")
     if world > 1:
+        if "MASTER_ADDR" not in os.environ:
+            raise LayoutError(f"rank {rank} of {world} (from Slurm) needs MASTER_ADDR and MASTER_PORT exported "
+                              f"to find rank 0: export them, or launch with torchrun (configs/alps.sbatch)")
+        os.environ.setdefault("MASTER_PORT", "29500")
         if device_type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world,
@@ -100,18 +116,20 @@ def init_distributed(pcfg: ParallelConfig, device_type: str) -> Grid:
     tp, dp = pcfg.tp, world // pcfg.tp
     g = Grid(rank, world, local_rank, tp, dp, rank % tp, rank // tp, None, None, device,
              pcfg.sequence_parallel and tp > 1)
-    if world > 1:  # every rank creates every group, in the same order
-        for i in range(dp):
-            ranks = list(range(i * tp, (i + 1) * tp))
-            grp = dist.new_group(ranks)
-            if rank in ranks:
-                g.tp_group = grp
-        for j in range(tp):
-            ranks = list(range(j, world, tp))
-            grp = dist.new_group(ranks)
-            if rank in ranks:
-                g.dp_group = grp
+    if world > 1:  # one call each, made by every rank with the same lists: the groups all ranks agree on
+        g.tp_group, _ = dist.new_subgroups_by_enumeration([list(range(i * tp, (i + 1) * tp)) for i in range(dp)])
+        g.dp_group, _ = dist.new_subgroups_by_enumeration([list(range(j, world, tp)) for j in range(tp)])
     return g
+
+
+def shutdown(grid: Grid, opt=None):
+    """Leave cleanly: finish this rank's outstanding collectives, then wait until every rank has, so
+    that no rank tears its process group down while another is still talking to it."""
+    if opt is not None:
+        opt.wait_params()
+    if grid.world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _size(group):
@@ -195,28 +213,34 @@ def _g(x, group, sp):
 
 
 # ----------------------------------------------------------------------------- parallel layers
-class ColumnParallelLinear(nn.Module):
-    """weight [out/tp, in]: rank r computes output features r*out/tp .. (r+1)*out/tp - 1."""
-    tp_dim = 0
+def _sliced(old: nn.Parameter, name: str, dim: int, grid: Grid) -> nn.Parameter:
+    """An empty parameter for this rank's slice of `old` along dim, its role stamped with the split."""
+    shape = list(old.shape)
+    shape[dim] //= grid.tp
+    p = nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device))
+    p.role = replace(role_of(name, old), tp_dim=dim, full_shape=tuple(old.shape))
+    return p
 
-    def __init__(self, in_features, out_features, grid: Grid):
+
+class ColumnParallelLinear(nn.Module):
+    """weight [out/tp, in]: rank r computes output features r*out/tp .. (r+1)*out/tp - 1. f is applied
+    to the input here unless the module that holds this layer already applied it (prepare_input)."""
+
+    def __init__(self, old: nn.Linear, grid: Grid, gather_input=True):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features // grid.tp, in_features))
-        self.full_shape = (out_features, in_features)
-        self.group, self.sp = grid.tp_group, grid.sequence_parallel
+        self.weight = _sliced(old.weight, "weight", 0, grid)
+        self.group, self.sp, self.gather_input = grid.tp_group, grid.sequence_parallel, gather_input
 
     def forward(self, x):
-        return F.linear(_f(x, self.group, self.sp), self.weight)
+        return F.linear(_f(x, self.group, self.sp) if self.gather_input else x, self.weight)
 
 
 class RowParallelLinear(nn.Module):
     """weight [out, in/tp]: rank r takes input features r*in/tp .. and the partial outputs are summed."""
-    tp_dim = 1
 
-    def __init__(self, in_features, out_features, grid: Grid):
+    def __init__(self, old: nn.Linear, grid: Grid):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // grid.tp))
-        self.full_shape = (out_features, in_features)
+        self.weight = _sliced(old.weight, "weight", 1, grid)
         self.group, self.sp = grid.tp_group, grid.sequence_parallel
 
     def forward(self, x):
@@ -225,13 +249,11 @@ class RowParallelLinear(nn.Module):
 
 class VocabParallelEmbedding(nn.Module):
     """weight [V/tp, d]: rank r embeds ids r*V/tp .. (r+1)*V/tp - 1, zeros elsewhere; g sums them."""
-    tp_dim = 0
 
-    def __init__(self, num_embeddings, dim, grid: Grid):
+    def __init__(self, old: nn.Embedding, grid: Grid):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_embeddings // grid.tp, dim))
-        self.full_shape = (num_embeddings, dim)
-        self.start = grid.tp_rank * (num_embeddings // grid.tp)
+        self.weight = _sliced(old.weight, "weight", 0, grid)
+        self.start = grid.tp_rank * self.weight.shape[0]
         self.group, self.sp = grid.tp_group, grid.sequence_parallel
 
     def forward(self, ids):
@@ -241,90 +263,86 @@ class VocabParallelEmbedding(nn.Module):
         return _g(x, self.group, self.sp)
 
 
-class VocabParallelCrossEntropy(torch.autograd.Function):
-    """Cross-entropy on vocab shards [B, T, V/tp] (nanotron / Megatron): all-reduce the max, the target
-    logit and the sum of exp; the [B, T, V] logits never exist on one rank."""
-    @staticmethod
-    def forward(ctx, logits, targets, group):
-        logits = logits.float()
-        vocab = logits.shape[-1]
-        start = dist.get_rank(group) * vocab
-        m = logits.max(-1).values
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        logits = logits - m[..., None]
-        local = targets - start
-        inside = (local >= 0) & (local < vocab)
-        local = local.masked_fill(~inside, 0)
-        target_logit = logits.gather(-1, local[..., None])[..., 0] * inside
-        dist.all_reduce(target_logit, group=group)
-        exp = logits.exp()
-        sum_exp = exp.sum(-1)
-        dist.all_reduce(sum_exp, group=group)
-        ctx.save_for_backward(exp.div_(sum_exp[..., None]), local, inside)
-        return sum_exp.log() - target_logit
-
-    @staticmethod
-    def backward(ctx, grad):  # d loss / d logits = softmax - onehot(target)
-        softmax, local, inside = ctx.saved_tensors
-        softmax.scatter_add_(-1, local[..., None], -inside[..., None].to(softmax.dtype))
-        return softmax * grad[..., None], None, None
+def prepare_input(module: nn.Module, grid: Grid):
+    """Apply f to a sublayer's input once, for all the column-parallel layers that read it
+    (torchtitan's PrepareModuleInput): q, k and v share one all-reduce (or all-gather) instead of three."""
+    module.register_forward_pre_hook(lambda m, args: (_f(args[0], grid.tp_group, grid.sequence_parallel), *args[1:]))
 
 
-def vocab_parallel_cross_entropy(group):
-    def loss_fn(logits, targets, loss_mask):
-        return VocabParallelCrossEntropy.apply(logits, targets, group) * loss_mask
+def vocab_parallel_loss(grid: Grid):
+    """The loss on this rank's vocabulary slice of the head; the [B, T, V] logits never exist."""
+    ops = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
+
+    def all_reduce(x, op):
+        dist.all_reduce(x, op=ops[op], group=grid.tp_group)
+
+    def loss_fn(h, head, targets, mask, compiled=False):
+        h = _f(h, grid.tp_group, grid.sequence_parallel)  # the head's input collective
+        return lm_head_loss(h, head, targets, mask, grid.tp_rank * head.weight.shape[0], all_reduce, compiled)
     return loss_fn
 
 
+# The tensor-parallel plan of one block (torchtitan's parallelize_module, written out): "input" applies
+# f once to the submodule's input; "column" / "row" swap an nn.Linear for its parallel version.
+BLOCK_PLAN = {
+    "self_attn": "input",
+    "self_attn.q_proj": "column", "self_attn.k_proj": "column", "self_attn.v_proj": "column",
+    "self_attn.o_proj": "row",
+    "mlp": "input",
+    "mlp.up_proj": "column",
+    "mlp.down_proj": "row",
+}
+
+
 def parallelize(model, grid: Grid):
-    """Swap the model's linears and embedding for their tensor-parallel versions, in place (call it on
-    the meta device: the new layers have shard shapes and are filled later by init or a checkpoint)."""
+    """Apply BLOCK_PLAN to every block and split the embedding and the head over the vocabulary, in
+    place (call it on the meta device: the new layers have slice shapes and are filled later by init
+    or a checkpoint)."""
     if grid.tp == 1:
         return model
-    cfg = model.config
-    swapped = 0
-    for block in model.model.layers:
-        a, m = block.self_attn, block.mlp
-        for parent, name, kind in ((a, "q_proj", ColumnParallelLinear), (a, "k_proj", ColumnParallelLinear),
-                                   (a, "v_proj", ColumnParallelLinear), (a, "o_proj", RowParallelLinear),
-                                   (m, "up_proj", ColumnParallelLinear), (m, "down_proj", RowParallelLinear)):
+    for block in model.model.layers.values():
+        for path, kind in BLOCK_PLAN.items():
+            if kind == "input":
+                prepare_input(block.get_submodule(path), grid)
+                continue
+            parent, name = block.get_submodule(path.rsplit(".", 1)[0]), path.rsplit(".", 1)[1]
             old = getattr(parent, name)
-            setattr(parent, name, kind(old.in_features, old.out_features, grid))
-            swapped += 1
-    model.model.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, grid)
-    model.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, grid)
-    model.loss_fn = vocab_parallel_cross_entropy(grid.tp_group)
-    # assert, not hope: every matmul of every block is now a parallel layer
-    assert swapped == 6 * cfg.num_hidden_layers and not any(
-        type(mod) is nn.Linear for mod in model.modules()), "a linear layer was not parallelised"
+            assert type(old) is nn.Linear, f"{path} is {type(old).__name__}, the plan expects nn.Linear"
+            new = ColumnParallelLinear(old, grid, gather_input=False) if kind == "column" else RowParallelLinear(old, grid)
+            setattr(parent, name, new)
+    model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens, grid)
+    model.lm_head = ColumnParallelLinear(model.lm_head, grid)
+    model.loss_fn = vocab_parallel_loss(grid)
+    # assert, not hope: every matmul is now a parallel layer, every parameter has a role
+    assert not any(type(m) in (nn.Linear, nn.Embedding) for m in model.modules()), "a layer was not parallelised"
+    for name, p in model.named_parameters():
+        role_of(name, p)
     return model
 
 
-def tp_dim(model, name):
-    """The dimension a parameter is split along under TP, or None where it is replicated."""
-    return getattr(model.get_submodule(name.rsplit(".", 1)[0]), "tp_dim", None)
+def tp_slice(full, role, grid: Grid):
+    """This rank's slice of a full tensor (the whole tensor where the role says it is not split)."""
+    return full if role.tp_dim is None else full.chunk(grid.tp, role.tp_dim)[grid.tp_rank]
 
 
-def tp_partial_grad(name, grid: Grid):
-    """Replicated parameters whose gradient each TP rank only sees part of, so it is summed over TP:
-    QK-norm (each rank holds some heads), xIELU scalars (some MLP features), and with sequence
-    parallelism the norms that run on sequence shards."""
-    if grid.tp == 1:
-        return False
-    if name.endswith(("q_norm.weight", "k_norm.weight", "act_fn.alpha_p", "act_fn.alpha_n")):
-        return True
-    return grid.sequence_parallel and name.endswith("norm.weight")
-
-
-def shard_of(full, dim, grid: Grid):
-    return full if dim is None else full.chunk(grid.tp, dim)[grid.tp_rank]
+def tp_grad_is_partial(role, grid: Grid) -> bool:
+    """Replicated parameters whose gradient each TP rank only sees part of, summed over TP."""
+    return grid.tp > 1 and (role.tp_partial_grad or (grid.sequence_parallel and role.sequence_parallel))
 
 
 # ----------------------------------------------------------------------------- ZeRO-1 optimizer
+ALIGN = 64  # every parameter starts at a multiple of 64 elements in the flat buffers (Megatron-LM pads
+# the same way): 128-byte aligned views in bf16, 256 in fp32, which Inductor's CUDA kernels assume
+
+
+def _align(n, to=ALIGN):
+    return -(-n // to) * to
+
+
 @dataclass
 class Piece:
     """The part of one parameter that this DP rank owns: elements [start, end) of the flattened
-    TP-local parameter, at [offset, offset + end - start) of its bucket's shard."""
+    TP-local parameter, at [offset, offset + end - start) of its bucket's partition."""
     name: str
     start: int
     end: int
@@ -332,56 +350,74 @@ class Piece:
     offset: int
 
 
+@dataclass
+class Bucket:
+    start: int          # offset in the flat buffers
+    size: int           # elements, a multiple of ALIGN x dp
+    names: list
+    ready: int = 0      # gradients arrived this step (-1: reduce-scatter launched)
+    reduce_work: object = None
+    gather_work: object = None
+
+
 class DistributedOptimizer:
-    """ZeRO-1 around any torch optimizer. Model parameters (bf16 or fp32) are views into one flat
-    buffer; gradients accumulate into a flat fp32 buffer through post-accumulate-grad hooks; on the last
-    micro-step each bucket is reduce-scattered over DP as soon as its last gradient has arrived. The
-    optimizer sees only this rank's fp32 master pieces (one tensor per piece, so param groups still
-    choose weight decay per parameter), and step() all-gathers the updated weights back."""
+    """ZeRO-1 around an optimizer of this project (train.AdEMAMix, train.AdamW). Model parameters (bf16
+    or fp32) are views into one flat buffer; gradients accumulate into a flat fp32 buffer through
+    post-accumulate-grad hooks; on the last micro-step each bucket is reduce-scattered over DP as soon
+    as its last gradient has arrived. The optimizer sees only this rank's fp32 master pieces (one
+    tensor per piece, so each keeps its parameter's weight decay), and step() gathers the updated
+    weights back asynchronously."""
 
     def __init__(self, model, grid: Grid, make_optimizer, bucket_size=25_000_000):
         self.model, self.grid = model, grid
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.roles = {n: role_of(n, p) for n, p in self.params}
         self.sync = True  # set False before the forward of micro-steps that only accumulate
         dp = grid.dp
         # backward produces gradients from the last layer to the first: fill buckets in that order
         self.index, self.buckets, names, pos, start = {}, [], [], 0, 0  # index: name -> (offset, bucket)
         for n, p in reversed(self.params):
+            pos = _align(pos)
             self.index[n] = (pos, len(self.buckets))
             names.append(n)
             pos += p.numel()
             if pos - start >= bucket_size or n == self.params[0][0]:
-                size = -(-(pos - start) // dp) * dp  # padded so reduce-scatter splits it evenly
-                self.buckets.append(dict(start=start, size=size, names=names, ready=0, work=None))
+                size = _align(pos - start, ALIGN * dp)  # each DP partition starts aligned too
+                self.buckets.append(Bucket(start, size, names))
                 names, pos, start = [], start + size, start + size
         p0 = self.params[0][1]
         self.param_buffer = torch.zeros(pos, dtype=p0.dtype, device=p0.device)
         self.grad_buffer = torch.zeros(pos, dtype=torch.float32, device=p0.device)
-        self.shard_grads = [torch.zeros(b["size"] // dp, device=p0.device) for b in self.buckets]
+        # this rank's partition of each bucket's gradients: with dp = 1 the buffer itself, no copy
+        self.partition_grads = [self.grad_buffer[b.start:b.start + b.size] if dp == 1 else
+                                torch.zeros(b.size // dp, device=p0.device) for b in self.buckets]
         for n, p in self.params:
             off = self.index[n][0]
             self.param_buffer[off:off + p.numel()].copy_(p.detach().flatten())
             p.data = self.param_buffer[off:off + p.numel()].view_as(p)
             p.register_post_accumulate_grad_hook(self._grad_hook(n))
-        # this rank's pieces: the intersection of each parameter with its bucket's DP shard
-        self.pieces, masters = [], []
-        named = dict(self.params)
+        # this rank's pieces: the intersection of each parameter with its bucket's DP partition
+        self.pieces, self.masters = [], []
         for n, p in self.params:
             off, b_id = self.index[n]
-            b = self.buckets[b_id]
-            lo = b["start"] + grid.dp_rank * b["size"] // dp
-            hi = lo + b["size"] // dp
+            lo, hi = self._partition(b_id)
             s, e = max(off, lo), min(off + p.numel(), hi)
             if s < e:
                 self.pieces.append(Piece(n, s - off, e - off, b_id, s - lo))
-                masters.append(named[n].detach().flatten()[s - off:e - off].float().clone())
-        self.masters = masters
-        for piece, m in zip(self.pieces, masters):
-            m.grad = self.shard_grads[piece.bucket][piece.offset:piece.offset + m.numel()]
-        self.optimizer = make_optimizer([(pc.name, m) for pc, m in zip(self.pieces, masters)])
-        self.partial = [i for i, pc in enumerate(self.pieces) if tp_partial_grad(pc.name, grid)]
-        self.replicated = {pc.name for pc in self.pieces if tp_dim(model, pc.name) is None}
+                self.masters.append(p.detach().flatten()[s - off:e - off].float().clone())
+        for piece, m in zip(self.pieces, self.masters):
+            m.grad = self.partition_grads[piece.bucket][piece.offset:piece.offset + m.numel()]
+        self.optimizer = make_optimizer([self.roles[pc.name] for pc in self.pieces], self.masters)
+        self.partial = [i for i, pc in enumerate(self.pieces) if tp_grad_is_partial(self.roles[pc.name], grid)]
+        self.gloo = grid.world > 1 and dist.get_backend() == "gloo"
+        self._register_param_waits()
 
+    def _partition(self, b_id):
+        b = self.buckets[b_id]
+        lo = b.start + self.grid.dp_rank * (b.size // self.grid.dp)
+        return lo, lo + b.size // self.grid.dp
+
+    # --------------------------------------------------------------- gradients: reduce-scatter
     def _grad_hook(self, name):
         def hook(p):
             off, b_id = self.index[name]
@@ -389,74 +425,127 @@ class DistributedOptimizer:
             p.grad = None
             if self.sync:
                 b = self.buckets[b_id]
-                b["ready"] += 1
-                if b["ready"] == len(b["names"]):
+                b.ready += 1
+                if b.ready == len(b.names):
                     self._reduce_scatter(b_id)
         return hook
 
     def _reduce_scatter(self, b_id):
         b = self.buckets[b_id]
-        full = self.grad_buffer[b["start"]:b["start"] + b["size"]]
-        if self.grid.dp == 1:
-            self.shard_grads[b_id].copy_(full)
-        else:  # sum over DP: the loss is already normalised by the global token count
-            b["work"] = dist.reduce_scatter_tensor(self.shard_grads[b_id], full, group=self.grid.dp_group,
-                                                   async_op=True)
-        b["ready"] = -1  # launched
+        if self.grid.dp > 1:  # sum over DP: the loss is already normalised by the global token count
+            full = self.grad_buffer[b.start:b.start + b.size]
+            b.reduce_work = dist.reduce_scatter_tensor(self.partition_grads[b_id], full,
+                                                       group=self.grid.dp_group, async_op=True)
+        b.ready = -1  # launched
 
     def finish_grads(self):
+        """Wait for every bucket's reduce-scatter (launching those that got no gradient this step), then
+        sum the TP-partial gradients over TP (after the DP sum: both are linear)."""
         for b_id, b in enumerate(self.buckets):
-            if b["ready"] != -1:  # a bucket holding a parameter that got no gradient this step
+            if b.ready != -1:
                 self._reduce_scatter(b_id)
-            if b["work"] is not None:
-                b["work"].wait()
-                b["work"] = None
-            b["ready"] = 0
-        if self.partial and self.grid.tp > 1:  # summed over TP, after the DP sum (both are linear)
+            if b.reduce_work is not None:
+                b.reduce_work.wait()
+                b.reduce_work = None
+            b.ready = 0
+        if self.partial and self.grid.tp > 1:
             flat = torch.cat([self.masters[i].grad for i in self.partial])
             dist.all_reduce(flat, group=self.grid.tp_group)
             for i, g in zip(self.partial, flat.split([self.masters[i].numel() for i in self.partial])):
                 self.masters[i].grad.copy_(g)
+
+    def zero_grads(self):
         self.grad_buffer.zero_()
+        if self.grid.dp > 1:
+            for g in self.partition_grads:
+                g.zero_()
 
     def grad_norm(self):
         """The true global norm: every element counted once over TP and DP (replicated parameters
         only on tp_rank 0; padding is zero)."""
         sq = [m.grad for pc, m in zip(self.pieces, self.masters)
-              if self.grid.tp_rank == 0 or pc.name not in self.replicated]
+              if self.grid.tp_rank == 0 or self.roles[pc.name].tp_dim is not None]
         total = torch.stack([g.pow(2).sum() for g in sq]).sum() if sq else torch.zeros((), device=self.grad_buffer.device)
         if self.grid.world > 1:
             dist.all_reduce(total)
         return total.sqrt()
 
     def step(self, lr, clip=None):
-        """Reduce, clip, update. Returns the gradient norm before clipping; skips the update (and says
-        so by returning a non-finite norm) when the gradients are not finite."""
+        """Reduce, clip, update, gather. Returns the gradient norm before clipping; skips the update
+        (and says so by returning a non-finite norm) when the gradients are not finite."""
         self.finish_grads()
         norm = self.grad_norm()
-        if not torch.isfinite(norm):
-            return norm
-        if clip:
-            coef = (clip / (norm + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_([m.grad for m in self.masters], coef)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.publish()
+        if torch.isfinite(norm):
+            if clip:
+                coef = (clip / (norm + 1e-6)).clamp(max=1.0)
+                torch._foreach_mul_([m.grad for m in self.masters], coef)
+            self.optimizer.step(lr)
+            self.publish()
+        self.zero_grads()
         return norm
 
+    def skip_step(self):
+        """Drop this step's gradients (a non-finite loss)."""
+        self.finish_grads()
+        self.zero_grads()
+
+    # --------------------------------------------------------------- weights: all-gather
     @torch.no_grad()
     def publish(self):
-        """Master pieces -> the flat parameter buffer, all-gathered over DP (the model sees the update)."""
+        """Master pieces -> this rank's partition of the parameter buffer, then every bucket is
+        all-gathered over DP asynchronously, in the order the forward uses them (the first layers'
+        buckets first); each block waits for its buckets just before its forward."""
         for pc, m in zip(self.pieces, self.masters):
-            b = self.buckets[pc.bucket]
-            lo = b["start"] + self.grid.dp_rank * b["size"] // self.grid.dp
+            lo, _ = self._partition(pc.bucket)
             self.param_buffer[lo + pc.offset:lo + pc.offset + m.numel()].copy_(m)
-        if self.grid.dp > 1:
-            for b in self.buckets:
-                full = self.param_buffer[b["start"]:b["start"] + b["size"]]
-                shard = full.chunk(self.grid.dp)[self.grid.dp_rank].clone()
-                dist.all_gather_into_tensor(full, shard, group=self.grid.dp_group)
+        if self.grid.dp == 1:
+            return
+        for b_id in reversed(range(len(self.buckets))):
+            b = self.buckets[b_id]
+            full = self.param_buffer[b.start:b.start + b.size]
+            lo, hi = self._partition(b_id)
+            mine = self.param_buffer[lo:hi]  # in place (NCCL); gloo wants an input apart from the output
+            b.gather_work = dist.all_gather_into_tensor(full, mine.clone() if self.gloo else mine,
+                                                        group=self.grid.dp_group, async_op=True)
+
+    def wait_params(self, buckets=None):
+        for b_id in (range(len(self.buckets)) if buckets is None else buckets):
+            b = self.buckets[b_id]
+            if b.gather_work is not None:
+                b.gather_work.wait()
+                b.gather_work = None
+
+    def _register_param_waits(self):
+        """Forward pre-hooks on the model's units (embedding, each block, the final norm, which also
+        waits for the head): a unit waits only for the buckets that hold its parameters. The hooks run
+        outside the compiled block forwards (model.compile_blocks compiles forward, not __call__)."""
+        if self.grid.dp == 1:
+            return
+        m = self.model
+        units = [(m.model.embed_tokens, [m.model.embed_tokens]), *((b, [b]) for b in m.model.layers.values()),
+                 (m.model.norm, [m.model.norm, m.lm_head])]
+        ids = {id(p): n for n, p in self.params}
+        for unit, holders in units:
+            buckets = sorted({self.index[ids[id(p)]][1] for h in holders for p in h.parameters() if id(p) in ids})
+            unit.register_forward_pre_hook(lambda mod, args, buckets=buckets: self.wait_params(buckets))
+
+    # --------------------------------------------------------------- state, for checkpoints
+    def state(self):
+        """[(piece, {"master": fp32 tensor, <moment name>: tensor, ...})] and the optimizer's step
+        count: the whole of what a checkpoint needs, as plain named tensors and one integer."""
+        return [(pc, {"master": m, **self.optimizer.moments(i)}) for i, (pc, m) in enumerate(zip(self.pieces, self.masters))], \
+            self.optimizer.steps
+
+    @torch.no_grad()
+    def load_state(self, steps, read):
+        """read(piece, kind) -> the fp32 tensor of that piece, for "master" and every moment."""
+        tensors, _ = self.state()
+        for pc, named in tensors:
+            for kind, t in named.items():
+                t.copy_(read(pc, kind))
+        self.optimizer.steps = steps
+        self.publish()
+        self.wait_params()
 
 
 @torch.no_grad()
@@ -465,7 +554,7 @@ def check_replicas(model, grid: Grid):
     Returns the names that differ (empty list when all is well)."""
     bad = []
     for name, p in model.named_parameters():
-        groups = [grid.dp_group] + ([grid.tp_group] if tp_dim(model, name) is None else [])
+        groups = [grid.dp_group] + ([grid.tp_group] if role_of(name, p).tp_dim is None else [])
         for group in groups:
             if _size(group) > 1:
                 ref = p.detach().clone()

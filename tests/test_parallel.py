@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import model as model_py
 import parallel
 from model import Apertus, ModelConfig
 
@@ -54,34 +55,48 @@ def _layers_worker(rank, world, port, sp):
     want = (F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(B, T) * mask).sum()
     want.backward()
 
-    col = parallel.ColumnParallelLinear(d, out, grid)
-    row = parallel.RowParallelLinear(out, d, grid)
-    emb = parallel.VocabParallelEmbedding(V, d, grid)
-    head = parallel.ColumnParallelLinear(d, V, grid)
+    emb_full = torch.nn.Embedding(V, d)
+    emb_full.weight.role = model_py.Role("normal", True)
+    col = parallel.ColumnParallelLinear(model_py.linear(d, out), grid)
+    row = parallel.RowParallelLinear(model_py.linear(out, d), grid)
+    emb = parallel.VocabParallelEmbedding(emb_full, grid)
+    head = parallel.ColumnParallelLinear(model_py.linear(d, V), grid)
     with torch.no_grad():
-        col.weight.copy_(parallel.shard_of(W1, 0, grid))
-        row.weight.copy_(parallel.shard_of(W2, 1, grid))
-        emb.weight.copy_(parallel.shard_of(E, 0, grid))
-        head.weight.copy_(parallel.shard_of(E, 0, grid))
+        for mod, full in ((col, W1), (row, W2), (emb, E), (head, E)):
+            mod.weight.copy_(parallel.tp_slice(full, mod.weight.role, grid))
     seq = (lambda t: t.chunk(world, 1)[rank]) if sp else (lambda t: t)
     h = emb(ids) + seq(x)
     y = row(col(h))
-    logits = head(y)
-    assert logits.shape == (B, T, V // world)  # the full logits never exist on one rank
-    got = parallel.vocab_parallel_cross_entropy(grid.tp_group)(logits, targets, mask).sum()
+    with torch.no_grad():
+        assert head(y).shape == (B, T, V // world)  # the full logits never exist on one rank
+    got = parallel.vocab_parallel_loss(grid)(y, head, targets, mask)
     got.backward()
     assert torch.allclose(got, want, rtol=1e-5), (got, want)
-    for mod, full, dim in ((col, ref[0], 0), (row, ref[1], 1)):
-        assert torch.allclose(mod.weight.grad, parallel.shard_of(full.grad, dim, grid), atol=1e-4, rtol=1e-4)
-    # the embedding matrix is used twice in the reference (tied here for the test): sum both shards
-    assert torch.allclose(emb.weight.grad + head.weight.grad, parallel.shard_of(ref[2].grad, 0, grid),
+    for mod, full in ((col, ref[0]), (row, ref[1])):
+        assert torch.allclose(mod.weight.grad, parallel.tp_slice(full.grad, mod.weight.role, grid), atol=1e-4, rtol=1e-4)
+    # the embedding matrix is used twice in the reference (tied here for the test): sum both slices
+    assert torch.allclose(emb.weight.grad + head.weight.grad, parallel.tp_slice(ref[2].grad, emb.weight.role, grid),
                           atol=1e-4, rtol=1e-4)
-    dist.destroy_process_group()
+    parallel.shutdown(grid)
 
 
 @pytest.mark.parametrize("world,sp", [(2, False), (4, False), (4, True)])
 def test_parallel_layers_match_single_process(world, sp):
     _spawn(_layers_worker, world, sp)
+
+
+class SGD:
+    """Plain SGD with the optimizer interface of train.AdEMAMix (steps, moments, step(lr))."""
+    def __init__(self, roles, params):
+        self.params, self.steps = params, 0
+
+    def moments(self, i):
+        return {}
+
+    @torch.no_grad()
+    def step(self, lr):
+        self.steps += 1
+        torch._foreach_add_(self.params, [p.grad for p in self.params], alpha=-lr)
 
 
 def _model_worker(rank, world, port, tp, sp, opt_name):
@@ -100,7 +115,7 @@ def _model_worker(rank, world, port, tp, sp, opt_name):
             m = Apertus(cfg)
         parallel.parallelize(m, g)
         m.to_empty(device="cpu")
-        m.init_weights(5, lambda n, full: parallel.shard_of(full, parallel.tp_dim(m, n), g))
+        m.init_weights(5, lambda role, full: parallel.tp_slice(full, role, g))
         return m
     torch.manual_seed(1)
     ids = torch.randint(3, 64, (4, 17))  # 16 inputs: divisible by tp for sequence parallelism
@@ -108,11 +123,10 @@ def _model_worker(rank, world, port, tp, sp, opt_name):
     from model import document_ids
     single_grid = parallel.Grid()
     ref = build(single_grid)
-    make = (lambda m: (lambda named: torch.optim.SGD([p for _, p in named], lr=0.0))) if opt_name == "sgd" \
-        else (lambda m: train.make_optimizer(t, m))
-    ref_opt = parallel.DistributedOptimizer(ref, single_grid, make(ref))
+    make = SGD if opt_name == "sgd" else train.make_optimizer(t)
+    ref_opt = parallel.DistributedOptimizer(ref, single_grid, make)
     model = build(grid)
-    opt = parallel.DistributedOptimizer(model, grid, make(model), bucket_size=3000)
+    opt = parallel.DistributedOptimizer(model, grid, make, bucket_size=3000)
     lr, atol = (0.5, 1e-6) if opt_name == "sgd" else (1e-2, 2e-4)
     mine = slice(grid.dp_rank * 4 // grid.dp, (grid.dp_rank + 1) * 4 // grid.dp)
     for step in range(3):
@@ -121,12 +135,13 @@ def _model_worker(rank, world, port, tp, sp, opt_name):
             loss = m(x, y, doc_ids=document_ids(x, 2), reduction="sum") / (4 * 16)
             loss.backward()
             o.step(lr, clip=0.5)
+    opt.wait_params()
     full = dict(ref.named_parameters())
     for name, p in model.named_parameters():
-        want = parallel.shard_of(full[name], parallel.tp_dim(model, name), grid)
+        want = parallel.tp_slice(full[name], p.role, grid)
         assert torch.allclose(p, want, atol=atol, rtol=0), (name, (p - want).abs().max())
     assert parallel.check_replicas(model, grid) == []
-    dist.destroy_process_group()
+    parallel.shutdown(grid, opt)
 
 
 @pytest.mark.parametrize("tp,sp,opt", [(2, False, "sgd"), (2, True, "sgd"), (4, True, "sgd"), (2, False, "ademamix"),
@@ -215,7 +230,11 @@ def test_plan_70b_answers_in_seconds():
 def test_slurm_environment_gives_the_rank(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "5")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "8")  # the batch script of an 8-task allocation, not a task of srun
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    assert parallel.env_rank() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "5")   # a task that srun started
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     assert parallel.env_rank() == (5, 8, 1)

@@ -194,26 +194,25 @@ def latest_checkpoint(out_dir):
 
 
 def save_checkpoint(out_dir, step, opt, grid, config, optimizer_name, keep=3):
-    from parallel import tp_dim
+    """Every rank writes what it owns (opt.state(): master pieces and optimizer moments, plain named
+    tensors), into ckpt-N.tmp; rank 0 renames it when all are done."""
     final = os.path.join(out_dir, f"ckpt-{step:08d}")
     tmp = final + ".tmp"
     if grid.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier(grid)
+    pieces, opt_steps = opt.state()
     tensors, layout = {}, {}
-    for piece, master in zip(opt.pieces, opt.masters):
-        dim = tp_dim(opt.model, piece.name)
-        if dim is None and grid.tp_rank != 0:
-            continue
+    for piece, named in pieces:
+        role = opt.roles[piece.name]
+        if role.tp_dim is None and grid.tp_rank != 0:
+            continue  # replicated over TP: tp_rank 0 writes it
         p = opt.model.get_parameter(piece.name)
-        layout[piece.name] = dict(tp_dim=dim, tp=grid.tp, local_shape=list(p.shape),
-                                  full_shape=list(full_shape(opt.model, piece.name)))
-        suffix = f"|{piece.name}|{grid.tp_rank}|{piece.start}|{piece.end}"
-        tensors["master" + suffix] = master
-        for kind, value in opt.optimizer.state.get(master, {}).items():
-            if torch.is_tensor(value) and value.numel() == master.numel():
-                tensors[kind + suffix] = value
+        layout[piece.name] = dict(tp_dim=role.tp_dim, tp=grid.tp, local_shape=list(p.shape),
+                                  full_shape=list(full_shape(piece.name, p)))
+        for kind, value in named.items():
+            tensors[f"{kind}|{piece.name}|{grid.tp_rank}|{piece.start}|{piece.end}"] = value
     tensors["rng|torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and grid.device.type == "cuda":
         tensors["rng|cuda"] = torch.cuda.get_rng_state(grid.device)
@@ -222,8 +221,8 @@ def save_checkpoint(out_dir, step, opt, grid, config, optimizer_name, keep=3):
     _barrier(grid)
     if grid.rank == 0:
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(dict(step=step, optimizer=optimizer_name, tp=grid.tp, dp=grid.dp, world=grid.world,
-                           config=config), f, indent=2)
+            json.dump(dict(step=step, optimizer=optimizer_name, optimizer_steps=opt_steps, tp=grid.tp, dp=grid.dp,
+                           world=grid.world, config=config), f, indent=2)
             f.flush()
             os.fsync(f.fileno())
         shutil.rmtree(final, ignore_errors=True)
@@ -290,38 +289,34 @@ class ShardedCheckpoint:
         self._cache = ((kind, name), full)
         return full
 
-    def piece(self, kind, name, tp_dim, grid, start, end):
-        key = f"{kind}|{name}|{grid.tp_rank if tp_dim is not None else 0}|{start}|{end}"
-        if key in self.where and (tp_dim is None or self.layout[name]["tp"] == grid.tp):
+    def piece(self, kind, name, role, grid, start, end):
+        key = f"{kind}|{name}|{grid.tp_rank if role.tp_dim is not None else 0}|{start}|{end}"
+        if key in self.where and (role.tp_dim is None or self.layout[name]["tp"] == grid.tp):
             return self.read(key)  # the same layout wrote exactly this piece
-        from parallel import shard_of
-        return shard_of(self.full(kind, name), tp_dim, grid).flatten()[start:end]
+        from parallel import tp_slice
+        return tp_slice(self.full(kind, name), role, grid).flatten()[start:end]
 
 
 @torch.no_grad()
 def load_checkpoint(path, opt, grid, optimizer_name):
-    """Fill the distributed optimizer (master pieces, optimizer state) and the model from a checkpoint
-    written under any layout. Returns the step."""
-    from parallel import tp_dim
+    """Fill the distributed optimizer (master pieces, optimizer moments, its step count) and the model
+    from a checkpoint written under any layout. Returns the training step."""
+    from parallel import tp_slice
     ck = ShardedCheckpoint(path)
     if ck.meta["optimizer"] != optimizer_name:
         raise CheckpointError(f"{path} holds {ck.meta['optimizer']} state, this run uses {optimizer_name}")
-    step = ck.meta["step"]
-    for piece, master in zip(opt.pieces, opt.masters):
-        dim = tp_dim(opt.model, piece.name)
-        master.copy_(ck.piece("master", piece.name, dim, grid, piece.start, piece.end))
-        state = {k: ck.piece(k, piece.name, dim, grid, piece.start, piece.end).to(master.device)
-                 for k in ck.kinds(piece.name) if k != "master"}
-        if state:
-            opt.optimizer.state[master] = {"step": torch.tensor(float(step)), **state}
-    opt.publish()
+
+    def read(piece, kind):
+        role = opt.roles[piece.name]
+        return ck.piece(kind, piece.name, role, grid, piece.start, piece.end)
+    opt.load_state(ck.meta.get("optimizer_steps", ck.meta["step"]), read)
     if ck.meta["world"] == grid.world:  # RNG streams belong to ranks: only meaningful for the same world
         torch.set_rng_state(_rank_rng(ck, grid.rank, "torch"))
         if grid.device.type == "cuda":
             cuda_state = _rank_rng(ck, grid.rank, "cuda")
             if cuda_state is not None:
                 torch.cuda.set_rng_state(cuda_state, grid.device)
-    return step
+    return ck.meta["step"]
 
 
 def _rank_rng(ck, rank, which):

@@ -23,13 +23,13 @@ import sys
 import time
 import tomllib
 import typing
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
 
 import checkpoint
 import data
+import model as model_py
 import parallel
 from model import Apertus, ModelConfig, document_ids, flops_per_token, param_count
 
@@ -47,7 +47,7 @@ class TrainConfig:
     keep_checkpoints: int = 3           # older checkpoints are deleted
     device: str = "auto"                # auto, cpu or cuda
     dtype: str = "bfloat16"             # weights and compute on CUDA: bfloat16 or float32 (CPU: float32)
-    compile: bool = False               # torch.compile each transformer block
+    compile: bool = False               # torch.compile each transformer block (and the loss chunks)
     activation_checkpointing: bool = False  # recompute each block in backward
     seed: int = 0                       # initial weights and the data order
     optimizer: str = "ademamix"         # ademamix or adamw
@@ -57,13 +57,13 @@ class TrainConfig:
     decay_start: int = -1               # first step of the cooldown (-1: max_steps - decay_steps)
     decay_steps: int = 0                # length of the cooldown (0: no cooldown)
     decay_shape: str = "1-sqrt"         # 1-sqrt or linear
-    beta1: float = 0.9
+    beta1: float = 0.9                  # 0 = no fast EMA (AdEMAMix then keeps no exp_avg)
     beta2: float = 0.999
     beta3: float = 0.9999               # AdEMAMix slow EMA
     alpha: float = 8.0                  # AdEMAMix weight of the slow EMA
     ademamix_warmup: int = 100_000      # steps over which alpha and beta3 warm up
     eps: float = 1e-8
-    weight_decay: float = 0.1           # not on norms, 1-D parameters or xIELU scalars
+    weight_decay: float = 0.1           # not on norms or xIELU scalars (their Role says so)
     grad_clip: float = 0.1              # global gradient norm (0 = off)
     goldfish: bool = True               # Goldfish loss (drops about 1/k of the tokens from the loss)
     goldfish_k: int = 50
@@ -135,75 +135,136 @@ def load_config(path, overrides=()):
 
 
 # ----------------------------------------------------------------------------- the recipe
-class AdEMAMix(torch.optim.Optimizer):
-    """AdEMAMix (Pagliardini et al. 2024, arXiv 2409.03137), as apple/ml-ademamix:
+OPT_CHUNK = 2**26  # elements per foreach batch: the update's temporaries stay at 2 x 256 MB in fp32
+
+
+def _foreach_batches(tensors, lists, max_elements=OPT_CHUNK):
+    """Cut parameters (and their gradient and moments, listed alike) into views of at most
+    max_elements and group them into batches of about max_elements: foreach ops on a batch allocate
+    temporaries the size of the batch, not of the whole model."""
+    batches, cur, size = [], None, 0
+    for i, t in enumerate(tensors):
+        for s in range(0, t.numel(), max_elements):
+            if cur is None or size >= max_elements:
+                cur, size = [[] for _ in lists], 0
+                batches.append(cur)
+            for out, lst in zip(cur, lists):
+                out.append(lst[i].view(-1)[s:s + max_elements])
+            size += min(max_elements, t.numel() - s)
+    return batches
+
+
+class AdEMAMix:
+    """AdEMAMix (Pagliardini et al. 2024, arXiv 2409.03137), as apple/ml-ademamix (pytorch/ademamix.py):
         m1 = b1 m1 + (1-b1) g;  m2 = b3(t) m2 + (1-b3(t)) g;  v = b2 v + (1-b2) g^2
         p -= lr * ((m1 / (1-b1^t) + alpha(t) m2) / (sqrt(v) / sqrt(1-b2^t) + eps) + wd p)
-    The slow EMA m2 is not bias-corrected. alpha warms up linearly over alpha_warmup steps, beta3
-    linearly in half-life from beta1 over beta3_warmup steps. The first update is step 1."""
+    The slow EMA m2 is not bias-corrected. alpha warms up linearly over `warmup` steps, beta3 linearly
+    in half-life from beta1 (half-life of b: log(0.5) / log(b + 1e-8) - 1, upstream's eps inside the
+    log). With beta1 = 0 the fast EMA is the gradient itself and is not stored. The first update is
+    step 1; `steps` is a Python int (exact at any count).
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=8.0, alpha_warmup=None,
-                 beta3_warmup=None, eps=1e-8, weight_decay=0.1):
-        super().__init__(params, dict(lr=lr, betas=betas, alpha=alpha, alpha_warmup=alpha_warmup,
-                                      beta3_warmup=beta3_warmup, eps=eps, weight_decay=weight_decay))
+    params: fp32 tensors with .grad (the ZeRO-1 master pieces); weight_decay: one value per tensor.
+    State for checkpoints: `steps` and moments(i) -> {name: tensor} (exp_avg, exp_avg_slow, exp_avg_sq)."""
+
+    def __init__(self, params, weight_decay, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=8.0, warmup=None, eps=1e-8):
+        self.params, self.betas, self.alpha, self.warmup, self.eps, self.lr = params, betas, alpha, warmup, eps, lr
+        self.steps = 0
+        names = ("exp_avg", "exp_avg_slow", "exp_avg_sq") if betas[0] != 0 else ("exp_avg_slow", "exp_avg_sq")
+        self.state = {k: [torch.zeros_like(p) for p in params] for k in names}
+        self.groups = {}  # weight decay -> foreach batches of (param, grad, *moments) views
+        for wd in sorted(set(weight_decay)):
+            idx = [i for i, w in enumerate(weight_decay) if w == wd]
+            lists = [[params[i] for i in idx], [params[i].grad for i in idx],
+                     *([self.state[k][i] for i in idx] for k in names)]
+            self.groups[wd] = _foreach_batches(lists[0], lists)
+
+    def moments(self, i):
+        return {k: v[i] for k, v in self.state.items()}
 
     @staticmethod
-    def schedules(t, group):
-        b1, _, b3 = group["betas"]
-        alpha, Ta, Tb = group["alpha"], group["alpha_warmup"], group["beta3_warmup"]
-        if Ta:
-            alpha = min(t * alpha / Ta, alpha)
-        if Tb:
-            f = t / Tb
-            b3 = min(math.exp(math.log(b1) * math.log(b3) / ((1 - f) * math.log(b3) + f * math.log(b1))), b3)
-        return alpha, b3
+    def schedules(t, b1, b3, alpha, warmup):
+        """alpha(t) and beta3(t) of apple/ml-ademamix's linear_warmup_scheduler and
+        linear_hl_warmup_scheduler (constant from step `warmup` on)."""
+        if not warmup or t >= warmup:
+            return alpha, b3
+        a = t / warmup
+        half_life = lambda b: math.log(0.5) / math.log(b + 1e-8) - 1
+        return a * alpha, math.pow(0.5, 1 / ((1 - a) * half_life(b1) + a * half_life(b3) + 1))
 
     @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            b1, b2, _ = group["betas"]
-            by_step = {}  # parameters that share a step count are updated in one foreach batch
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.tensor(0.0)
-                    st["exp_avg"], st["exp_avg_slow"], st["exp_avg_sq"] = (torch.zeros_like(p) for _ in range(3))
-                st["step"] += 1
-                by_step.setdefault(int(st["step"]), []).append(p)
-            for t, ps in by_step.items():
-                alpha, b3 = self.schedules(t, group)
-                g = [p.grad for p in ps]
-                m1, m2, v = ([self.state[p][k] for p in ps] for k in ("exp_avg", "exp_avg_slow", "exp_avg_sq"))
-                torch._foreach_lerp_(m1, g, 1 - b1)
+    def step(self, lr=None):
+        lr = self.lr if lr is None else lr
+        self.steps += 1
+        t = self.steps
+        b1, b2, b3 = self.betas
+        alpha, b3 = self.schedules(t, b1, b3, self.alpha, self.warmup)
+        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        for wd, batches in self.groups.items():
+            for batch in batches:
+                p, g = batch[0], batch[1]
+                m1, (m2, v) = (batch[2], batch[3:]) if b1 != 0 else (g, batch[2:])
+                if b1 != 0:
+                    torch._foreach_lerp_(m1, g, 1 - b1)
                 torch._foreach_lerp_(m2, g, 1 - b3)
                 torch._foreach_mul_(v, b2)
                 torch._foreach_addcmul_(v, g, g, value=1 - b2)
                 denom = torch._foreach_sqrt(v)
-                torch._foreach_div_(denom, math.sqrt(1 - b2 ** t))
-                torch._foreach_add_(denom, group["eps"])
-                upd = torch._foreach_div(m1, 1 - b1 ** t)
+                torch._foreach_div_(denom, math.sqrt(bc2))
+                torch._foreach_add_(denom, self.eps)
+                upd = torch._foreach_div(m1, bc1)
                 torch._foreach_add_(upd, m2, alpha=alpha)
                 torch._foreach_div_(upd, denom)
-                if group["weight_decay"]:
-                    torch._foreach_add_(upd, ps, alpha=group["weight_decay"])
-                torch._foreach_add_(ps, upd, alpha=-group["lr"])
+                if wd:
+                    torch._foreach_add_(upd, p, alpha=wd)
+                torch._foreach_add_(p, upd, alpha=-lr)
 
 
-def make_optimizer(t: TrainConfig, model):
-    """Param groups: weight decay only on matrices (not on norms, 1-D parameters or xIELU scalars).
-    Takes (name, tensor) pairs: under ZeRO-1 the tensors are this rank's flat master pieces."""
-    dims = {n: p.dim() for n, p in model.named_parameters()}
+class AdamW:
+    """AdamW (Loshchilov & Hutter), the update of torch.optim.AdamW, with the same state interface as
+    AdEMAMix: p *= 1 - lr wd;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+    p -= lr (m / (1-b1^t)) / (sqrt(v) / sqrt(1-b2^t) + eps)."""
 
-    def build(named_tensors):
-        decay = [m for n, m in named_tensors if dims[n] >= 2 and "act_fn" not in n]
-        no_decay = [m for n, m in named_tensors if not (dims[n] >= 2 and "act_fn" not in n)]
-        groups = [dict(params=decay, weight_decay=t.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    def __init__(self, params, weight_decay, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.betas, self.eps, self.lr, self.steps = params, betas, eps, lr, 0
+        self.state = {k: [torch.zeros_like(p) for p in params] for k in ("exp_avg", "exp_avg_sq")}
+        self.groups = {}
+        for wd in sorted(set(weight_decay)):
+            idx = [i for i, w in enumerate(weight_decay) if w == wd]
+            lists = [[params[i] for i in idx], [params[i].grad for i in idx],
+                     *([self.state[k][i] for i in idx] for k in self.state)]
+            self.groups[wd] = _foreach_batches(lists[0], lists)
+
+    def moments(self, i):
+        return {k: v[i] for k, v in self.state.items()}
+
+    @torch.no_grad()
+    def step(self, lr=None):
+        lr = self.lr if lr is None else lr
+        self.steps += 1
+        b1, b2 = self.betas
+        bc1, bc2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
+        for wd, batches in self.groups.items():
+            for p, g, m, v in batches:
+                if wd:
+                    torch._foreach_mul_(p, 1 - lr * wd)
+                torch._foreach_lerp_(m, g, 1 - b1)
+                torch._foreach_mul_(v, b2)
+                torch._foreach_addcmul_(v, g, g, value=1 - b2)
+                denom = torch._foreach_sqrt(v)
+                torch._foreach_div_(denom, math.sqrt(bc2))
+                torch._foreach_add_(denom, self.eps)
+                torch._foreach_addcdiv_(p, m, denom, value=-lr / bc1)
+
+
+def make_optimizer(t: TrainConfig):
+    """(roles, tensors) -> the optimizer: weight decay where the parameter's Role asks for it
+    (matrices; not norms or xIELU scalars)."""
+    def build(roles, tensors):
+        wd = [t.weight_decay if r.weight_decay else 0.0 for r in roles]
         if t.optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=True)
-        return AdEMAMix(groups, lr=t.lr, betas=(t.beta1, t.beta2, t.beta3), alpha=t.alpha,
-                        alpha_warmup=t.ademamix_warmup, beta3_warmup=t.ademamix_warmup, eps=t.eps)
+            return AdamW(tensors, wd, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+        return AdEMAMix(tensors, wd, lr=t.lr, betas=(t.beta1, t.beta2, t.beta3), alpha=t.alpha,
+                        warmup=t.ademamix_warmup, eps=t.eps)
     return build
 
 
@@ -218,7 +279,7 @@ def wsd_lr(step, max_lr, min_lr, warmup_steps, decay_start, decay_steps, shape="
     return min_lr + (max_lr - min_lr) * (1 - (math.sqrt(frac) if shape == "1-sqrt" else frac))
 
 
-_GOLDFISH_TABLE = {}
+_GOLDFISH_TABLE = {}  # device -> the table, made once (not copied to the device at every micro-step)
 
 
 def goldfish_mask(labels, k=50, h=50):
@@ -226,9 +287,10 @@ def goldfish_mask(labels, k=50, h=50):
     dropped from the loss. Each window of h labels is hashed (their int64 product, which wraps around,
     modulo 1,000,003) into a fixed random table; the window's decision applies to its last label; the
     first h-1 labels of a sequence are never dropped. labels: [T] or [B, T]."""
-    if "table" not in _GOLDFISH_TABLE:
-        _GOLDFISH_TABLE["table"] = torch.rand(1_000_003, generator=torch.Generator().manual_seed(2971215073))
-    table = _GOLDFISH_TABLE["table"].to(labels.device)
+    if labels.device not in _GOLDFISH_TABLE:
+        table = torch.rand(1_000_003, generator=torch.Generator().manual_seed(2971215073))
+        _GOLDFISH_TABLE[labels.device] = table.to(labels.device)
+    table = _GOLDFISH_TABLE[labels.device]
     squeeze = labels.dim() == 1
     labels = labels[None] if squeeze else labels
     drop = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
@@ -244,8 +306,11 @@ def loss_mask(x, y, t: TrainConfig, eos_id):
     return mask & ~goldfish_mask(y, t.goldfish_k, t.goldfish_h) if t.goldfish else mask
 
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "H800": 989e12, "A100": 312e12,
-                   "A800": 312e12, "B200": 2250e12, "GB200": 2500e12, "L40S": 362e12}
+# dense bf16 peak (no sparsity) per GPU, from NVIDIA's datasheets; looked up by the device name, the
+# longest matching key first ("H100 PCIe" before "H100", "GH200" before "H200")
+PEAK_BF16_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H800": 989e12, "GH200": 989e12,
+                   "H200": 989e12, "H200 NVL": 835e12, "A100": 312e12, "A800": 312e12, "B200": 2250e12,
+                   "GB200": 2500e12, "L40S": 362e12}
 
 
 def peak_flops(device):
@@ -253,45 +318,75 @@ def peak_flops(device):
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # GH200 before H200
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
         if key in name:
             return PEAK_BF16_FLOPS[key]
     return None
 
 
 # ----------------------------------------------------------------------------- memory plan
+def memory_plan(cfg, tp, dp):
+    """Per-GPU memory of a layout, from the config alone (nothing is allocated): a dict of named byte
+    counts and the peak. Activations are what autograd keeps per token and layer, counted tensor by
+    tensor for this model's eager code; compiled blocks keep less (Inductor recomputes the pointwise
+    work), measured on an H100 (BENCHMARKS.md)."""
+    m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
+    n = param_count(m) / tp  # replicated norms are a rounding error here
+    wb = 2 if t.dtype == "bfloat16" else 4
+    moments = {"ademamix": 3 if t.beta1 != 0 else 2, "adamw": 2}[t.optimizer]
+    B, T, d, L = t.micro_batch_size, cfg["data"].seq_len, m.hidden_size, m.num_hidden_layers
+    N = B * T  # tokens of one micro-batch
+    sp = tp if p.sequence_parallel and tp > 1 else 1
+    hq, hkv = m.num_attention_heads * m.head_dim / tp, m.num_key_value_heads * m.head_dim / tp
+    ff, Vl = m.intermediate_size / tp, m.vocab_size / tp
+    if t.compile:  # measured on an H100 (bench.py, activation_bytes_per_token_layer): the inputs of the
+        # two norms and four matmul groups, q before and after norm + RoPE, k likewise, v, the attention
+        # output, the MLP's up projection and activation, and the fp32 logsumexp
+        per_tok = 4 * d / sp + 4 * d + 6 * hq + 8 * hkv + 4 * ff + 4 * m.num_attention_heads / tp
+    else:  # eager: each norm keeps its fp32 input and normalised output (6 bytes/elt), each matmul its
+        # input, attention q, k, v, out and the fp32 logsumexp, xIELU its intermediates (measured, H100)
+        per_tok = (2 * 6 * d / sp + 2 * wb * d + 6 * hq + 6 * hkv + wb * (2 * hq + 2 * hkv) + 4 * m.num_attention_heads / tp
+                   + wb * hq + 10.5 * ff)
+    if t.activation_checkpointing:  # block inputs, plus one block recomputed during backward
+        activations = wb * d / sp * N * L + per_tok * N
+    else:
+        activations = per_tok * N * L
+    chunk = model_py.LOSS_CHUNK_ELEMENTS
+    chunk = chunk if isinstance(chunk, int) else chunk["cpu" if t.device == "cpu" else "cuda"]
+    # fp32 head gradient and input gradient, and one chunk: its logits and gradient (and, eager, fp32 temporaries)
+    loss = 4 * Vl * d + 4 * N * d + chunk * (2 * wb + (0 if t.compile else 12))
+    rows = {
+        "weights": n * wb,
+        "gradient buffer (fp32)": n * 4,
+        "gradient partition (fp32, dp > 1)": n * 4 / dp if dp > 1 else 0,
+        "fp32 master + optimizer moments": n * 4 * (1 + moments) / dp,
+        "activations": activations,
+        "loss buffers (chunked head + cross-entropy)": loss,
+        "head gradient handed to autograd": (4 + wb) * Vl * d,  # at the start of backward, briefly
+    }
+    static = rows["weights"] + rows["gradient buffer (fp32)"] + rows["gradient partition (fp32, dp > 1)"] \
+        + rows["fp32 master + optimizer moments"]
+    peak = static + max(activations + loss + rows["head gradient handed to autograd"], 2 * 4 * OPT_CHUNK)
+    return rows, peak
+
+
 def plan(cfg, tp, dp):
-    """Per-GPU memory of a layout, from the config alone (nothing is allocated)."""
+    """The memory plan as text."""
     m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
     parallel.check_layout(m, tp * dp, tp, dp, t.global_batch_size, t.micro_batch_size,
                           cfg["data"].seq_len, p.sequence_parallel)
-    n = param_count(m) / tp  # replicated norms are a rounding error here
-    wbytes = 2 if t.dtype == "bfloat16" else 4
-    states = 3 if t.optimizer == "ademamix" else 2
-    B, T, d, L = t.micro_batch_size, cfg["data"].seq_len, m.hidden_size, m.num_hidden_layers
-    ff, hq, hkv, D, V = m.intermediate_size, m.num_attention_heads, m.num_key_value_heads, m.head_dim, m.vocab_size
-    sp = tp if p.sequence_parallel else 1
-    # saved activations of one block, bytes per token: inputs of the norms and residual (sequence-sharded
-    # with SP), q/k/v/attention out, MLP up and xIELU out (sharded over TP); flash-style attention
-    per_tok = wbytes * (4 * d / sp + (2 * hq * D + 2 * hkv * D) / tp + 2 * ff / tp) + 4 * hq / tp
-    rows = {
-        "weights": n * wbytes,
-        "gradients (fp32 accumulation buffer)": n * 4,
-        "fp32 master + optimizer shard": n * 4 * (1 + states) / dp,
-        "activations, no checkpointing": per_tok * B * T * L + B * T * V / tp * 4 * 2,
-        "activations, checkpointing": (wbytes * d / sp) * B * T * L + per_tok * B * T + B * T * V / tp * 4 * 2,
-    }
-    lines = [f"layout tp={tp} dp={dp} ({tp * dp} GPUs), micro_batch {B} x seq_len {T}, "
-             f"{t.dtype} weights, {t.optimizer}, sequence_parallel={p.sequence_parallel}"]
-    lines += [f"  {k:<40}{v / 1e9:>9.1f} GB" for k, v in rows.items()]
-    base = rows["weights"] + rows["gradients (fp32 accumulation buffer)"] + rows["fp32 master + optimizer shard"]
-    for label, act in (("without", rows["activations, no checkpointing"]),
-                       ("with", rows["activations, checkpointing"])):
-        total = base + act
-        fits = ", ".join(f"{'fits' if total < cap * 0.9 else 'does NOT fit'} {gpu}"
+    lines = [f"layout tp={tp} dp={dp} ({tp * dp} GPUs), micro_batch {t.micro_batch_size} x seq_len "
+             f"{cfg['data'].seq_len}, {t.dtype} weights, {t.optimizer}, sequence_parallel={p.sequence_parallel}, "
+             f"compile={t.compile}"]
+    for ckpt in (False, True):
+        c = {**cfg, "train": type(t)(**{**asdict(t), "activation_checkpointing": ckpt})}
+        rows, peak = memory_plan(c, tp, dp)
+        lines.append(f" {'with' if ckpt else 'without'} activation checkpointing:")
+        lines += [f"  {k:<46}{v / 1e9:>9.1f} GB" for k, v in rows.items() if v]
+        fits = ", ".join(f"{'fits' if peak < cap * 0.9 else 'does NOT fit'} {gpu}"
                          for gpu, cap in (("GH200 96 GB", 96e9), ("H100 80 GB", 80e9)))
-        lines.append(f"  total {label} activation checkpointing: {total / 1e9:.1f} GB -> {fits}")
-    lines.append("  (fits = under 90% of the GPU's memory, leaving room for buffers and fragmentation)")
+        lines.append(f"  peak {peak / 1e9:.1f} GB -> {fits}")
+    lines.append("  (fits = under 90% of the GPU's memory, leaving room for the allocator's fragmentation)")
     return "\n".join(lines)
 
 
@@ -304,14 +399,13 @@ def build(cfg, grid, device):
         model = Apertus(cfg["model"])
     parallel.parallelize(model, grid)
     model.to_empty(device=device)
-    model.init_weights(t.seed, lambda name, full: parallel.shard_of(full, parallel.tp_dim(model, name), grid))
+    model.init_weights(t.seed, lambda role, full: parallel.tp_slice(full, role, grid))
     dtype = torch.bfloat16 if device.type == "cuda" and t.dtype == "bfloat16" else torch.float32
     model.to(dtype)
     model.attn_backend = "flex" if device.type == "cuda" else "sdpa"
     model.activation_checkpointing = t.activation_checkpointing
-    if t.compile:  # per block: the blocks repeat, so compilation stays short
-        for i, block in enumerate(model.model.layers):
-            model.model.layers[i] = torch.compile(block)
+    if t.compile:
+        model.compile_blocks()
     return model
 
 
@@ -320,14 +414,69 @@ def log(grid, *args):
         print(*args, flush=True)
 
 
-def run(cfg, overrides_text=""):
+def global_sum(x, grid):
+    if grid.dp > 1:
+        torch.distributed.all_reduce(x, group=grid.dp_group)
+    return x
+
+
+def forward_backward(model, opt, batches, t, grid, train=True):
+    """One global batch on this rank: the micro-batches' losses summed and normalised by the number of
+    tokens that count in the WHOLE global batch, so that the gradient does not depend on the layout or
+    the micro-batch split. Returns the global mean loss (a float: one host sync per step)."""
+    cfg = model.config
+    batches = [(x.to(grid.device, non_blocking=True), y.to(grid.device, non_blocking=True)) for x, y in batches]
+    masks = [loss_mask(x, y, t, cfg.eos_token_id) if train else x != cfg.eos_token_id for x, y in batches]
+    n_tokens = global_sum(sum(m.sum() for m in masks).float(), grid)
+    total = torch.zeros((), device=grid.device)
+    for i, ((x, y), m) in enumerate(zip(batches, masks)):
+        opt.sync = i == len(batches) - 1  # set BEFORE the forward: only the last micro-step reduces
+        doc = document_ids(x, cfg.eos_token_id, cfg.bos_token_id)
+        loss = model(x, y, loss_mask=m, doc_ids=doc, reduction="sum") / n_tokens
+        if train:
+            loss.backward()
+        total += loss.detach()
+    return global_sum(total, grid).item()
+
+
+def train_step(model, opt, batches, lr, t, grid):
+    """Forward and backward over the global batch, then the update. Returns (loss, grad_norm); a
+    non-finite loss or gradient skips the update."""
+    loss = forward_backward(model, opt, batches, t, grid)
+    if not math.isfinite(loss):
+        opt.skip_step()
+        return loss, float("nan")
+    return loss, opt.step(lr, t.grad_clip).item()
+
+
+@torch.no_grad()
+def evaluate(model, loader, n_batches, t, grid, opt):
+    model.eval()
+    losses = [forward_backward(model, opt, loader.get_batch(i), t, grid, train=False) for i in range(n_batches)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def save(t, step, opt, grid, config_dict):
+    checkpoint.save_checkpoint(t.out_dir, step, opt, grid, config_dict, t.optimizer, t.keep_checkpoints)
+    log(grid, f"saved checkpoint at step {step}")
+
+
+def sample(model, tok, t, device):
+    model.eval()
+    prompt = torch.tensor([[tok.bos_id] + tok.encode("def ")], device=device)
+    torch.manual_seed(t.seed)
+    return tok.decode(model.generate(prompt, t.sample_tokens, temperature=0.8, top_k=50)[0].tolist())
+
+
+def setup(cfg):
+    """Everything a run needs before its first step: the grid, data, model, optimizer, resumed state."""
     t, dcfg, mcfg = cfg["train"], cfg["data"], cfg["model"]
     device_type = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, _ = parallel.env_rank()
+    _, world, _ = parallel.env_rank()
     parallel.check_layout(mcfg, world, cfg["parallel"].tp, None, t.global_batch_size, t.micro_batch_size,
                           dcfg.seq_len, cfg["parallel"].sequence_parallel)
     grid = parallel.init_distributed(cfg["parallel"], device_type)
-    device = grid.device
     tok = data.get_tokenizer(dcfg.tokenizer)
     if tok.vocab_size > mcfg.vocab_size:
         raise ConfigError(f"tokenizer {dcfg.tokenizer} has {tok.vocab_size} ids, model.vocab_size is {mcfg.vocab_size}")
@@ -341,116 +490,86 @@ def run(cfg, overrides_text=""):
     loaders = {split: data.DataLoader(path, split, dcfg.seq_len, t.global_batch_size, t.micro_batch_size,
                                       grid.dp_rank, grid.dp, t.seed, mcfg.vocab_size, shuffle=split == "train")
                for split in ("train", "val")}
-    os.makedirs(t.out_dir, exist_ok=True)
+    model = build(cfg, grid, grid.device)
+    opt = parallel.DistributedOptimizer(model, grid, make_optimizer(t), cfg["parallel"].bucket_size)
+    return grid, tok, loaders, model, opt
+
+
+def run(cfg):
+    t, dcfg, mcfg = cfg["train"], cfg["data"], cfg["model"]
+    grid, tok, loaders, model, opt = setup(cfg)
     config_dict = {s: asdict(c) for s, c in cfg.items()}
     log(grid, f"config:\n{json.dumps(config_dict, indent=2)}")
+    os.makedirs(t.out_dir, exist_ok=True)
     if grid.rank == 0:
         with open(os.path.join(t.out_dir, "config.json"), "w") as f:
             json.dump(config_dict, f, indent=2)
-
-    model = build(cfg, grid, device)
-    opt = parallel.DistributedOptimizer(model, grid, make_optimizer(t, model), cfg["parallel"].bucket_size)
     step = 0
     latest = checkpoint.latest_checkpoint(t.out_dir)
     if latest:
         step = checkpoint.load_checkpoint(latest, opt, grid, t.optimizer)
         log(grid, f"resumed from {latest} at step {step}")
     n_params = param_count(mcfg)
-    fpt, peak = flops_per_token(mcfg, dcfg.seq_len, n_params), peak_flops(device)
-    log(grid, f"{n_params:,} parameters, layout tp={grid.tp} dp={grid.dp}, device {device}, "
+    fpt, peak = flops_per_token(mcfg, dcfg.seq_len, n_params), peak_flops(grid.device)
+    log(grid, f"{n_params:,} parameters, layout tp={grid.tp} dp={grid.dp}, device {grid.device}, "
               f"{len(loaders['train'].get_batch(0))} micro-batches of {t.micro_batch_size} per rank per step")
     decay_start = t.decay_start if t.decay_start >= 0 else t.max_steps - t.decay_steps
+    tokens_per_step = t.global_batch_size * dcfg.seq_len
 
     stop = {"signal": None}  # SIGUSR1 from Slurm before the time limit (or SIGTERM): save and exit
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, lambda s, _: stop.update(signal=s))
-
-    def global_sum(x):
-        if grid.dp > 1:
-            torch.distributed.all_reduce(x, group=grid.dp_group)
-        return x
-
-    def forward_loss(batches, train):
-        batches = [(x.to(device), y.to(device)) for x, y in batches]
-        masks = [loss_mask(x, y, t, mcfg.eos_token_id) if train else x != mcfg.eos_token_id for x, y in batches]
-        n_tokens = global_sum(sum(m.sum() for m in masks).float())  # the global batch's counted tokens
-        total = torch.zeros((), device=device)
-        for i, ((x, y), m) in enumerate(zip(batches, masks)):
-            opt.sync = i == len(batches) - 1  # set BEFORE the forward: only the last micro-step reduces
-            loss = model(x, y, loss_mask=m, doc_ids=document_ids(x, mcfg.eos_token_id), reduction="sum")
-            loss = loss / n_tokens
-            if train:
-                loss.backward()
-            total += loss.detach()
-        return global_sum(total).item()
-
-    def evaluate():
-        model.eval()
-        with torch.no_grad():
-            losses = [forward_loss(loaders["val"].get_batch(i), False) for i in range(dcfg.eval_batches)]
-        model.train()
-        return sum(losses) / len(losses)
-
-    def save():
-        checkpoint.save_checkpoint(t.out_dir, step, opt, grid, config_dict, t.optimizer, t.keep_checkpoints)
-        log(grid, f"saved checkpoint at step {step}")
-
     metrics = open(os.path.join(t.out_dir, "metrics.jsonl"), "a") if grid.rank == 0 else None
-    tokens_per_step = t.global_batch_size * dcfg.seq_len
     bar = None
     if grid.rank == 0:
         from tqdm import tqdm
         bar = tqdm(total=t.max_steps, initial=step, desc="train", dynamic_ncols=True)
     model.train()
-    t0 = time.perf_counter()
-    while step < t.max_steps:
-        lr = wsd_lr(step, t.lr, t.min_lr, t.warmup_steps, decay_start, t.decay_steps, t.decay_shape)
-        loss = forward_loss(loaders["train"].get_batch(step), True)
-        if not math.isfinite(loss):
-            opt.finish_grads()  # drop this step's gradients
-            log(grid, f"step {step + 1}: loss is {loss}, update skipped")
-            norm = float("nan")
-        else:
-            norm = opt.step(lr, t.grad_clip).item()
-            if not math.isfinite(norm):
-                log(grid, f"step {step + 1}: gradient norm is {norm}, update skipped")
-        step += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt, t0 = time.perf_counter() - t0, time.perf_counter()
-        tps = tokens_per_step / dt
-        record = dict(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_sec=round(tps, 1),
-                      mfu=round(fpt * tps / (peak * grid.world), 4) if peak else None)
+    try:
+        while step < t.max_steps:
+            # ---- one step: timed alone (evaluations and saves are not training time)
+            t0 = time.perf_counter()
+            lr = wsd_lr(step, t.lr, t.min_lr, t.warmup_steps, decay_start, t.decay_steps, t.decay_shape)
+            loss, norm = train_step(model, opt, loaders["train"].get_batch(step), lr, t, grid)
+            if grid.device.type == "cuda":
+                torch.cuda.synchronize(grid.device)
+            dt = time.perf_counter() - t0
+            step += 1
+            if not math.isfinite(loss) or not math.isfinite(norm):
+                log(grid, f"step {step}: {'loss' if not math.isfinite(loss) else 'gradient norm'} is not finite, "
+                          f"update skipped")
+            record = dict(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_sec=round(tokens_per_step / dt, 1),
+                          mfu=round(fpt * tokens_per_step / dt / (peak * grid.world), 4) if peak else None)
+            if grid.device.type == "cuda":
+                record["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(grid.device) / 1e9, 2)
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            # ---- evaluation, metrics, checkpoint, signals
+            if step == t.max_steps or (t.eval_interval and step % t.eval_interval == 0):
+                record["val_loss"] = evaluate(model, loaders["val"], dcfg.eval_batches, t, grid, opt)
+                log(grid, f"step {step}: val loss {record['val_loss']:.4f}")
+            if metrics and (step % t.log_interval == 0 or step == t.max_steps or "val_loss" in record):
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            signalled = stop["signal"] is not None
+            if grid.world > 1:  # every rank must agree to stop, or the save would hang
+                flag = torch.tensor([float(signalled)], device=grid.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                signalled = bool(flag.item())
+            if step == t.max_steps or (t.checkpoint_interval and step % t.checkpoint_interval == 0) or signalled:
+                save(t, step, opt, grid, config_dict)
+            if signalled:
+                log(grid, f"signal received: saved at step {step}, exiting (resume with the same command)")
+                break
+    finally:
         if bar:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if step == t.max_steps or (t.eval_interval and step % t.eval_interval == 0):
-            record["val_loss"] = evaluate()
-            log(grid, f"step {step}: val loss {record['val_loss']:.4f}")
-        if metrics and (step % t.log_interval == 0 or step == t.max_steps or "val_loss" in record):
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-        signalled = stop["signal"] is not None
-        if grid.world > 1:  # every rank must agree to stop, or the save would hang
-            flag = torch.tensor([float(signalled)], device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            signalled = bool(flag.item())
-        if step == t.max_steps or (t.checkpoint_interval and step % t.checkpoint_interval == 0) or signalled:
-            save()
-            t0 = time.perf_counter()  # the save is not training time
-        if signalled:
-            log(grid, f"signal received: saved at step {step}, exiting (resume with the same command)")
-            break
-    if bar:
-        bar.close()
+            bar.close()
+        if metrics:
+            metrics.close()
     if t.sample_tokens and grid.rank == 0 and grid.world == 1 and step == t.max_steps:
-        model.eval()
-        prompt = torch.tensor([[tok.bos_id] + tok.encode("def ")], device=device)
-        torch.manual_seed(t.seed)
-        out = model.generate(prompt, t.sample_tokens, temperature=0.8, top_k=50)
-        print("sample:\n" + tok.decode(out[0].tolist()))
-    if grid.world > 1:
-        torch.distributed.destroy_process_group()
+        print("sample:\n" + sample(model, tok, t, grid.device))
+    parallel.shutdown(grid, opt)
     return model
 
 

@@ -92,7 +92,7 @@ def check_layout(cfg, world, tp, dp=None, global_batch=None, micro_batch=None, s
                     ("vocab size", cfg.vocab_size), ("MLP width", cfg.intermediate_size)):
         if n % tp:
             problems.append(f"tp={tp} does not divide the {what} ({n})")
-    if global_batch is not None and global_batch % (dp * micro_batch):
+    if global_batch is not None and dp >= 1 and global_batch % (dp * micro_batch):
         problems.append(f"global_batch_size {global_batch} is not divisible by dp={dp} x "
                         f"micro_batch_size {micro_batch}")
     if sp and seq_len is not None and seq_len % tp:

@@ -128,6 +128,10 @@ def _model_worker(rank, world, port, tp, sp, opt_name):
     model = build(grid)
     opt = parallel.DistributedOptimizer(model, grid, make, bucket_size=3000)
     lr, atol = (0.5, 1e-6) if opt_name == "sgd" else (1e-2, 2e-4)
+    # every parameter view, master piece and gradient view starts 16-byte aligned (Inductor's assumption)
+    views = [p for p in model.parameters()] + opt.masters + [m.grad for m in opt.masters]
+    assert all(v.data_ptr() % 16 == 0 for v in views)
+    assert all(opt.index[n][0] % parallel.ALIGN == 0 for n in opt.index)
     mine = slice(grid.dp_rank * 4 // grid.dp, (grid.dp_rank + 1) * 4 // grid.dp)
     for step in range(3):
         for m, o, rows in ((ref, ref_opt, slice(None)), (model, opt, mine)):
@@ -135,6 +139,12 @@ def _model_worker(rank, world, port, tp, sp, opt_name):
             loss = m(x, y, doc_ids=document_ids(x, 2), reduction="sum") / (4 * 16)
             loss.backward()
             o.step(lr, clip=0.5)
+        if grid.dp > 1 and len(opt.buckets) > 1:
+            # the all-gathers run on after the step; the embedding waits only for its own bucket(s)
+            assert all(b.gather_work is not None for b in opt.buckets)
+            model.model.embed_tokens(ids[:1, :4])
+            emb_buckets = {opt.index[n][1] for n in opt.index if n.startswith("model.embed_tokens")}
+            assert all((b.gather_work is None) == (i in emb_buckets) for i, b in enumerate(opt.buckets))
     opt.wait_params()
     full = dict(ref.named_parameters())
     for name, p in model.named_parameters():
@@ -142,6 +152,39 @@ def _model_worker(rank, world, port, tp, sp, opt_name):
         assert torch.allclose(p, want, atol=atol, rtol=0), (name, (p - want).abs().max())
     assert parallel.check_replicas(model, grid) == []
     parallel.shutdown(grid, opt)
+
+
+def _collectives_worker(rank, world, port, sp):
+    """Count the collectives of one block's forward and backward under TP."""
+    _init(rank, world, port)
+    grid = parallel.init_distributed(parallel.ParallelConfig(tp=world, sequence_parallel=sp), "cpu")
+    cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, vocab_size=64, rope_theta=1e4, rope_scaling=None)
+    with torch.device("meta"):
+        m = Apertus(cfg)
+    parallel.parallelize(m, grid)
+    m.to_empty(device="cpu")
+    m.init_weights(0, lambda role, full: parallel.tp_slice(full, role, grid))
+    block = m.model.layers["0"]
+    B, T = 2, 16
+    x = torch.randn(B, T // world if sp else T, 32, requires_grad=True)
+    cos, sin = model_py.rope_cos_sin(m.inv_freq, torch.arange(T).expand(B, T), torch.float32)
+    counts = {}
+    for name in ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor"):
+        real = getattr(dist, name)
+        setattr(dist, name, lambda *a, _real=real, _name=name, **k: counts.update({_name: counts.get(_name, 0) + 1}) or _real(*a, **k))
+    block(x, cos, sin).sum().backward()
+    for name in counts:
+        setattr(dist, name, getattr(torch.distributed.distributed_c10d, name))
+    # Megatron-LM's count: one collective per sublayer forward and one backward
+    want = {"all_gather_into_tensor": 4, "reduce_scatter_tensor": 4} if sp else {"all_reduce": 4}
+    assert counts == want, counts
+    parallel.shutdown(grid)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_a_block_sends_four_collectives_as_megatron(sp):
+    _spawn(_collectives_worker, 2, sp)
 
 
 @pytest.mark.parametrize("tp,sp,opt", [(2, False, "sgd"), (2, True, "sgd"), (4, True, "sgd"), (2, False, "ademamix"),

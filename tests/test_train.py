@@ -219,3 +219,119 @@ def test_tiny_trains_well_below_the_untrained_loss(tmp_path):
     val = metrics(tmp_path)[60]["val_loss"]
     assert val < 0.6 * math.log(260), val  # untrained: about ln(vocab) = 5.6
     assert "sample:" in out.stdout
+
+
+# ----------------------------------------------------------------------------- hardware-facing fixes
+def test_mfu_counts_no_input_embedding_and_knows_the_h100_variants(monkeypatch):
+    from model import ModelConfig, flops_per_token, param_count
+    cfg = ModelConfig()  # Apertus-8B
+    n = param_count(cfg)
+    assert flops_per_token(cfg, 4096) == 6 * (n - 131072 * 4096) + 6 * 32 * 32 * 128 * 4096
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+                       ("NVIDIA GH200 480GB", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
+                       ("NVIDIA GeForce RTX 4090", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d, name=name: name)
+        assert train.peak_flops(torch.device("cuda")) == peak, name
+    assert train.peak_flops(torch.device("cpu")) is None
+
+
+def test_goldfish_table_is_made_once_per_device():
+    train.goldfish_mask(torch.randint(0, 100, (2, 60)))
+    table = train._GOLDFISH_TABLE[torch.device("cpu")]
+    train.goldfish_mask(torch.randint(0, 100, (2, 60)))
+    assert train._GOLDFISH_TABLE[torch.device("cpu")] is table
+
+
+def test_evaluation_time_is_not_counted_in_the_next_steps_tokens_per_sec(tmp_path, monkeypatch):
+    import time
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: time.sleep(3) or 1.0)
+    cfg = train.load_config(os.path.join(ROOT, "configs/tiny.toml"),
+                            ["--train.max_steps=4", "--train.eval_interval=1", "--train.log_interval=1",
+                             "--train.sample_tokens=0", "--train.checkpoint_interval=0", f"--train.out_dir={tmp_path}"])
+    train.run(cfg)
+    rows = metrics(tmp_path)
+    tokens = 16 * 256
+    assert all(rows[s]["tokens_per_sec"] > tokens / 2.5 for s in (2, 3, 4)), rows  # a step is well under 3 s
+
+
+def test_checkpoint_never_stores_an_optimizer_step_as_a_tensor(tmp_path):
+    from safetensors import safe_open
+    assert cli("configs/tiny.toml", *FAST, "--train.max_steps=2", "--train.optimizer=ademamix",
+               f"--train.out_dir={tmp_path}").returncode == 0
+    ck = tmp_path / "ckpt-00000002"
+    with safe_open(ck / "rank-00000.safetensors", "pt") as f:
+        kinds = {k.split("|")[0] for k in f.keys()}
+    assert kinds == {"master", "exp_avg", "exp_avg_slow", "exp_avg_sq", "rng"}
+    assert json.load(open(ck / "meta.json"))["optimizer_steps"] == 2
+
+
+def test_compiled_run_writes_the_same_checkpoint_names_resumes_eager_and_consolidates(tmp_path):
+    """train.compile on CPU with a one-layer model: no _orig_mod. anywhere, and the checkpoint is
+    interchangeable with an eager run's."""
+    from safetensors import safe_open
+    small = [*FAST, "--model.num_hidden_layers=1", "--train.max_steps=2", "--train.global_batch_size=4",
+             "--train.micro_batch_size=4"]
+    out = cli("configs/tiny.toml", *small, "--train.compile=true", f"--train.out_dir={tmp_path / 'c'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert cli("configs/tiny.toml", *small, f"--train.out_dir={tmp_path / 'e'}").returncode == 0
+    names = []
+    for run in ("c", "e"):
+        with safe_open(tmp_path / run / "ckpt-00000002" / "rank-00000.safetensors", "pt") as f:
+            names.append(sorted(f.keys()))
+    assert names[0] == names[1] and not any("_orig_mod" in n for n in names[0])
+    out = cli("configs/tiny.toml", *small[:-3], "--train.max_steps=3", "--train.global_batch_size=4",
+              "--train.micro_batch_size=4", f"--train.out_dir={tmp_path / 'c'}")
+    assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]
+    out = subprocess.run([sys.executable, "checkpoint.py", "consolidate", str(tmp_path / "c" / "ckpt-00000003"),
+                          str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert os.path.exists(tmp_path / "hf" / "model.safetensors")
+
+
+MEMORY_PROBE = r"""
+import resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+import train, parallel
+T, V = int(sys.argv[2]), int(sys.argv[3])
+cfg = train.load_config(sys.argv[1] + "/configs/tiny.toml", ["--model.num_hidden_layers=1", "--model.hidden_size=64",
+      "--model.intermediate_size=128", f"--model.vocab_size={V}", f"--data.seq_len={T}", "--train.global_batch_size=1",
+      "--train.micro_batch_size=1", "--train.goldfish=false"])
+grid = parallel.Grid()
+m = train.build(cfg, grid, grid.device)
+opt = parallel.DistributedOptimizer(m, grid, train.make_optimizer(cfg["train"]))
+x = torch.randint(4, V, (1, T + 1))
+batch = [(x[:, :-1], x[:, 1:])]
+train.train_step(m, opt, batch, 1e-3, cfg["train"], grid)   # state, buffers and allocator warmed up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+train.train_step(m, opt, batch, 1e-3, cfg["train"], grid)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_the_loss_never_holds_the_full_logits():
+    """A step's peak memory at vocab 131,072 grows from seq 64 to seq 2,048 by less than a third of one
+    fp32 logits tensor (0.36 GB) beyond what the same growth costs at a small vocabulary."""
+    def peak(T, V):
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, ROOT, str(T), str(V)], capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split()[-1])
+    big = peak(2048, 131072) - peak(64, 131072)
+    small = peak(2048, 512) - peak(64, 512)
+    logits = 2048 * 131072 * 4
+    assert big - small < logits / 3, (big / 1e9, small / 1e9)
+
+
+def test_python_train_py_inside_an_sbatch_allocation_runs_as_one_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+           "SLURM_JOB_ID": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    env.pop("SLURM_STEP_NUM_TASKS", None)
+    out = subprocess.run([sys.executable, "train.py", "configs/tiny.toml", *FAST, "--train.max_steps=1",
+                          f"--train.out_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    env.update(SLURM_STEP_NUM_TASKS="4", SLURM_PROCID="3")  # a task of srun, but no rendezvous address
+    del env["MASTER_ADDR"]
+    out = subprocess.run([sys.executable, "train.py", "configs/tiny.toml", *FAST, "--train.max_steps=1",
+                          f"--train.out_dir={tmp_path / 'b'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "MASTER_ADDR" in out.stderr and "Traceback" not in out.stderr

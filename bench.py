@@ -17,6 +17,7 @@ dense bf16 peak (train.PEAK_BF16_FLOPS).
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -92,7 +93,7 @@ def bench_ours(cfg, grid, args):
                 torch.cuda.reset_peak_memory_stats(grid.device)
             marks, hooks = activation_probe(model, grid.device)
         t0 = time.perf_counter()
-        loss, norm = train.train_step(model, opt, step_batches, t.lr, t, grid)
+        loss, norm, _ = train.train_step(model, opt, step_batches, t.lr, t, grid)
         sync(grid.device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
@@ -109,7 +110,27 @@ def bench_ours(cfg, grid, args):
     peak = torch.cuda.max_memory_allocated(grid.device) / 1e9 if grid.device.type == "cuda" else None
     if args.profile:
         profile(model, opt, batches[-1], cfg, grid, args.profile)
-    return times, peak, per_layer, loss
+    saves = bench_checkpoint(opt, grid, args.checkpoint) if args.checkpoint else {}
+    return times, peak, per_layer, loss, saves
+
+
+def bench_checkpoint(opt, grid, out_dir):
+    """A synchronous save (the loop waits for all of it) against an asynchronous one (the loop waits
+    for the copy to host memory only), same files, same directory, timed."""
+    import checkpoint
+    out = {}
+    for mode in ("sync", "async"):
+        saver = checkpoint.Saver(os.path.join(out_dir, mode), grid, keep=1, async_save=mode == "async")
+        t0 = time.perf_counter()
+        blocked = saver.save(1, opt, {"config": {}, "optimizer": "bench"})
+        saver.wait()
+        out[f"checkpoint_{mode}_block_s"] = round(blocked, 3)
+        out[f"checkpoint_{mode}_total_s"] = round(time.perf_counter() - t0, 3)
+        if saver.error:
+            sys.exit(f"error: {saver.error}")
+    out["checkpoint_bytes_per_rank"] = os.path.getsize(os.path.join(out_dir, "sync", "ckpt-00000001",
+                                                                    f"rank-{grid.rank:05d}.safetensors"))
+    return out
 
 
 def profile(model, opt, step_batches, cfg, grid, out_dir):
@@ -176,6 +197,7 @@ def main(argv=None):
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace, print the top kernels")
     p.add_argument("--flex-options", metavar="JSON", help="FlexAttention kernel_options, e.g. '{\"BLOCK_M\": 128}'")
     p.add_argument("--loss-chunk", type=int, help="logits elements per chunk of the loss (model.LOSS_CHUNK_ELEMENTS)")
+    p.add_argument("--checkpoint", metavar="DIR", help="also time a synchronous and an asynchronous save into DIR")
     args, overrides = p.parse_known_args(argv)
     try:
         cfg = train.load_config(args.config, overrides)
@@ -196,14 +218,14 @@ def main(argv=None):
     except parallel.LayoutError as e:
         sys.exit(f"error: {e}")
     grid = parallel.init_distributed(cfg["parallel"], device_type)
-    times, peak, per_layer, loss = bench_ours(cfg, grid, args)
+    times, peak, per_layer, loss, saves = bench_ours(cfg, grid, args)
     tokens = t.global_batch_size * T
     step_s = statistics.mean(times)
     n = param_count(m)
     fpt = flops_per_token(m, T, n)
     gpu_peak = train.peak_flops(grid.device)
     tps = tokens / step_s
-    _, plan_bytes = train.memory_plan(cfg, grid.tp, grid.dp)
+    plan_bytes = train.peak_memory(cfg, grid.tp, grid.dp)
     result = dict(
         config=args.config, overrides=overrides + ([f"--per-rank-tp {args.per_rank_tp}"] if args.per_rank_tp > 1 else []),
         device=torch.cuda.get_device_name(grid.device) if grid.device.type == "cuda" else "cpu",
@@ -216,7 +238,7 @@ def main(argv=None):
         step_time_s=round(step_s, 4), step_time_min_s=round(min(times), 4),
         peak_memory_gb=round(peak, 2) if peak is not None else None, plan_gb=round(plan_bytes / 1e9, 2),
         activation_bytes_per_token_layer=round(per_layer / (t.micro_batch_size * T)) if per_layer else None,
-        loss=round(loss, 4), flex_options=model_py.FLEX_KERNEL_OPTIONS, loss_chunk=model_py.LOSS_CHUNK_ELEMENTS)
+        loss=round(loss, 4), flex_options=model_py.FLEX_KERNEL_OPTIONS, loss_chunk=model_py.LOSS_CHUNK_ELEMENTS, **saves)
     if args.compare_hf and grid.world == 1:
         hf_times, hf_peak = bench_hf(cfg, args, grid.device)
         hf_tps = tokens / statistics.mean(hf_times)

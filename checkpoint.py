@@ -1,22 +1,32 @@
-"""Bytes on disk: Hugging Face safetensors in and out, and resharding training checkpoints.
+"""Bytes on disk: Hugging Face safetensors in and out, and training checkpoints that survive crashes,
+bad files and changes of layout.
 
-    load_hf(path) -> Apertus          a Hugging Face Apertus directory (config.json + safetensors)
-    save_hf(model, path)              the same format back (transformers' from_pretrained loads it)
-    save_checkpoint / load_checkpoint training state: each rank writes only what it owns, with the
-                                      metadata to place every slice in the full tensor, so a run saved
-                                      under one (tp, dp) layout resumes under any other
+    load_hf(path) -> Apertus           a Hugging Face Apertus directory (config.json + safetensors)
+    save_hf(model, path)               the same format back (transformers' from_pretrained loads it)
+    load_hf_into(opt, path, grid)      HF weights straight into a training run of any layout, each rank
+                                       reading only its slices (safetensors get_slice)
+    Saver / find_resume / load_checkpoint
+                                       training checkpoints: each rank writes what it owns, synchronously
+                                       or in the background; a resume verifies, falls back, and reads
+                                       only its share under any (tp, pp, dp) layout
 
     python checkpoint.py consolidate RUN_DIR/ckpt-00001000 OUT_DIR   # training checkpoint -> HF, no GPU
 """
 import json
+import math
 import os
 import shutil
+import struct
 import sys
+import threading
+import time
+import zlib
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import parallel
 from model import Apertus, ModelConfig, XIELU, full_shape
 
 
@@ -131,30 +141,31 @@ def load_hf(path, device="cpu", dtype=torch.float32) -> Apertus:
     return model
 
 
-def save_hf(model: Apertus, path, dtype=None, max_shard_bytes=5 * 2**30):
+def save_hf(model: Apertus, path, dtype=None, max_file_bytes=5 * 2**30):
     """Write config.json and safetensors that transformers.AutoModelForCausalLM loads."""
     state = model.state_dict()
     dtype = dtype or next(iter(state.values())).dtype
-    write_hf(model.config, ((n, t.to(dtype)) for n, t in state.items()), path, dtype, max_shard_bytes)
+    write_hf(model.config, ((n, t.to(dtype)) for n, t in state.items()), path, dtype, max_file_bytes)
 
 
-def write_hf(cfg: ModelConfig, tensors, path, dtype, max_shard_bytes=5 * 2**30):
-    """tensors: an iterator of (HF name, tensor), consumed one at a time; at most one shard is held in
-    memory. Above max_shard_bytes the weights are split into model-0000i-of-0000n.safetensors + index."""
+def write_hf(cfg: ModelConfig, tensors, path, dtype, max_file_bytes=5 * 2**30):
+    """tensors: an iterator of (HF name, tensor), consumed one at a time; at most one file's worth is
+    held in memory. Above max_file_bytes the weights are split into model-0000i-of-0000n.safetensors
+    plus model.safetensors.index.json, as transformers writes them."""
     os.makedirs(path, exist_ok=True)
-    shards, current, size = [], {}, 0
+    files, current, size = [], {}, 0
     for name, t in tensors:
         nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(_write_shard(path, len(shards), current))
+        if current and size + nbytes > max_file_bytes:
+            files.append(_write_hf_file(path, len(files), current))
             current, size = {}, 0
         current[name] = t.detach().contiguous().cpu()
         size += nbytes
-    shards.append(_write_shard(path, len(shards), current))
-    n = len(shards)
+    files.append(_write_hf_file(path, len(files), current))
+    n = len(files)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map, total = {}, 0
-    for (tmp, keys, nbytes), name in zip(shards, names):
+    for (tmp, keys, nbytes), name in zip(files, names):
         os.replace(tmp, os.path.join(path, name))
         weight_map.update({k: name for k in keys})
         total += nbytes
@@ -165,188 +176,445 @@ def write_hf(cfg: ModelConfig, tensors, path, dtype, max_shard_bytes=5 * 2**30):
         json.dump(config_to_hf(cfg, dtype), f, indent=2)
 
 
-def _write_shard(path, i, tensors):
-    tmp = os.path.join(path, f".shard-{i}.tmp")
+def _write_hf_file(path, i, tensors):
+    tmp = os.path.join(path, f".file-{i}.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
     return tmp, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-# ----------------------------------------------------------------------------- training checkpoints
-# A checkpoint is a directory ckpt-00001000/ holding meta.json (step, config, layout) and one
-# rank-00003.safetensors per rank. Rank files hold what that rank owns under ZeRO-1: for each
-# parameter piece, elements [start, end) of the flattened tensor-parallel shard `tp_rank`, as
-#     "{kind}|{name}|{tp_rank}|{start}|{end}"   kind = master (fp32 weights) or an optimizer moment
-# and the file's metadata says how each shard sits in the full tensor (tp_dim, full and local shape).
-# Replicated parameters are written by tp_rank 0 only. The directory is written as ckpt-*.tmp and
-# renamed when every rank is done, so a crash during a save never leaves a checkpoint that looks whole.
+# ----------------------------------------------------------------------------- HF weights into a training run
+def hf_index(path) -> dict:
+    """tensor name -> the safetensors file of an HF directory that holds it (headers only are read)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    where = {}
+    for file in hf_files(path):
+        with safe_open(file, framework="pt") as f:
+            where.update({k: file for k in f.keys()})
+    return where
+
+
+def hf_dtype(path) -> torch.dtype:
+    """The dtype of an HF directory's weights (read off one tensor's header)."""
+    where = hf_index(path)
+    name = next(k for k in where if k.endswith("q_proj.weight"))
+    with safe_open(where[name], framework="pt") as f:
+        return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[f.get_slice(name).get_dtype()]
+
+
+@torch.no_grad()
+def load_hf_into(opt, path, grid):
+    """Fill a training run's master weights (and so its model) from a Hugging Face directory. Each rank
+    reads, through get_slice, only the rows of its tensor-parallel slice that hold its ZeRO pieces, in
+    the file's own precision (an fp32 file stays exact in the fp32 masters)."""
+    where = hf_index(path)
+    files, read = {}, 0
+    for piece, named in opt.state()[0]:
+        name, role = piece.name, opt.roles[piece.name]
+        if name not in where:
+            raise CheckpointError(f"{path}: no tensor {name} in the safetensors files")
+        if where[name] not in files:
+            files[where[name]] = safe_open(where[name], framework="pt")
+        sl = files[where[name]].get_slice(name)
+        p = opt.model.get_parameter(name)
+        want = full_shape(name, p)
+        if tuple(sl.get_shape()) != tuple(want):
+            raise CheckpointError(f"{where[name]}: tensor {name} has shape {tuple(sl.get_shape())}, the config "
+                                  f"implies {tuple(want)}")
+        local = list(p.shape)
+        row = math.prod(local[1:])  # elements per row of this rank's slice
+        r0, r1 = piece.start // max(row, 1), -(-piece.end // max(row, 1))  # the rows holding the piece
+        index = [slice(None)] * len(local)
+        if local:
+            index[0] = slice(r0, r1)
+        if role.tp_dim is not None:
+            w = local[role.tp_dim]
+            lo = grid.tp_rank * w + (r0 if role.tp_dim == 0 else 0)
+            index[role.tp_dim] = slice(lo, lo + (r1 - r0 if role.tp_dim == 0 else w))
+        block = sl[tuple(index)] if local else sl[:]
+        read += block.numel() * block.element_size()
+        named["master"].copy_(block.flatten()[piece.start - r0 * row:piece.end - r0 * row].float())
+    opt.publish()
+    opt.wait_params()
+    return read
+
+
+# ----------------------------------------------------------------------------- writing, with a checksum
+# A checkpoint is a directory ckpt-00001000/ holding one rank-00003.safetensors per rank and meta.json
+# (step, config, layout, and each file's size and CRC-32). Rank files hold what that rank owns under
+# ZeRO-1: for each parameter piece, elements [start, end) of the flattened tensor-parallel slice
+# `tp_rank`, as "{kind}|{name}|{tp_rank}|{start}|{end}" (kind: master, the fp32 weights, or an
+# optimizer moment); parameters replicated over TP are written by tp_rank 0 only. Commit protocol:
+# every rank writes ckpt-N.tmp/rank-R.safetensors, fsyncs it, then writes rank-R.json (its size and
+# checksum); rank 0 waits for all of them, writes meta.json, fsyncs, renames ckpt-N.tmp to ckpt-N and
+# only then deletes older checkpoints. A crash at any moment leaves the previous checkpoint whole.
+# CRC-32 (zlib, in the standard library): fast enough to checksum while writing, and it catches
+# truncation and any flipped byte, which is all a resume needs (it guards against accidents, not
+# tampering).
+_ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16",
+              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
+WRITE_BLOCK = 64 << 20
+
+
+def _write_bytes(f, data):
+    """The one place checkpoint bytes reach the file system (tests inject full disks here)."""
+    f.write(data)
+
+
+def write_safetensors(path, tensors: dict, metadata: dict) -> dict:
+    """A safetensors file (8-byte header length, JSON header, the tensors' bytes), streamed from the
+    tensors themselves (no second copy in memory), fsynced. Returns {"bytes": size, "crc32": checksum}."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    crc, size = 0, 0
+    with open(path, "wb") as f:
+        for data in [struct.pack("<Q", len(head)), head] + [
+                _bytes(t)[i:i + WRITE_BLOCK] for t in tensors.values() for i in range(0, _nbytes(t), WRITE_BLOCK)]:
+            _write_bytes(f, data)
+            crc, size = zlib.crc32(data, crc), size + len(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": size, "crc32": crc}
+
+
+def _nbytes(t):
+    return t.numel() * t.element_size()
+
+
+def _bytes(t):
+    """A zero-copy byte view of a contiguous CPU tensor."""
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def file_crc32(path, block=WRITE_BLOCK):
+    crc = 0
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            crc = zlib.crc32(data, crc)
+    return crc
+
+
+def _write_json(path, obj):
+    """Write, fsync, then rename into place: a reader sees the whole file or none of it."""
+    with open(path + ".part", "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".part", path)
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _barrier(grid):
     if grid.world > 1:
         torch.distributed.barrier()
 
 
-def latest_checkpoint(out_dir):
-    """The newest complete checkpoint in out_dir, or None (unfinished .tmp directories are ignored)."""
-    if not os.path.isdir(out_dir):
-        return None
-    done = sorted(n for n in os.listdir(out_dir) if n.startswith("ckpt-") and not n.endswith(".tmp")
-                  and os.path.exists(os.path.join(out_dir, n, "meta.json")))
-    return os.path.join(out_dir, done[-1]) if done else None
+# ----------------------------------------------------------------------------- saving
+class Saver:
+    """Training checkpoints every so often, synchronous or asynchronous. The step loop waits only for
+    snapshot(): this rank's tensors copied to (pinned) host memory. With async_save a background
+    thread then writes, fsyncs and (rank 0) commits; otherwise save() does it all before returning.
+    A failed save (a full disk, a permission) is kept in self.error: the previous checkpoints stay."""
 
+    def __init__(self, out_dir, grid, keep=3, async_save=False, commit_timeout_s=3600.0):
+        self.out_dir, self.grid, self.keep, self.async_save = out_dir, grid, keep, async_save
+        self.commit_timeout_s = commit_timeout_s
+        self.thread, self.error, self.pinned = None, None, {}
 
-def save_checkpoint(out_dir, step, opt, grid, config, optimizer_name, keep=3):
-    """Every rank writes what it owns (opt.state(): master pieces and optimizer moments, plain named
-    tensors), into ckpt-N.tmp; rank 0 renames it when all are done."""
-    final = os.path.join(out_dir, f"ckpt-{step:08d}")
-    tmp = final + ".tmp"
-    if grid.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier(grid)
-    pieces, opt_steps = opt.state()
-    tensors, layout = {}, {}
-    for piece, named in pieces:
-        role = opt.roles[piece.name]
-        if role.tp_dim is None and grid.tp_rank != 0:
-            continue  # replicated over TP: tp_rank 0 writes it
-        p = opt.model.get_parameter(piece.name)
-        layout[piece.name] = dict(tp_dim=role.tp_dim, tp=grid.tp, local_shape=list(p.shape),
-                                  full_shape=list(full_shape(piece.name, p)))
-        for kind, value in named.items():
-            tensors[f"{kind}|{piece.name}|{grid.tp_rank}|{piece.start}|{piece.end}"] = value
-    tensors["rng|torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and grid.device.type == "cuda":
-        tensors["rng|cuda"] = torch.cuda.get_rng_state(grid.device)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-              os.path.join(tmp, f"rank-{grid.rank:05d}.safetensors"), metadata={"layout": json.dumps(layout)})
-    _barrier(grid)
-    if grid.rank == 0:
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(dict(step=step, optimizer=optimizer_name, optimizer_steps=opt_steps, tp=grid.tp, dp=grid.dp,
-                           world=grid.world, config=config), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+    def save(self, step, opt, meta) -> float:
+        """Start (async) or do (sync) the save of `step`. Returns the seconds the training loop was
+        blocked. meta: what meta.json records beside the layout (config, data position, ...)."""
+        self.wait()  # one save at a time
+        tmp = os.path.join(self.out_dir, f"ckpt-{step:08d}.tmp")
+        if self.grid.rank == 0:  # a .tmp left by a crash must not lend its files to this save
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier(self.grid)
+        t0 = time.perf_counter()
+        tensors = self.snapshot(opt)
+        meta = {**meta, "step": step, "optimizer_steps": opt.optimizer.steps,
+                "layout": dict(tp=self.grid.tp, pp=self.grid.pp, dp=self.grid.dp, world=self.grid.world,
+                               bucket_size=opt.bucket_size)}
+        blocked = time.perf_counter() - t0
+        if self.async_save:
+            self.thread = threading.Thread(target=self._write_and_commit, args=(tmp, tensors, meta),
+                                           name=f"checkpoint-{step}", daemon=True)
+            self.thread.start()
+        else:
+            self._write_and_commit(tmp, tensors, meta)
+            _barrier(self.grid)
+            blocked = time.perf_counter() - t0
+        return blocked
+
+    def snapshot(self, opt):
+        """This rank's pieces as host tensors (pinned on CUDA, reused from save to save)."""
+        pieces, _ = opt.state()
+        tensors = {}
+        for piece, named in pieces:
+            role = opt.roles[piece.name]
+            if role.tp_dim is not None or self.grid.tp_rank == 0:  # replicated over TP: tp_rank 0 writes it
+                for kind, value in named.items():
+                    tensors[f"{kind}|{piece.name}|{self.grid.tp_rank}|{piece.start}|{piece.end}"] = value
+        tensors["rng|torch"] = torch.get_rng_state()
+        if self.grid.device.type == "cuda":
+            tensors["rng|cuda"] = torch.cuda.get_rng_state(self.grid.device)
+        host = {}
+        for k, v in tensors.items():
+            if v.device.type == "cuda":
+                if k not in self.pinned or self.pinned[k].shape != v.shape:
+                    self.pinned[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+                host[k] = self.pinned[k].copy_(v.detach(), non_blocking=True)
+            else:
+                host[k] = v.detach().clone()  # the step loop may change v while the writer reads it
+        if self.grid.device.type == "cuda":
+            torch.cuda.synchronize(self.grid.device)
+        return host
+
+    def _write_and_commit(self, tmp, tensors, meta):
+        name = f"rank-{self.grid.rank:05d}"
+        try:
+            info = write_safetensors(os.path.join(tmp, name + ".safetensors"), tensors, {"format": "pt"})
+            _write_json(os.path.join(tmp, name + ".json"), info)  # complete or absent: rank 0 polls for it
+            if self.grid.rank == 0:
+                self._commit(tmp, meta)
+        except OSError as e:
+            self.error = f"checkpoint {os.path.basename(tmp)[:-4]} not saved: {e.strerror or e} ({e.filename or tmp})"
+            try:  # tell rank 0 not to wait for this rank
+                _write_json(os.path.join(tmp, name + ".failed"), self.error)
+            except OSError:
+                pass
+
+    def _commit(self, tmp, meta):
+        """Rank 0: once every rank's file is durable, meta.json, the rename, then old checkpoints go."""
+        world, deadline = self.grid.world, time.monotonic() + self.commit_timeout_s
+        files = {}
+        while len(files) < world:
+            for r in range(world):
+                stem = os.path.join(tmp, f"rank-{r:05d}")
+                if r not in files and os.path.exists(stem + ".failed"):
+                    raise OSError(f"rank {r} could not write its file", stem + ".safetensors")
+                if r not in files and os.path.exists(stem + ".json"):
+                    with open(stem + ".json") as f:
+                        files[r] = json.load(f)
+            if len(files) < world:
+                if time.monotonic() > deadline:
+                    raise OSError(f"only {len(files)} of {world} ranks wrote their files", tmp)
+                time.sleep(0.05)
+        meta["files"] = {f"rank-{r:05d}.safetensors": info for r, info in sorted(files.items())}
+        _write_json(os.path.join(tmp, "meta.json"), meta)
+        final = tmp[:-4]
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        done = sorted(n for n in os.listdir(out_dir) if n.startswith("ckpt-") and not n.endswith(".tmp"))
-        for old in done[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
-    _barrier(grid)
+        _fsync_dir(self.out_dir)
+        for old in committed_checkpoints(self.out_dir)[:-self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def wait(self):
+        """Block until the save in flight (if any) is written and committed."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
 
 
-class ShardedCheckpoint:
-    """Reads a training checkpoint under any layout: a piece is taken as written when this layout has
-    the same one, else the full tensor is assembled from all the slices that the writers held."""
+def committed_checkpoints(out_dir):
+    """Committed checkpoints (ckpt-N with meta.json; a ckpt-N.tmp is a save that never finished), oldest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    return [os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir))
+            if n.startswith("ckpt-") and not n.endswith(".tmp") and os.path.exists(os.path.join(out_dir, n, "meta.json"))]
+
+
+def latest_checkpoint(out_dir):
+    """The newest committed checkpoint in out_dir, or None (not verified: see find_resume)."""
+    done = committed_checkpoints(out_dir)
+    return done[-1] if done else None
+
+
+def verify(path, grid) -> str | None:
+    """None if this rank's share of the checkpoint is whole, else why not. Every file is checked for its
+    size by every rank and for its checksum by one rank (file i by rank i mod world): together the ranks
+    read the checkpoint once."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"unreadable meta.json ({e})"
+    for i, (name, info) in enumerate(sorted(files.items())):
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != info["bytes"]:
+            return f"{name} has {os.path.getsize(file)} bytes, meta.json says {info['bytes']} (truncated?)"
+        if i % grid.world == grid.rank and file_crc32(file) != info["crc32"]:
+            return f"{name} fails its CRC-32 check (corrupt)"
+    return None
+
+
+def find_resume(out_dir, grid, log=print):
+    """The newest checkpoint that every rank finds whole; a bad one is named in one line and skipped."""
+    for path in reversed(committed_checkpoints(out_dir)):
+        problem = verify(path, grid)
+        bad = torch.tensor([float(problem is not None)], device=grid.device)
+        if grid.world > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if not bad.item():
+            return path
+        if problem is not None:  # said by the rank that found it
+            print(f"checkpoint {path} is unusable: {problem}; falling back to an older one", flush=True)
+    return None
+
+
+# ----------------------------------------------------------------------------- reading, under any layout
+class CheckpointReader:
+    """Reads pieces of a checkpoint for any layout. The layout that wrote it (tp, pp, dp, bucket_size in
+    meta.json) determines, by the same pure function as the optimizer (parallel.zero_layout), which
+    rank file holds which elements, so only the files that hold a wanted piece are opened and only the
+    wanted byte ranges are read (safetensors get_slice); bytes_read counts them."""
 
     def __init__(self, path):
         self.path = path
         try:
             with open(os.path.join(path, "meta.json")) as f:
                 self.meta = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: unreadable meta.json ({e})") from None
-        self.where, self.layout, self.slices = {}, {}, {}
-        files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
-        if len(files) != self.meta["world"]:
-            raise CheckpointError(f"{path}: {len(files)} rank files, meta.json says {self.meta['world']}")
-        for name in files:
-            file = os.path.join(path, name)
-            with safe_open(file, framework="pt") as f:
-                self.layout.update(json.loads(f.metadata()["layout"]))
-                for key in f.keys():
-                    self.where[key] = file
-                    if not key.startswith("rng|"):
-                        kind, pname, tp_rank, s, e = key.split("|")
-                        self.slices.setdefault((kind, pname), []).append((int(tp_rank), int(s), int(e), key))
-        self._cache = (None, None)
+            lay = self.meta["layout"]
+            self.cfg = ModelConfig(**self.meta["config"]["model"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: unreadable meta.json ({type(e).__name__}: {e})") from None
+        self.tp, self.pp, self.dp = lay["tp"], lay["pp"], lay["dp"]
+        self.sources, self.shapes = {}, {}  # name -> [(tp_rank, start, end, file)], name -> (tp_dim, full shape)
+        for pp_rank in range(self.pp):
+            named = _stage_parameters(self.cfg, self.tp, self.pp, pp_rank)
+            index, buckets = parallel.zero_layout([(n, p.numel()) for n, p in named], self.dp, lay["bucket_size"])
+            numels = {n: p.numel() for n, p in named}
+            for n, p in named:
+                self.shapes[n] = (p.role.tp_dim, full_shape(n, p))
+            for dp_rank in range(self.dp):
+                for pc in parallel.zero_pieces(index, buckets, numels, dp_rank, self.dp):
+                    tp_ranks = range(self.tp) if self.shapes[pc.name][0] is not None else [0]
+                    for t in tp_ranks:
+                        rank = dp_rank * self.tp * self.pp + pp_rank * self.tp + t
+                        self.sources.setdefault(pc.name, []).append((t, pc.start, pc.end, f"rank-{rank:05d}.safetensors"))
+        self.files, self.bytes_read = {}, 0
 
-    def read(self, key):
-        with safe_open(self.where[key], framework="pt") as f:
-            return f.get_tensor(key)
+    def _open(self, file):
+        if file not in self.files:
+            try:
+                self.files[file] = safe_open(os.path.join(self.path, file), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{self.path}/{file}: cannot read ({e})") from None
+        return self.files[file]
 
-    def kinds(self, name):
-        return [k for (k, n) in self.slices if n == name]
+    def read(self, kind, name, tp, tp_rank, start, end, block=1 << 22):
+        """Elements [start, end) of the flattened slice tp_rank of `name` split tp ways (tp = 1: the full
+        tensor), fp32, gathered from whichever pieces the writing layout made."""
+        if name not in self.sources:
+            raise CheckpointError(f"{self.path}: no {kind} for parameter {name}")
+        dim, full = self.shapes[name]
+        out = torch.empty(end - start, dtype=torch.float32)
+        if dim is None:
+            tp, tp_rank = 1, 0
+        D = full[dim] if dim is not None else 1
+        inner = math.prod(full[dim + 1:]) if dim is not None else 1
+        src_tp = self.tp if dim is not None else 1
+        Dt, Ds = D // tp, D // src_tp
+        pieces = {}
+        for t, s, e, file in self.sources[name]:
+            pieces.setdefault(t, []).append((s, e, file))
+        for b0 in range(start, end, block):  # target elements -> (writer's tp rank, its flat index)
+            i = torch.arange(b0, min(b0 + block, end), dtype=torch.int64)
+            if dim is None:
+                rs, j = torch.zeros_like(i), i
+            else:
+                o, rem = i // (Dt * inner), i % (Dt * inner)
+                kf = tp_rank * Dt + rem // inner
+                rs, j = kf // Ds, (o * Ds + kf % Ds) * inner + rem % inner
+            pos = i - start
+            # runs: consecutive target elements that are consecutive in one writer's slice
+            cut = torch.ones(len(i), dtype=torch.bool)
+            cut[1:] = (rs[1:] != rs[:-1]) | (j[1:] != j[:-1] + 1)
+            starts = cut.nonzero()[:, 0].tolist() + [len(i)]
+            for a, b in zip(starts[:-1], starts[1:]):
+                r, ja, jb, pa = int(rs[a]), int(j[a]), int(j[b - 1]) + 1, int(pos[a])
+                for s, e, file in pieces.get(r, []):
+                    lo, hi = max(ja, s), min(jb, e)
+                    if lo < hi:
+                        key = f"{kind}|{name}|{r}|{s}|{e}"
+                        f = self._open(file)
+                        out[pa + lo - ja:pa + hi - ja] = f.get_slice(key)[lo - s:hi - s]
+                        self.bytes_read += (hi - lo) * 4
+        return out
 
     def full(self, kind, name):
-        """The whole tensor (fp32), put together from the slices of every writer."""
-        if self._cache[0] == (kind, name):
-            return self._cache[1]
-        if (kind, name) not in self.slices:
-            raise CheckpointError(f"{self.path}: no {kind} for parameter {name}")
-        lay = self.layout[name]
-        full = torch.empty(lay["full_shape"])
-        covered = 0
-        for r in range(lay["tp"] if lay["tp_dim"] is not None else 1):
-            local = torch.empty(lay["local_shape"]).flatten()
-            for tp_rank, s, e, key in self.slices[(kind, name)]:
-                if tp_rank == r:
-                    local[s:e] = self.read(key)
-                    covered += e - s
-            dim = lay["tp_dim"]
-            target = full if dim is None else full.narrow(dim, r * lay["local_shape"][dim], lay["local_shape"][dim])
-            target.copy_(local.view(lay["local_shape"]))
-        if covered != full.numel():
-            raise CheckpointError(f"{self.path}: {kind} of {name} is incomplete ({covered} of {full.numel()} elements)")
-        self._cache = ((kind, name), full)
-        return full
+        dim, shape = self.shapes[name]
+        return self.read(kind, name, 1, 0, 0, math.prod(shape)).view(shape)
 
-    def piece(self, kind, name, role, grid, start, end):
-        key = f"{kind}|{name}|{grid.tp_rank if role.tp_dim is not None else 0}|{start}|{end}"
-        if key in self.where and (role.tp_dim is None or self.layout[name]["tp"] == grid.tp):
-            return self.read(key)  # the same layout wrote exactly this piece
-        from parallel import tp_slice
-        return tp_slice(self.full(kind, name), role, grid).flatten()[start:end]
+
+def _stage_parameters(cfg, tp, pp, pp_rank):
+    """(name, meta tensor) of one pipeline stage's TP-local parameters in model order: what the writer's
+    DistributedOptimizer laid out."""
+    grid = parallel.Grid(tp=tp, pp=pp, pp_rank=pp_rank)
+    with torch.device("meta"):
+        m = Apertus(cfg)
+    parallel.keep_stage(m, grid)
+    parallel.parallelize(m, grid)
+    return [(n, p) for n, p in m.named_parameters()]
 
 
 @torch.no_grad()
 def load_checkpoint(path, opt, grid, optimizer_name):
     """Fill the distributed optimizer (master pieces, optimizer moments, its step count) and the model
-    from a checkpoint written under any layout. Returns the training step."""
-    from parallel import tp_slice
-    ck = ShardedCheckpoint(path)
+    from a checkpoint written under any layout. Returns (the training step, meta.json, bytes read)."""
+    ck = CheckpointReader(path)
     if ck.meta["optimizer"] != optimizer_name:
         raise CheckpointError(f"{path} holds {ck.meta['optimizer']} state, this run uses {optimizer_name}")
 
     def read(piece, kind):
-        role = opt.roles[piece.name]
-        return ck.piece(kind, piece.name, role, grid, piece.start, piece.end)
-    opt.load_state(ck.meta.get("optimizer_steps", ck.meta["step"]), read)
-    if ck.meta["world"] == grid.world:  # RNG streams belong to ranks: only meaningful for the same world
-        torch.set_rng_state(_rank_rng(ck, grid.rank, "torch"))
-        if grid.device.type == "cuda":
-            cuda_state = _rank_rng(ck, grid.rank, "cuda")
-            if cuda_state is not None:
-                torch.cuda.set_rng_state(cuda_state, grid.device)
-    return ck.meta["step"]
-
-
-def _rank_rng(ck, rank, which):
-    file = os.path.join(ck.path, f"rank-{rank:05d}.safetensors")
-    with safe_open(file, framework="pt") as f:
-        return f.get_tensor(f"rng|{which}") if f"rng|{which}" in f.keys() else None
+        tp_dim = opt.roles[piece.name].tp_dim
+        return ck.read(kind, piece.name, grid.tp if tp_dim is not None else 1, grid.tp_rank, piece.start, piece.end)
+    opt.load_state(ck.meta["optimizer_steps"], read)
+    if ck.meta["layout"]["world"] == grid.world:  # RNG streams belong to ranks: only meaningful for the same world
+        f = ck._open(f"rank-{grid.rank:05d}.safetensors")
+        torch.set_rng_state(f.get_tensor("rng|torch"))
+        if grid.device.type == "cuda" and "rng|cuda" in f.keys():
+            torch.cuda.set_rng_state(f.get_tensor("rng|cuda"), grid.device)
+    return ck.meta["step"], ck.meta, ck.bytes_read
 
 
 def consolidate(ckpt_path, out_dir, dtype=torch.bfloat16):
     """A training checkpoint (any layout) -> a Hugging Face directory, one tensor at a time, on CPU."""
-    ck = ShardedCheckpoint(ckpt_path)
-    cfg = ModelConfig(**ck.meta["config"]["model"])
+    ck = CheckpointReader(ckpt_path)
     with torch.device("meta"):
-        names = list(Apertus(cfg).state_dict())
+        names = list(Apertus(ck.cfg).state_dict())
     defaults = XIELU()  # beta and eps are fixed buffers, not trained
 
     def tensors():
         for name in names:
-            if name.endswith(("act_fn.beta", "act_fn.eps")):
-                yield name, getattr(defaults, name.rsplit(".", 1)[1]).to(dtype)
+            if name.endswith(("act_fn.beta", "act_fn.eps")):  # a copy each: safetensors refuses shared memory
+                yield name, getattr(defaults, name.rsplit(".", 1)[1]).to(dtype).clone()
             else:
                 yield name, ck.full("master", name).to(dtype)
-    write_hf(cfg, tensors(), out_dir, dtype)
+    write_hf(ck.cfg, tensors(), out_dir, dtype)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "consolidate":
-        sys.exit("usage: python checkpoint.py consolidate CHECKPOINT_DIR HF_OUT_DIR")
+    if len(sys.argv) not in (4, 5) or sys.argv[1] != "consolidate":
+        sys.exit("usage: python checkpoint.py consolidate CHECKPOINT_DIR HF_OUT_DIR [bfloat16|float32]")
     try:
-        consolidate(sys.argv[2], sys.argv[3])
+        consolidate(sys.argv[2], sys.argv[3], getattr(torch, sys.argv[4]) if len(sys.argv) == 5 else torch.bfloat16)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {sys.argv[3]}")

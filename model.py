@@ -430,12 +430,14 @@ class Apertus(nn.Module):
                 p.role = roles[n]
         return self
 
-    def forward(self, input_ids, targets=None, loss_mask=None, doc_ids=None, reduction="mean"):
+    def forward(self, input_ids, targets=None, loss_mask=None, doc_ids=None, reduction="mean", hidden=None):
         """input_ids [B, T] -> logits [B, T, V] (V/tp under tensor parallelism); with targets, the loss:
         the mean (or sum) over the tokens that count (loss_mask True and target != -100).
-        doc_ids [B, T] (see document_ids) masks attention per document and restarts positions."""
+        doc_ids [B, T] (see document_ids) masks attention per document and restarts positions.
+        A pipeline stage (parallel.keep_stage) lacks the embedding or the head: a later stage takes
+        the previous stage's output as `hidden`, and a stage without the head returns its output."""
         B, T = input_ids.shape
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids) if self.model.embed_tokens is not None else hidden
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
         pos = torch.arange(T, device=x.device).expand(B, T) if doc_ids is None else document_positions(doc_ids)
@@ -449,6 +451,8 @@ class Apertus(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask)
+        if self.lm_head is None:
+            return x
         h = self.model.norm(x)
         if targets is None:
             return self.lm_head(h)

@@ -1,9 +1,11 @@
 """Tensor and data parallelism, written by hand over torch.distributed (NCCL on CUDA, gloo on CPU).
 
-The process grid: world = tp x dp, tensor-parallel groups are consecutive ranks (so a group stays
-inside a node and talks over NVLink), data-parallel groups are the ranks with the same tp_rank:
+The process grid: world = tp x pp x dp, Megatron-LM's order: tensor-parallel groups are consecutive
+ranks (so a group stays inside a node and talks over NVLink), then pipeline stages, then data
+parallelism (the ranks with the same tp_rank and stage):
 
-    tp=4, dp=2:   TP groups [0 1 2 3] [4 5 6 7]     DP groups [0 4] [1 5] [2 6] [3 7]
+    tp=2, pp=2, dp=2:   TP groups [0 1] [2 3] [4 5] [6 7]      stage 0: 0 1 4 5, stage 1: 2 3 6 7
+                        PP groups [0 2] [1 3] [4 6] [5 7]      DP groups [0 4] [1 5] [2 6] [3 7]
 
 Tensor parallelism (Megatron-LM, arXiv 1909.08053), for Y = X A:
 
@@ -27,11 +29,16 @@ and optimizer state for its partition (1/dp) of every bucket; after the step the
 all-gathered back, bucket by bucket and asynchronously, and each block waits only for its own
 buckets just before its forward (Megatron's overlapped parameter gather).
 
+Pipeline parallelism (Megatron-LM's 1F1B schedule, picotron's pipeline file): stage s holds layers
+[s L/pp, (s+1) L/pp), the first also the embedding, the last the final norm, the head and the loss;
+activations and their gradients go point-to-point between neighbouring stages (pipeline_1f1b).
+
 Words: a tensor-parallel rank holds a *slice* of a weight; a data-parallel rank owns a *partition* of
 each gradient bucket, and its *pieces* are the parts of parameters that fall in that partition.
 Debugging: start with check_replicas(model), which says which replicated tensor differs across ranks.
 """
 import os
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -46,7 +53,8 @@ from model import lm_head_loss, role_of
 class ParallelConfig:
     """The [parallel] section."""
     tp: int = 1                      # tensor-parallel degree (GPUs of one node share a layer)
-    dp: int = 0                      # data-parallel degree, for --plan only; at run time world / tp
+    pp: int = 1                      # pipeline stages (the layers split evenly over them)
+    dp: int = 0                      # data-parallel degree, for --plan only; at run time world / (tp x pp)
     sequence_parallel: bool = False  # norms and residuals on sequence slices (saves activations)
     bucket_size: int = 25_000_000    # gradient elements per reduce-scatter bucket
 
@@ -68,6 +76,17 @@ class Grid:
     dp_group: object = None
     device: torch.device = torch.device("cpu")
     sequence_parallel: bool = False
+    pp: int = 1
+    pp_rank: int = 0
+    pp_group: object = None
+
+    @property
+    def first_stage(self):
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self):
+        return self.pp_rank == self.pp - 1
 
 
 def env_rank():
@@ -82,20 +101,22 @@ def env_rank():
     return 0, 1, 0
 
 
-def check_layout(cfg, world, tp, dp=None, global_batch=None, micro_batch=None, seq_len=None, sp=False):
+def check_layout(cfg, world, tp, dp=None, global_batch=None, micro_batch=None, seq_len=None, sp=False, pp=1):
     """Refuse a layout that does not fit, before anything is allocated, naming the numbers."""
-    dp = dp or world // tp
+    dp = dp or world // (tp * pp)
     problems = []
-    if tp < 1 or world % tp:
-        problems.append(f"world size {world} is not divisible by tp={tp}")
+    if tp < 1 or pp < 1 or world % (tp * pp):
+        problems.append(f"world size {world} is not divisible by tp x pp = {tp} x {pp}")
     for what, n in (("KV heads", cfg.num_key_value_heads), ("query heads", cfg.num_attention_heads),
                     ("vocab size", cfg.vocab_size), ("MLP width", cfg.intermediate_size)):
-        if n % tp:
+        if tp >= 1 and n % tp:
             problems.append(f"tp={tp} does not divide the {what} ({n})")
+    if pp >= 1 and cfg.num_hidden_layers % pp:
+        problems.append(f"pp={pp} does not divide the {cfg.num_hidden_layers} layers")
     if global_batch is not None and dp >= 1 and global_batch % (dp * micro_batch):
         problems.append(f"global_batch_size {global_batch} is not divisible by dp={dp} x "
                         f"micro_batch_size {micro_batch}")
-    if sp and seq_len is not None and seq_len % tp:
+    if sp and seq_len is not None and tp >= 1 and seq_len % tp:
         problems.append(f"sequence parallelism needs seq_len {seq_len} divisible by tp={tp}")
     if problems:
         raise LayoutError("layout refused: " + "; ".join(problems))
@@ -113,12 +134,18 @@ def init_distributed(pcfg: ParallelConfig, device_type: str) -> Grid:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world,
                                 device_id=device if device_type == "cuda" else None)
-    tp, dp = pcfg.tp, world // pcfg.tp
-    g = Grid(rank, world, local_rank, tp, dp, rank % tp, rank // tp, None, None, device,
-             pcfg.sequence_parallel and tp > 1)
+    tp, pp = pcfg.tp, pcfg.pp
+    dp = world // (tp * pp)
+    g = Grid(rank, world, local_rank, tp, dp, rank % tp, rank // (tp * pp), None, None, device,
+             pcfg.sequence_parallel and tp > 1, pp, (rank // tp) % pp, None)
     if world > 1:  # one call each, made by every rank with the same lists: the groups all ranks agree on
-        g.tp_group, _ = dist.new_subgroups_by_enumeration([list(range(i * tp, (i + 1) * tp)) for i in range(dp)])
-        g.dp_group, _ = dist.new_subgroups_by_enumeration([list(range(j, world, tp)) for j in range(tp)])
+        at = lambda d, p, t: d * tp * pp + p * tp + t  # noqa: E731  the rank at (dp, pp, tp) coordinates
+        g.tp_group, _ = dist.new_subgroups_by_enumeration(
+            [[at(d, p, t) for t in range(tp)] for d in range(dp) for p in range(pp)])
+        g.pp_group, _ = dist.new_subgroups_by_enumeration(
+            [[at(d, p, t) for p in range(pp)] for d in range(dp) for t in range(tp)])
+        g.dp_group, _ = dist.new_subgroups_by_enumeration(
+            [[at(d, p, t) for d in range(dp)] for p in range(pp) for t in range(tp)])
     return g
 
 
@@ -310,14 +337,151 @@ def parallelize(model, grid: Grid):
             assert type(old) is nn.Linear, f"{path} is {type(old).__name__}, the plan expects nn.Linear"
             new = ColumnParallelLinear(old, grid, gather_input=False) if kind == "column" else RowParallelLinear(old, grid)
             setattr(parent, name, new)
-    model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens, grid)
-    model.lm_head = ColumnParallelLinear(model.lm_head, grid)
-    model.loss_fn = vocab_parallel_loss(grid)
+    if model.model.embed_tokens is not None:
+        model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens, grid)
+    if model.lm_head is not None:
+        model.lm_head = ColumnParallelLinear(model.lm_head, grid)
+        model.loss_fn = vocab_parallel_loss(grid)
     # assert, not hope: every matmul is now a parallel layer, every parameter has a role
     assert not any(type(m) in (nn.Linear, nn.Embedding) for m in model.modules()), "a layer was not parallelised"
     for name, p in model.named_parameters():
         role_of(name, p)
     return model
+
+
+# ----------------------------------------------------------------------------- pipeline parallelism
+def keep_stage(model, grid: Grid):
+    """Keep this stage's share of the model (call it on the meta device, before anything is allocated):
+    layers [s L/pp, (s+1) L/pp) under their global names, the embedding on the first stage, the final
+    norm and the head on the last."""
+    if grid.pp == 1:
+        return model
+    per = model.config.num_hidden_layers // grid.pp
+    mine = {str(i) for i in range(grid.pp_rank * per, (grid.pp_rank + 1) * per)}
+    for name in [n for n in model.model.layers if n not in mine]:
+        del model.model.layers[name]
+    if not grid.first_stage:
+        model.model.embed_tokens = None
+    if not grid.last_stage:
+        model.model.norm = model.lm_head = None
+    return model
+
+
+class Pipe:
+    """Point-to-point sends and receives between neighbouring stages, named for the direction (picotron):
+    activations go forward (to the next stage), their gradients backward. Each exchange is one batch of
+    isend/irecv, so a send and a receive between the same two stages never wait on each other
+    (Megatron's send_forward_recv_backward). wait_s counts the time this stage sat waiting: its bubble."""
+
+    def __init__(self, grid: Grid, shape, dtype):
+        self.grid, self.shape, self.dtype, self.wait_s = grid, shape, dtype, 0.0
+        self.next, self.prev = grid.rank + grid.tp, grid.rank - grid.tp  # same tp_rank and dp_rank
+
+    def _exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
+        ops, got = [], {}
+        if send_next is not None:
+            ops.append(dist.P2POp(dist.isend, send_next.contiguous(), self.next))
+        if send_prev is not None:
+            ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), self.prev))
+        for key, peer, wanted in (("prev", self.prev, recv_prev), ("next", self.next, recv_next)):
+            if wanted:
+                got[key] = torch.empty(self.shape, dtype=self.dtype, device=self.grid.device)
+                ops.append(dist.P2POp(dist.irecv, got[key], peer))
+        if not ops:
+            return got
+        if self.grid.device.type == "cuda":  # time the wait, not the compute queued before it
+            torch.cuda.synchronize(self.grid.device)
+        t0 = time.perf_counter()
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+        if self.grid.device.type == "cuda":
+            torch.cuda.synchronize(self.grid.device)
+        self.wait_s += time.perf_counter() - t0
+        return got
+
+    def recv_forward(self):
+        return None if self.grid.first_stage else self._exchange(recv_prev=True)["prev"].requires_grad_()
+
+    def send_forward(self, y):
+        if not self.grid.last_stage:
+            self._exchange(send_next=y.detach())
+
+    def recv_backward(self):
+        return None if self.grid.last_stage else self._exchange(recv_next=True)["next"]
+
+    def send_backward(self, grad):
+        if not self.grid.first_stage:
+            self._exchange(send_prev=grad)
+
+    def send_forward_recv_backward(self, y):
+        if self.grid.last_stage:
+            return None
+        return self._exchange(send_next=y.detach(), recv_next=True)["next"]
+
+    def send_backward_recv_forward(self, grad):
+        if self.grid.first_stage:
+            return None
+        return self._exchange(send_prev=grad, recv_prev=True)["prev"].requires_grad_()
+
+
+def _stage_backward(x, y, grad_y):
+    """Backward through this stage: y is the loss on the last stage, else the activations sent on."""
+    if grad_y is None:
+        y.backward()
+    else:
+        torch.autograd.backward(y, grad_y)
+    return None if x is None else x.grad
+
+
+def pipeline_1f1b(micro_steps, pipe: Pipe, opt, train=True):
+    """Megatron-LM's 1F1B schedule for one global batch. micro_steps[i](hidden) runs micro-batch i on
+    this stage: the loss on the last stage, else the activations for the next one. With pp = 4 stages
+    and m = 6 micro-batches (F = forward, B = backward, . = waiting: the bubble, (pp-1)/(m+pp-1)):
+
+        stage 0:  F0 F1 F2 F3 .  .  B0 F4 B1 F5 B2 .  B3 .  B4 .  B5
+        stage 1:  .  F0 F1 F2 .  B0 F3 B1 F4 B2 F5 B3 .  B4 .  B5 .
+        stage 2:  .  .  F0 F1 B0 F2 B1 F3 B2 F4 B3 F5 B4 .  B5 .  .
+        stage 3:  .  .  .  F0 B0 F1 B1 F2 B2 F3 B3 F4 B4 F5 B5 .  .
+
+    Stage s first runs warmup = min(pp - s - 1, m) forwards, then alternates one forward and one
+    backward, then runs the warmup's backwards: it never holds more than min(pp - s, m) micro-batches'
+    activations. Returns (the sum of the micro-batch losses on the last stage, else 0; the most
+    micro-batches held at once)."""
+    grid, m = pipe.grid, len(micro_steps)
+    total = torch.zeros((), device=grid.device)
+    if not train:  # evaluation: forwards only
+        for step in micro_steps:
+            y = step(pipe.recv_forward())
+            pipe.send_forward(y)
+            total += y.detach() if grid.last_stage else 0
+        return total, 1
+    warmup = min(grid.pp - grid.pp_rank - 1, m)
+    inputs, outputs, held = [], [], 0
+    for i in range(warmup):                                      # warmup: forwards only
+        x = pipe.recv_forward()
+        y = micro_steps[i](x)
+        pipe.send_forward(y)
+        inputs.append(x), outputs.append(y)
+        held = max(held, len(inputs))
+        total += y.detach() if grid.last_stage else 0
+    x = pipe.recv_forward() if warmup < m else None
+    for i in range(warmup, m):                                   # steady: one forward, one backward
+        y = micro_steps[i](x)
+        total += y.detach() if grid.last_stage else 0
+        grad_y = pipe.send_forward_recv_backward(y)
+        inputs.append(x), outputs.append(y)
+        held = max(held, len(inputs))
+        opt.sync = i - warmup == m - 1  # the gradient buckets reduce during the last backward only
+        grad_x = _stage_backward(inputs.pop(0), outputs.pop(0), grad_y)
+        if i < m - 1:
+            x = pipe.send_backward_recv_forward(grad_x)
+        else:
+            pipe.send_backward(grad_x)
+    for j in range(warmup):                                      # cooldown: the warmup's backwards
+        grad_y = pipe.recv_backward()
+        opt.sync = j == warmup - 1
+        pipe.send_backward(_stage_backward(inputs.pop(0), outputs.pop(0), grad_y))
+    return total, held
 
 
 def tp_slice(full, role, grid: Grid):
@@ -360,6 +524,37 @@ class Bucket:
     gather_work: object = None
 
 
+def zero_layout(named_numels, dp, bucket_size):
+    """The flat-buffer layout of ZeRO-1, a pure function of the parameters (name, numel) in model order,
+    dp and bucket_size: name -> (offset, bucket), and the buckets. Checkpoints recompute it for the
+    layout that wrote them, to know which file holds which piece without opening any."""
+    index, buckets, names, pos, start = {}, [], [], 0, 0
+    # backward produces gradients from the last layer to the first: fill buckets in that order
+    for n, numel in reversed(named_numels):
+        pos = _align(pos)
+        index[n] = (pos, len(buckets))
+        names.append(n)
+        pos += numel
+        if pos - start >= bucket_size or n == named_numels[0][0]:
+            size = _align(pos - start, ALIGN * dp)  # each DP partition starts aligned too
+            buckets.append(Bucket(start, size, names))
+            names, pos, start = [], start + size, start + size
+    return index, buckets
+
+
+def zero_pieces(index, buckets, numels, dp_rank, dp):
+    """The pieces DP rank dp_rank owns: each parameter's intersection with its bucket's partition."""
+    pieces = []
+    for n, numel in numels.items():
+        off, b_id = index[n]
+        b = buckets[b_id]
+        lo = b.start + dp_rank * (b.size // dp)
+        s, e = max(off, lo), min(off + numel, lo + b.size // dp)
+        if s < e:
+            pieces.append(Piece(n, s - off, e - off, b_id, s - lo))
+    return pieces
+
+
 class DistributedOptimizer:
     """ZeRO-1 around an optimizer of this project (train.AdEMAMix, train.AdamW). Model parameters (bf16
     or fp32) are views into one flat buffer; gradients accumulate into a flat fp32 buffer through
@@ -374,20 +569,12 @@ class DistributedOptimizer:
         self.roles = {n: role_of(n, p) for n, p in self.params}
         self.sync = True  # set False before the forward of micro-steps that only accumulate
         dp = grid.dp
-        # backward produces gradients from the last layer to the first: fill buckets in that order
-        self.index, self.buckets, names, pos, start = {}, [], [], 0, 0  # index: name -> (offset, bucket)
-        for n, p in reversed(self.params):
-            pos = _align(pos)
-            self.index[n] = (pos, len(self.buckets))
-            names.append(n)
-            pos += p.numel()
-            if pos - start >= bucket_size or n == self.params[0][0]:
-                size = _align(pos - start, ALIGN * dp)  # each DP partition starts aligned too
-                self.buckets.append(Bucket(start, size, names))
-                names, pos, start = [], start + size, start + size
+        self.bucket_size = bucket_size
+        self.index, self.buckets = zero_layout([(n, p.numel()) for n, p in self.params], dp, bucket_size)
         p0 = self.params[0][1]
-        self.param_buffer = torch.zeros(pos, dtype=p0.dtype, device=p0.device)
-        self.grad_buffer = torch.zeros(pos, dtype=torch.float32, device=p0.device)
+        size = self.buckets[-1].start + self.buckets[-1].size
+        self.param_buffer = torch.zeros(size, dtype=p0.dtype, device=p0.device)
+        self.grad_buffer = torch.zeros(size, dtype=torch.float32, device=p0.device)
         # this rank's partition of each bucket's gradients: with dp = 1 the buffer itself, no copy
         self.partition_grads = [self.grad_buffer[b.start:b.start + b.size] if dp == 1 else
                                 torch.zeros(b.size // dp, device=p0.device) for b in self.buckets]
@@ -396,15 +583,10 @@ class DistributedOptimizer:
             self.param_buffer[off:off + p.numel()].copy_(p.detach().flatten())
             p.data = self.param_buffer[off:off + p.numel()].view_as(p)
             p.register_post_accumulate_grad_hook(self._grad_hook(n))
-        # this rank's pieces: the intersection of each parameter with its bucket's DP partition
-        self.pieces, self.masters = [], []
-        for n, p in self.params:
-            off, b_id = self.index[n]
-            lo, hi = self._partition(b_id)
-            s, e = max(off, lo), min(off + p.numel(), hi)
-            if s < e:
-                self.pieces.append(Piece(n, s - off, e - off, b_id, s - lo))
-                self.masters.append(p.detach().flatten()[s - off:e - off].float().clone())
+        numels = dict((n, p.numel()) for n, p in self.params)
+        self.pieces = zero_pieces(self.index, self.buckets, numels, grid.dp_rank, dp)
+        named = dict(self.params)
+        self.masters = [named[pc.name].detach().flatten()[pc.start:pc.end].float().clone() for pc in self.pieces]
         for piece, m in zip(self.pieces, self.masters):
             m.grad = self.partition_grads[piece.bucket][piece.offset:piece.offset + m.numel()]
         self.optimizer = make_optimizer([self.roles[pc.name] for pc in self.pieces], self.masters)
@@ -526,6 +708,8 @@ class DistributedOptimizer:
                  (m.model.norm, [m.model.norm, m.lm_head])]
         ids = {id(p): n for n, p in self.params}
         for unit, holders in units:
+            if unit is None:  # not on this pipeline stage
+                continue
             buckets = sorted({self.index[ids[id(p)]][1] for h in holders for p in h.parameters() if id(p) in ids})
             unit.register_forward_pre_hook(lambda mod, args, buckets=buckets: self.wait_params(buckets))
 

@@ -15,15 +15,18 @@ Memory plan of a layout, without allocating anything:
 Every key of the config can be overridden as --section.key=value. A run directory that holds a
 checkpoint is resumed from its newest complete one, under any (tp, dp) layout.
 """
+import faulthandler
+import functools
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
 import tomllib
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -69,6 +72,12 @@ class TrainConfig:
     goldfish_k: int = 50
     goldfish_h: int = 50
     sample_tokens: int = 200            # tokens sampled at the end (0 = none)
+    async_checkpoint: bool = False      # the loop waits only for a copy to host memory; a thread writes
+    on_save_error: str = "stop"         # a failed save (full disk...): stop, or retry at the next interval
+    hang_timeout_s: float = 0.0         # no step completed in this time: print every stack, exit 1 (0 = off)
+    init_from: str = ""                 # a Hugging Face Apertus directory to start from (ignored on resume)
+    export_hf: bool = False             # write <out_dir>/hf (Hugging Face format) at the end
+    export_hf_every: int = 0            # ... and every this many steps (0 = only at the end)
 
 
 SECTIONS = {"model": ModelConfig, "data": data.DataConfig, "train": TrainConfig,
@@ -127,8 +136,20 @@ def load_config(path, overrides=()):
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from None
     t = out["train"]
+    if t.init_from:  # the architecture comes from the Hugging Face config.json; [model] may only agree
+        try:
+            hf = checkpoint.read_hf_config(t.init_from)
+        except checkpoint.CheckpointError as e:
+            raise ConfigError(f"train.init_from: {e}") from None
+        for k in raw.get("model", {}):
+            mine, theirs = getattr(out["model"], k), getattr(hf, k)
+            if mine != theirs and k not in ("init_std",):
+                raise ConfigError(f"model.{k} = {mine!r} disagrees with {theirs!r} in "
+                                  f"{os.path.join(t.init_from, 'config.json')}")
+        out["model"] = replace(hf, init_std=out["model"].init_std)
     for key, allowed in (("device", ("auto", "cpu", "cuda")), ("dtype", ("bfloat16", "float32")),
-                         ("optimizer", ("ademamix", "adamw")), ("decay_shape", ("1-sqrt", "linear"))):
+                         ("optimizer", ("ademamix", "adamw")), ("decay_shape", ("1-sqrt", "linear")),
+                         ("on_save_error", ("stop", "retry"))):
         if getattr(t, key) not in allowed:
             raise ConfigError(f"train.{key} must be one of {', '.join(allowed)}, got {getattr(t, key)!r}")
     return out
@@ -325,17 +346,22 @@ def peak_flops(device):
 
 
 # ----------------------------------------------------------------------------- memory plan
-def memory_plan(cfg, tp, dp):
-    """Per-GPU memory of a layout, from the config alone (nothing is allocated): a dict of named byte
-    counts and the peak. Activations are what autograd keeps per token and layer, counted tensor by
-    tensor for this model's eager code; compiled blocks keep less (Inductor recomputes the pointwise
-    work), measured on an H100 (BENCHMARKS.md)."""
+def memory_plan(cfg, tp, dp, stage=0):
+    """Per-GPU memory of one pipeline stage of a layout (stage 0: the first), from the config alone
+    (nothing is allocated): a dict of named byte counts and the peak. Activations are what autograd
+    keeps per token and layer, counted tensor by tensor for this model's eager code; compiled blocks
+    keep less (Inductor recomputes the pointwise work), measured on an H100 (BENCHMARKS.md). Under
+    1F1B, stage s holds the activations of min(pp - s, m) micro-batches at once."""
     m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
-    n = param_count(m) / tp  # replicated norms are a rounding error here
+    pp = p.pp
     wb = 2 if t.dtype == "bfloat16" else 4
     moments = {"ademamix": 3 if t.beta1 != 0 else 2, "adamw": 2}[t.optimizer]
     B, T, d, L = t.micro_batch_size, cfg["data"].seq_len, m.hidden_size, m.num_hidden_layers
     N = B * T  # tokens of one micro-batch
+    first, last = stage == 0, stage == pp - 1
+    embed = m.vocab_size * d
+    per_layer = (param_count(m) - 2 * embed - d) / L
+    n = (per_layer * L / pp + embed * first + (embed + d) * last) / tp  # replicated norms: a rounding error
     sp = tp if p.sequence_parallel and tp > 1 else 1
     hq, hkv = m.num_attention_heads * m.head_dim / tp, m.num_key_value_heads * m.head_dim / tp
     ff, Vl = m.intermediate_size / tp, m.vocab_size / tp
@@ -347,56 +373,67 @@ def memory_plan(cfg, tp, dp):
         # input, attention q, k, v, out and the fp32 logsumexp, xIELU its intermediates (measured, H100)
         per_tok = (2 * 6 * d / sp + 2 * wb * d + 6 * hq + 6 * hkv + wb * (2 * hq + 2 * hkv) + 4 * m.num_attention_heads / tp
                    + wb * hq + 10.5 * ff)
+    held = min(pp - stage, t.global_batch_size // (dp * B))  # micro-batches in flight on this stage
     if t.activation_checkpointing:  # block inputs, plus one block recomputed during backward
-        activations = wb * d / sp * N * L + per_tok * N
+        activations = held * wb * d / sp * N * L / pp + per_tok * N
     else:
-        activations = per_tok * N * L
+        activations = held * per_tok * N * L / pp
     chunk = model_py.LOSS_CHUNK_ELEMENTS
     chunk = chunk if isinstance(chunk, int) else chunk["cpu" if t.device == "cpu" else "cuda"]
     # fp32 head gradient and input gradient, and one chunk: its logits and gradient (and, eager, fp32 temporaries)
-    loss = 4 * Vl * d + 4 * N * d + chunk * (2 * wb + (0 if t.compile else 12))
+    loss = (4 * Vl * d + 4 * N * d + chunk * (2 * wb + (0 if t.compile else 12))) if last else 0
     rows = {
         "weights": n * wb,
         "gradient buffer (fp32)": n * 4,
         "gradient partition (fp32, dp > 1)": n * 4 / dp if dp > 1 else 0,
         "fp32 master + optimizer moments": n * 4 * (1 + moments) / dp,
-        "activations": activations,
+        f"activations ({held} micro-batch{'es' if held > 1 else ''} in flight)": activations,
         "loss buffers (chunked head + cross-entropy)": loss,
-        "head gradient handed to autograd": (4 + wb) * Vl * d,  # at the start of backward, briefly
+        "head gradient handed to autograd": (4 + wb) * Vl * d if last else 0,  # at the start of backward
     }
-    static = rows["weights"] + rows["gradient buffer (fp32)"] + rows["gradient partition (fp32, dp > 1)"] \
-        + rows["fp32 master + optimizer moments"]
+    static = sum(v for k, v in rows.items() if k in ("weights", "gradient buffer (fp32)", "fp32 master + optimizer moments",
+                                                        "gradient partition (fp32, dp > 1)"))
     peak = static + max(activations + loss + rows["head gradient handed to autograd"], 2 * 4 * OPT_CHUNK)
     return rows, peak
 
 
 def plan(cfg, tp, dp):
-    """The memory plan as text."""
+    """The memory plan as text: every stage that can be the largest (the first holds the most
+    activations, the last the head and the loss)."""
     m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
-    parallel.check_layout(m, tp * dp, tp, dp, t.global_batch_size, t.micro_batch_size,
-                          cfg["data"].seq_len, p.sequence_parallel)
-    lines = [f"layout tp={tp} dp={dp} ({tp * dp} GPUs), micro_batch {t.micro_batch_size} x seq_len "
-             f"{cfg['data'].seq_len}, {t.dtype} weights, {t.optimizer}, sequence_parallel={p.sequence_parallel}, "
-             f"compile={t.compile}"]
+    parallel.check_layout(m, tp * p.pp * dp, tp, dp, t.global_batch_size, t.micro_batch_size,
+                          cfg["data"].seq_len, p.sequence_parallel, p.pp)
+    lines = [f"layout tp={tp} pp={p.pp} dp={dp} ({tp * p.pp * dp} GPUs), micro_batch {t.micro_batch_size} x seq_len "
+             f"{cfg['data'].seq_len}, {t.global_batch_size // (dp * t.micro_batch_size)} micro-batches per step, "
+             f"{t.dtype} weights, {t.optimizer}, sequence_parallel={p.sequence_parallel}, compile={t.compile}"]
     for ckpt in (False, True):
         c = {**cfg, "train": type(t)(**{**asdict(t), "activation_checkpointing": ckpt})}
-        rows, peak = memory_plan(c, tp, dp)
         lines.append(f" {'with' if ckpt else 'without'} activation checkpointing:")
-        lines += [f"  {k:<46}{v / 1e9:>9.1f} GB" for k, v in rows.items() if v]
-        fits = ", ".join(f"{'fits' if peak < cap * 0.9 else 'does NOT fit'} {gpu}"
-                         for gpu, cap in (("GH200 96 GB", 96e9), ("H100 80 GB", 80e9)))
-        lines.append(f"  peak {peak / 1e9:.1f} GB -> {fits}")
+        for stage in sorted({0, p.pp - 1}):
+            rows, peak = memory_plan(c, tp, dp, stage)
+            name = "" if p.pp == 1 else f" (stage {stage}, the {'first' if stage == 0 else 'last'})"
+            lines += [f"  {k:<50}{v / 1e9:>9.1f} GB" for k, v in rows.items() if v]
+            fits = ", ".join(f"{'fits' if peak < cap * 0.9 else 'does NOT fit'} {gpu}"
+                             for gpu, cap in (("GH200 96 GB", 96e9), ("H100 80 GB", 80e9)))
+            lines.append(f"  peak{name} {peak / 1e9:.1f} GB -> {fits}")
     lines.append("  (fits = under 90% of the GPU's memory, leaving room for the allocator's fragmentation)")
     return "\n".join(lines)
 
 
+def peak_memory(cfg, tp, dp):
+    """The largest stage's planned peak, in bytes."""
+    return max(memory_plan(cfg, tp, dp, s)[1] for s in {0, cfg["parallel"].pp - 1})
+
+
 # ----------------------------------------------------------------------------- the run
 def build(cfg, grid, device):
-    """The model, on the meta device first, tensor-parallelised, then materialised and initialised
-    from one seed (each full tensor drawn, this rank's slice kept): every layout starts equal."""
+    """The model, on the meta device first, cut to this pipeline stage, tensor-parallelised, then
+    materialised and initialised from one seed (each full tensor drawn, this rank's slice kept):
+    every layout starts equal."""
     t = cfg["train"]
     with torch.device("meta"):
         model = Apertus(cfg["model"])
+    parallel.keep_stage(model, grid)
     parallel.parallelize(model, grid)
     model.to_empty(device=device)
     model.init_weights(t.seed, lambda role, full: parallel.tp_slice(full, role, grid))
@@ -414,52 +451,66 @@ def log(grid, *args):
         print(*args, flush=True)
 
 
-def global_sum(x, grid):
-    if grid.dp > 1:
-        torch.distributed.all_reduce(x, group=grid.dp_group)
+def all_sum(x, *groups):
+    """Sum x over the given process groups (None or a group of one: nothing to do)."""
+    for g in groups:
+        if g is not None:
+            torch.distributed.all_reduce(x, group=g)
     return x
+
+
+def micro_loss(model, x, y, mask, n_tokens, hidden=None):
+    """One micro-batch on this rank's stage: its share of the global mean loss (the last stage), or the
+    activations for the next stage."""
+    cfg = model.config
+    doc = document_ids(x, cfg.eos_token_id, cfg.bos_token_id)
+    out = model(x, y, loss_mask=mask, doc_ids=doc, reduction="sum", hidden=hidden)
+    return out / n_tokens if model.lm_head is not None else out
 
 
 def forward_backward(model, opt, batches, t, grid, train=True):
     """One global batch on this rank: the micro-batches' losses summed and normalised by the number of
     tokens that count in the WHOLE global batch, so that the gradient does not depend on the layout or
-    the micro-batch split. Returns the global mean loss (a float: one host sync per step)."""
+    the micro-batch split. Returns the global mean loss (a float: one host sync per step) and the
+    seconds this pipeline stage spent waiting for its neighbours."""
     cfg = model.config
     batches = [(x.to(grid.device, non_blocking=True), y.to(grid.device, non_blocking=True)) for x, y in batches]
     masks = [loss_mask(x, y, t, cfg.eos_token_id) if train else x != cfg.eos_token_id for x, y in batches]
-    n_tokens = global_sum(sum(m.sum() for m in masks).float(), grid)
+    n_tokens = all_sum(sum(m.sum() for m in masks).float(), grid.dp_group)
+    steps = [functools.partial(micro_loss, model, x, y, m, n_tokens) for (x, y), m in zip(batches, masks)]
+    if grid.pp > 1:  # every stage reads the same batch; the first uses the tokens, the last the targets
+        B, T = batches[0][0].shape
+        sp = grid.tp if grid.sequence_parallel else 1
+        dtype = next(model.parameters()).dtype
+        pipe = parallel.Pipe(grid, (B, T // sp, cfg.hidden_size), dtype)
+        total, _ = parallel.pipeline_1f1b(steps, pipe, opt, train)
+        return all_sum(total, grid.dp_group, grid.pp_group).item(), pipe.wait_s
     total = torch.zeros((), device=grid.device)
-    for i, ((x, y), m) in enumerate(zip(batches, masks)):
-        opt.sync = i == len(batches) - 1  # set BEFORE the forward: only the last micro-step reduces
-        doc = document_ids(x, cfg.eos_token_id, cfg.bos_token_id)
-        loss = model(x, y, loss_mask=m, doc_ids=doc, reduction="sum") / n_tokens
+    for i, step in enumerate(steps):
+        opt.sync = i == len(steps) - 1  # only the last micro-step's backward reduces the buckets
+        loss = step()
         if train:
             loss.backward()
         total += loss.detach()
-    return global_sum(total, grid).item()
+    return all_sum(total, grid.dp_group).item(), 0.0
 
 
 def train_step(model, opt, batches, lr, t, grid):
-    """Forward and backward over the global batch, then the update. Returns (loss, grad_norm); a
-    non-finite loss or gradient skips the update."""
-    loss = forward_backward(model, opt, batches, t, grid)
+    """Forward and backward over the global batch, then the update. Returns (loss, grad_norm, seconds
+    spent waiting in the pipeline); a non-finite loss or gradient skips the update."""
+    loss, waited = forward_backward(model, opt, batches, t, grid)
     if not math.isfinite(loss):
         opt.skip_step()
-        return loss, float("nan")
-    return loss, opt.step(lr, t.grad_clip).item()
+        return loss, float("nan"), waited
+    return loss, opt.step(lr, t.grad_clip).item(), waited
 
 
 @torch.no_grad()
 def evaluate(model, loader, n_batches, t, grid, opt):
     model.eval()
-    losses = [forward_backward(model, opt, loader.get_batch(i), t, grid, train=False) for i in range(n_batches)]
+    losses = [forward_backward(model, opt, loader.get_batch(i), t, grid, train=False)[0] for i in range(n_batches)]
     model.train()
     return sum(losses) / len(losses)
-
-
-def save(t, step, opt, grid, config_dict):
-    checkpoint.save_checkpoint(t.out_dir, step, opt, grid, config_dict, t.optimizer, t.keep_checkpoints)
-    log(grid, f"saved checkpoint at step {step}")
 
 
 def sample(model, tok, t, device):
@@ -470,13 +521,15 @@ def sample(model, tok, t, device):
 
 
 def setup(cfg):
-    """Everything a run needs before its first step: the grid, data, model, optimizer, resumed state."""
+    """Everything a run needs before its first step: the grid, data, model and optimizer."""
     t, dcfg, mcfg = cfg["train"], cfg["data"], cfg["model"]
     device_type = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     _, world, _ = parallel.env_rank()
-    parallel.check_layout(mcfg, world, cfg["parallel"].tp, None, t.global_batch_size, t.micro_batch_size,
-                          dcfg.seq_len, cfg["parallel"].sequence_parallel)
+    p = cfg["parallel"]
+    parallel.check_layout(mcfg, world, p.tp, None, t.global_batch_size, t.micro_batch_size, dcfg.seq_len,
+                          p.sequence_parallel, p.pp)
     grid = parallel.init_distributed(cfg["parallel"], device_type)
+    torch.manual_seed(t.seed * 1_000_003 + grid.rank)  # each rank's own stream, the same in every run
     tok = data.get_tokenizer(dcfg.tokenizer)
     if tok.vocab_size > mcfg.vocab_size:
         raise ConfigError(f"tokenizer {dcfg.tokenizer} has {tok.vocab_size} ids, model.vocab_size is {mcfg.vocab_size}")
@@ -495,6 +548,85 @@ def setup(cfg):
     return grid, tok, loaders, model, opt
 
 
+def resume(t, grid, opt):
+    """The newest good checkpoint in out_dir (verified; a bad one is skipped), else the Hugging Face
+    weights of init_from, else nothing (the seeded init). Returns (step, the checkpoint's meta.json)."""
+    path = checkpoint.find_resume(t.out_dir, grid)
+    if path:
+        step, meta, nbytes = checkpoint.load_checkpoint(path, opt, grid, t.optimizer)
+        mb = all_max_sum(nbytes / 1e6, grid)
+        log(grid, f"resumed from {path} at step {step} (read {mb[0]:.1f} MB per rank at most, {mb[1]:.1f} MB in all)")
+        return step, meta
+    if t.init_from:
+        nbytes = checkpoint.load_hf_into(opt, t.init_from, grid)
+        mb = all_max_sum(nbytes / 1e6, grid)
+        log(grid, f"initialised from {t.init_from} (read {mb[0]:.1f} MB per rank at most, {mb[1]:.1f} MB in all)")
+    return 0, {}
+
+
+def all_max_sum(x, grid):
+    """(max, sum) of a float over all ranks."""
+    mx, sm = (torch.tensor([x], dtype=torch.float64, device=grid.device) for _ in range(2))
+    if grid.world > 1:
+        torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(sm)
+    return mx.item(), sm.item()
+
+
+SIGNALLED = {"name": None}  # the signal handler's only state: the loop reads it after each step
+
+
+def on_signal(signum, frame):
+    """SIGUSR1 (Slurm's warning before the time limit) or SIGTERM (torchrun stopping, or scancel):
+    finish the step, save, exit."""
+    SIGNALLED["name"] = signal.Signals(signum).name
+
+
+def agree(grid, *flags):
+    """Flags any rank raised, known to every rank (one small all-reduce): they must all stop together."""
+    v = torch.tensor([float(f) for f in flags], device=grid.device)
+    if grid.world > 1:
+        torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX)
+    return [bool(x) for x in v.tolist()]
+
+
+def step_time_spread(dt, grid):
+    """The slowest and the fastest rank's step time: a straggler shows as a gap."""
+    v = torch.tensor([dt, -dt], device=grid.device)
+    if grid.world > 1:
+        torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX)
+    return round(v[0].item(), 4), round(-v[1].item(), 4)
+
+
+class SaveError(checkpoint.CheckpointError):
+    pass
+
+
+def save(saver, t, step, opt, grid, config_dict):
+    """A checkpoint of `step` (its files in the background with async_checkpoint). Returns the seconds
+    the loop was blocked."""
+    blocked = saver.save(step, opt, dict(config=config_dict, optimizer=t.optimizer))
+    log(grid, f"{'saving' if t.async_checkpoint else 'saved'} checkpoint at step {step} ({blocked:.2f} s blocked)")
+    return blocked
+
+
+def export_hf(t, grid, saver, tok_dir):
+    """<out_dir>/hf from the newest checkpoint, in the dtype the weights came in, with the tokenizer."""
+    saver.wait()
+    if grid.rank == 0:
+        latest = checkpoint.latest_checkpoint(t.out_dir)
+        dtype = checkpoint.hf_dtype(t.init_from) if t.init_from else \
+            (torch.bfloat16 if t.dtype == "bfloat16" else torch.float32)
+        out = os.path.join(t.out_dir, "hf")
+        checkpoint.consolidate(latest, out, dtype)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                     "chat_template.jinja"):
+            if tok_dir and os.path.exists(os.path.join(tok_dir, name)):
+                shutil.copy(os.path.join(tok_dir, name), out)
+        log(grid, f"exported {latest} to {out} ({str(dtype).removeprefix('torch.')})")
+    checkpoint._barrier(grid)
+
+
 def run(cfg):
     t, dcfg, mcfg = cfg["train"], cfg["data"], cfg["model"]
     grid, tok, loaders, model, opt = setup(cfg)
@@ -504,21 +636,16 @@ def run(cfg):
     if grid.rank == 0:
         with open(os.path.join(t.out_dir, "config.json"), "w") as f:
             json.dump(config_dict, f, indent=2)
-    step = 0
-    latest = checkpoint.latest_checkpoint(t.out_dir)
-    if latest:
-        step = checkpoint.load_checkpoint(latest, opt, grid, t.optimizer)
-        log(grid, f"resumed from {latest} at step {step}")
+    step, _ = resume(t, grid, opt)
     n_params = param_count(mcfg)
     fpt, peak = flops_per_token(mcfg, dcfg.seq_len, n_params), peak_flops(grid.device)
-    log(grid, f"{n_params:,} parameters, layout tp={grid.tp} dp={grid.dp}, device {grid.device}, "
+    log(grid, f"{n_params:,} parameters, layout tp={grid.tp} pp={grid.pp} dp={grid.dp}, device {grid.device}, "
               f"{len(loaders['train'].get_batch(0))} micro-batches of {t.micro_batch_size} per rank per step")
     decay_start = t.decay_start if t.decay_start >= 0 else t.max_steps - t.decay_steps
     tokens_per_step = t.global_batch_size * dcfg.seq_len
-
-    stop = {"signal": None}  # SIGUSR1 from Slurm before the time limit (or SIGTERM): save and exit
+    saver = checkpoint.Saver(t.out_dir, grid, t.keep_checkpoints, t.async_checkpoint)
     for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, lambda s, _: stop.update(signal=s))
+        signal.signal(sig, on_signal)
     metrics = open(os.path.join(t.out_dir, "metrics.jsonl"), "a") if grid.rank == 0 else None
     bar = None
     if grid.rank == 0:
@@ -530,11 +657,13 @@ def run(cfg):
             # ---- one step: timed alone (evaluations and saves are not training time)
             t0 = time.perf_counter()
             lr = wsd_lr(step, t.lr, t.min_lr, t.warmup_steps, decay_start, t.decay_steps, t.decay_shape)
-            loss, norm = train_step(model, opt, loaders["train"].get_batch(step), lr, t, grid)
+            loss, norm, waited = train_step(model, opt, loaders["train"].get_batch(step), lr, t, grid)
             if grid.device.type == "cuda":
                 torch.cuda.synchronize(grid.device)
             dt = time.perf_counter() - t0
             step += 1
+            if t.hang_timeout_s:  # a rank that completes no step in this time prints its stacks and exits 1
+                faulthandler.dump_traceback_later(t.hang_timeout_s, exit=True)
             if not math.isfinite(loss) or not math.isfinite(norm):
                 log(grid, f"step {step}: {'loss' if not math.isfinite(loss) else 'gradient norm'} is not finite, "
                           f"update skipped")
@@ -542,32 +671,56 @@ def run(cfg):
                           mfu=round(fpt * tokens_per_step / dt / (peak * grid.world), 4) if peak else None)
             if grid.device.type == "cuda":
                 record["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(grid.device) / 1e9, 2)
+            if grid.pp > 1:  # the fraction of the step this stage sat waiting (rank 0: the first stage)
+                record["bubble"] = round(waited / dt, 4)
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            # ---- evaluation, metrics, checkpoint, signals
+            # ---- evaluation, checkpoint, signals, metrics
+            logged = step % t.log_interval == 0 or step == t.max_steps
+            if logged:
+                record["step_time_max_s"], record["step_time_min_s"] = step_time_spread(dt, grid)
             if step == t.max_steps or (t.eval_interval and step % t.eval_interval == 0):
                 record["val_loss"] = evaluate(model, loaders["val"], dcfg.eval_batches, t, grid, opt)
                 log(grid, f"step {step}: val loss {record['val_loss']:.4f}")
-            if metrics and (step % t.log_interval == 0 or step == t.max_steps or "val_loss" in record):
+            signalled, save_failed = agree(grid, SIGNALLED["name"] is not None, saver.error is not None)
+            if save_failed:
+                say = saver.error or "a checkpoint save failed on another rank"
+                saver.error = None
+                if t.on_save_error == "stop":
+                    raise SaveError(f"{say}; stopping (train.on_save_error = stop), the previous checkpoints are intact")
+                log(grid, f"{say}; the previous checkpoints are intact, retrying at the next interval")
+            export = t.export_hf and t.export_hf_every and step % t.export_hf_every == 0
+            if (step == t.max_steps or (t.checkpoint_interval and step % t.checkpoint_interval == 0)
+                    or signalled or export):
+                if signalled:
+                    log(grid, f"{SIGNALLED['name'] or 'a signal'} received: saving step {step}; until it is "
+                              f"complete the newest checkpoint is the previous one")
+                record["checkpoint_block_s"] = round(save(saver, t, step, opt, grid, config_dict), 4)
+            if export and step != t.max_steps:
+                export_hf(t, grid, saver, t.init_from)
+            if metrics and (logged or "val_loss" in record or "checkpoint_block_s" in record):
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-            signalled = stop["signal"] is not None
-            if grid.world > 1:  # every rank must agree to stop, or the save would hang
-                flag = torch.tensor([float(signalled)], device=grid.device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                signalled = bool(flag.item())
-            if step == t.max_steps or (t.checkpoint_interval and step % t.checkpoint_interval == 0) or signalled:
-                save(t, step, opt, grid, config_dict)
             if signalled:
-                log(grid, f"signal received: saved at step {step}, exiting (resume with the same command)")
+                saver.wait()
+                if saver.error:
+                    raise SaveError(f"{saver.error}; the previous checkpoints are intact")
+                log(grid, f"saved checkpoint at step {step} after {SIGNALLED['name'] or 'a signal'}; exiting "
+                          f"(resume with the same command)")
                 break
     finally:
+        faulthandler.cancel_dump_traceback_later()
         if bar:
             bar.close()
         if metrics:
             metrics.close()
-    if t.sample_tokens and grid.rank == 0 and grid.world == 1 and step == t.max_steps:
+    saver.wait()
+    if saver.error:
+        raise SaveError(f"{saver.error}; the previous checkpoints are intact")
+    if t.export_hf and step == t.max_steps:
+        export_hf(t, grid, saver, t.init_from)
+    if t.sample_tokens and grid.world == 1 and step == t.max_steps:
         print("sample:\n" + sample(model, tok, t, grid.device))
     parallel.shutdown(grid, opt)
     return model
@@ -584,7 +737,14 @@ def main(argv):
             print(plan(cfg, cfg["parallel"].tp, cfg["parallel"].dp or 1))
             return 0
         run(cfg)
-    except (ConfigError, parallel.LayoutError, data.DataError, checkpoint.CheckpointError) as e:
+    except (ConfigError, parallel.LayoutError) as e:  # the same on every rank: said once
+        if parallel.env_rank()[0] == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SaveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (data.DataError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

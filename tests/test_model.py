@@ -67,7 +67,7 @@ def test_sharded_save_roundtrip_and_transformers5_config(tmp_path):
     ref = hf_model(SHAPES["gqa-llama3"])
     ref.save_pretrained(tmp_path / "hf")
     ours = checkpoint.load_hf(tmp_path / "hf")
-    checkpoint.save_hf(ours, tmp_path / "sharded", max_shard_bytes=20_000)
+    checkpoint.save_hf(ours, tmp_path / "sharded", max_file_bytes=20_000)
     files = os.listdir(tmp_path / "sharded")
     assert "model.safetensors.index.json" in files and len([f for f in files if f.endswith(".safetensors")]) > 3
     cfg = json.load(open(tmp_path / "sharded" / "config.json"))

@@ -204,36 +204,57 @@ def losses(out_dir):
     return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl")))}
 
 
+LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "tp4": (4, 1), "pp2": (1, 2), "tp2pp2": (2, 2), "pp4": (1, 4)}  # (tp, pp)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """The tiny config for 8 steps on one process and on 4 processes under every layout."""
     base = tmp_path_factory.mktemp("runs")
     out = subprocess.run([sys.executable, "train.py", *RUN, f"--train.out_dir={base / 'single'}"], cwd=ROOT,
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    for tp in (1, 2, 4):
-        out = torchrun(4, base / f"tp{tp}", f"--parallel.tp={tp}")
-        assert out.returncode == 0, out.stderr[-3000:]
+    for name, (tp, pp) in LAYOUTS.items():
+        out = torchrun(4, base / name, f"--parallel.tp={tp}", f"--parallel.pp={pp}")
+        assert out.returncode == 0, (name, out.stderr[-3000:])
     return base
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
-def test_4_processes_give_the_single_process_losses(runs, tp):
-    want, got = losses(runs / "single"), losses(runs / f"tp{tp}")
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_4_processes_give_the_single_process_losses(runs, layout):
+    want, got = losses(runs / "single"), losses(runs / layout)
     assert sorted(got) == list(range(1, 9))
     for step, loss in got.items():
         assert abs(loss - want[step]) <= 1e-5 * abs(want[step]), (step, loss, want[step])
 
 
-@pytest.mark.parametrize("tp", [4, 1])
-def test_checkpoint_from_tp2_dp2_resumes_under_another_layout(runs, tmp_path, tp):
-    subprocess.run(["cp", "-r", str(runs / "tp2" / "ckpt-00000004"), str(tmp_path)], check=True)
-    out = torchrun(4, tmp_path, f"--parallel.tp={tp}")
+@pytest.mark.parametrize("source,tp,pp", [("tp2", 4, 1), ("tp2", 1, 1), ("tp2pp2", 1, 4), ("tp2pp2", 2, 1),
+                                          ("tp2pp2", None, None)])
+def test_a_checkpoint_resumes_under_another_layout(runs, tmp_path, source, tp, pp):
+    subprocess.run(["cp", "-r", str(runs / source / "ckpt-00000004"), str(tmp_path)], check=True)
+    if tp is None:  # one process
+        out = subprocess.run([sys.executable, "train.py", *RUN, f"--train.out_dir={tmp_path}"], cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    else:
+        out = torchrun(4, tmp_path, f"--parallel.tp={tp}", f"--parallel.pp={pp}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stdout
+    # each rank reads its share of the checkpoint, not every full tensor: at most 1/world of it (plus the
+    # small tensors replicated over TP, which every TP rank reads whole)
+    import re
+    per_rank, total = map(float, re.search(r"read ([\d.]+) MB per rank at most, ([\d.]+) MB in all", out.stdout).groups())
+    size = sum(os.path.getsize(f) for f in (runs / source / "ckpt-00000004").glob("rank-*.safetensors")) / 1e6
+    world = 1 if tp is None else 4
+    assert per_rank <= 1.1 * size / world and total <= 1.05 * size, (per_rank, total, size)
     want, got = losses(runs / "single"), losses(tmp_path)
     assert sorted(got) == [5, 6, 7, 8]
     for step, loss in got.items():
-        assert abs(loss - want[step]) <= 1e-5 * abs(want[step])
+        assert abs(loss - want[step]) <= 1e-5 * abs(want[step]), (step, loss, want[step])
+
+
+def test_pipeline_logs_its_bubble(runs):
+    rows = [json.loads(line) for line in open(runs / "pp4" / "metrics.jsonl")]
+    assert all(0 <= r["bubble"] < 1 for r in rows)
 
 
 def test_consolidate_tp2_dp2_checkpoint_to_hugging_face(runs, tmp_path):
@@ -242,7 +263,7 @@ def test_consolidate_tp2_dp2_checkpoint_to_hugging_face(runs, tmp_path):
     out = subprocess.run([sys.executable, "checkpoint.py", "consolidate", str(runs / "tp2" / "ckpt-00000008"),
                           str(tmp_path / "hf")], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    ck = checkpoint.ShardedCheckpoint(str(runs / "tp1" / "ckpt-00000008"))  # same run, other layout
+    ck = checkpoint.CheckpointReader(str(runs / "tp1" / "ckpt-00000008"))  # same run, other layout
     ours = checkpoint.load_hf(tmp_path / "hf")
     for name, p in ours.named_parameters():
         assert torch.allclose(p, ck.full("master", name).to(torch.bfloat16).float(), atol=1e-2), name
@@ -257,17 +278,58 @@ def test_a_layout_that_does_not_fit_is_refused():
            *RUN, "--parallel.tp=2"]
     out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
-    assert "layout refused: world size 3 is not divisible by tp=2" in out.stderr
+    assert "layout refused: world size 3 is not divisible by tp x pp = 2 x 1" in out.stderr
+    for args, message in ((["--parallel.pp=3"], "layout refused: pp=3 does not divide the 4 layers"),
+                          (["--parallel.pp=2"], "layout refused: world size 3 is not divisible by tp x pp = 1 x 2")):
+        out = subprocess.run(cmd[:-1] + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+        assert [line for line in out.stderr.splitlines() if line.startswith("error:")] == [f"error: {message}"]
     out = subprocess.run([sys.executable, "train.py", "configs/tiny.toml", "--plan", "--parallel.tp=8"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "tp=8 does not divide the KV heads (4)" in out.stderr
 
 
-def test_plan_70b_answers_in_seconds():
+def test_plan_70b_at_apertus_layout_fits_gh200_and_h100():
     out = subprocess.run([sys.executable, "train.py", "configs/apertus-70b.toml", "--plan", "--parallel.tp=4",
-                          "--parallel.dp=128"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+                          "--parallel.pp=8", "--parallel.dp=128", "--train.activation_checkpointing=true"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "tp=4 dp=128" in out.stdout and "GH200" in out.stdout and "H100" in out.stdout
+    assert "tp=4 pp=8 dp=128" in out.stdout
+    with_ckpt = out.stdout.split("with activation checkpointing:")[1]
+    peaks = [line for line in with_ckpt.splitlines() if "peak" in line]
+    assert len(peaks) == 2 and all("fits GH200 96 GB, fits H100 80 GB" in line for line in peaks)
+
+
+def _stage_worker(rank, world, port):
+    """pp = 4: each stage holds only its layers, and 1F1B holds no more micro-batches than the plan."""
+    _init(rank, world, port)
+    import functools
+    import train
+    cfg = train.load_config(os.path.join(ROOT, "configs/tiny.toml"), ["--parallel.pp=4", "--train.global_batch_size=8",
+                                                                      "--train.micro_batch_size=1"])
+    grid = parallel.init_distributed(cfg["parallel"], "cpu")
+    model = train.build(cfg, grid, grid.device)
+    names = {n for n, _ in model.named_parameters()}
+    layers = {n.split(".")[2] for n in names if n.startswith("model.layers.")}
+    assert layers == {str(grid.pp_rank)}
+    assert ("model.embed_tokens.weight" in names) == (grid.pp_rank == 0)
+    assert ("lm_head.weight" in names) == ("model.norm.weight" in names) == (grid.pp_rank == 3)
+    opt = parallel.DistributedOptimizer(model, grid, train.make_optimizer(cfg["train"]))
+    x = torch.randint(4, 260, (8, 257))
+    batches = [(x[i:i + 1, :-1], x[i:i + 1, 1:]) for i in range(8)]
+    steps = [functools.partial(train.micro_loss, model, a, b, torch.ones_like(a, dtype=torch.bool), 8 * 256.0)
+             for a, b in batches]
+    pipe = parallel.Pipe(grid, (1, 256, 128), torch.float32)
+    _, held = parallel.pipeline_1f1b(steps, pipe, opt)
+    planned = "activations (%d micro-batch" % min(4 - grid.pp_rank, 8)
+    assert held == min(4 - grid.pp_rank, 8)
+    assert any(k.startswith(planned) for k in train.memory_plan(cfg, 1, 1, grid.pp_rank)[0])
+    opt.step(1e-3)
+    parallel.shutdown(grid, opt)
+
+
+def test_a_stage_holds_its_layers_and_no_more_activations_than_planned():
+    _spawn(_stage_worker, 4)
 
 
 def test_slurm_environment_gives_the_rank(monkeypatch):

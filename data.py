@@ -23,6 +23,7 @@ import argparse
 import base64
 import bisect
 import contextlib
+import datetime
 import functools
 import hashlib
 import json
@@ -191,6 +192,77 @@ def _read_tokenizer_json(path: str, spec: dict) -> Tokenizer:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{path}: not a byte-level BPE tokenizer.json ({type(e).__name__}: {e})") from None
     return Tokenizer(name, enc, offset, vocab_size, special)
+
+
+# -----------------------------------------------------------------------------
+# chat: the Apertus chat template, for supervised fine-tuning
+
+# the "Current date" of the default system prompt. The Instruct models' template writes today's date there
+# (strftime_now); a fixed default keeps prepared data the same on every day. 2025-09-02: Apertus' release.
+CHAT_DATE = "2025-09-02"
+DEFAULT_SYSTEM = ("You are Apertus, a helpful assistant created by the SwissAI initiative.\n"
+                  "Knowledge cutoff: 2024-04\nCurrent date: {date}")
+DEVELOPER = "Deliberation: disabled\nTool Capabilities: disabled"  # the developer block, thinking and tools off
+CHAT_CONTROL = [f"<|{role}_{edge}|>" for role in ("system", "developer", "user", "assistant")
+                for edge in ("start", "end")]
+
+
+def chat_tokens(tok: Tokenizer, messages, date: str = CHAT_DATE) -> tuple[list[int], list[bool]]:
+    """A conversation [{"role": "system" | "user" | "assistant", "content": str}, ...] as Apertus-Instruct sees it:
+
+        <s><|system_start|>{system}<|system_end|><|developer_start|>Deliberation: disabled
+        Tool Capabilities: disabled<|developer_end|><|user_start|>{user}<|user_end|>
+        <|assistant_start|>{assistant}<|assistant_end|><|user_start|>{user}<|user_end|><|assistant_start|>...
+
+    one string, with a newline after "disabled" and nowhere else; each control token one id, each content
+    encoded as ordinary text (a "<|user_start|>" typed by a user stays text), nothing in between. Without a
+    system message comes the default one, dated `date` (YYYY-MM-DD). Returns (ids, loss_mask): loss_mask[i] is
+    True where ids[i] is a target the loss counts, exactly the tokens of the assistant contents and each
+    <|assistant_end|> (predicting it teaches the model to stop).
+
+    This is the chat template of the Apertus Instruct models (swiss-ai/Apertus-8B-Instruct-2509; the same Jinja
+    is in github.com/swiss-ai/apertus_format, src/templates/chat_template.jinja) with tools and deliberation off,
+    but for two things. The template closes an assistant turn only when a user turn follows, so that a prompt
+    ends open; here the last assistant turn gets its <|assistant_end|> too. And the template renders turns in
+    any order (two assistant messages in a row become one turn); here they must alternate, user first and
+    assistant last, else a DataError says what is wrong.
+    """
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise DataError('a conversation must be a non-empty list of {"role": ..., "content": ...} objects')
+    for k, m in enumerate(messages):
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise DataError(f"message {k}: role {m.get('role')!r} is not system, user or assistant")
+        if not isinstance(m.get("content"), str):
+            raise DataError(f"message {k}: content must be a string, not {type(m.get('content')).__name__}")
+    first = 1 if messages[0]["role"] == "system" else 0
+    for k in range(first, len(messages)):
+        role, want = messages[k]["role"], ("user", "assistant")[(k - first) % 2]
+        if role != want:
+            raise DataError(f"message {k}: expected role {want!r}, got {role!r} (after an optional system message, "
+                            f"user and assistant messages alternate)")
+    if messages[-1]["role"] != "assistant":
+        raise DataError("a conversation must end with an assistant message (the loss is on the assistant's words)")
+    try:
+        if datetime.date.fromisoformat(date).isoformat() != date:  # Python 3.11 also reads "20250902"
+            raise ValueError
+    except (TypeError, ValueError):
+        raise DataError(f"date {date!r} must be a YYYY-MM-DD string") from None
+    missing = [name for name in CHAT_CONTROL if name not in tok.special]
+    if missing:
+        raise DataError(f"tokenizer {tok.name} has no {missing[0]} token; chat data needs Apertus' tokenizer.json")
+    c = tok.special
+    system = messages[0]["content"] if first else DEFAULT_SYSTEM.format(date=date)
+    pieces = [([tok.bos_id, c["<|system_start|>"]], False), (tok.encode(system), False),
+              ([c["<|system_end|>"], c["<|developer_start|>"]], False), (tok.encode(DEVELOPER), False),
+              ([c["<|developer_end|>"]], False)]
+    for m in messages[first:]:
+        if m["role"] == "user":
+            pieces += [([c["<|user_start|>"]], False), (tok.encode(m["content"]), False), ([c["<|user_end|>"]], False)]
+        else:
+            pieces += [([c["<|assistant_start|>"]], False), (tok.encode(m["content"]) + [c["<|assistant_end|>"]], True)]
+    ids = [i for piece, _ in pieces for i in piece]
+    loss_mask = [learn for piece, learn in pieces for _ in piece]
+    return ids, loss_mask
 
 
 # -----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import argparse
 import base64
 import bisect
 import contextlib
+import datetime
 import functools
 import hashlib
 import json
@@ -52,18 +53,19 @@ class DataError(Exception):
     """A problem with the user's data or settings; the message is one line and names the file."""
 
 
-BOS_ID, EOS_ID, PAD_ID = 1, 2, 3  # <s>, </s>, <pad> in both tokenizers; id 0 is <unk>
+BOS_ID, EOS_ID, PAD_ID = 1, 2, 3  # <s>, </s>, <pad> in every tokenizer here; id 0 is <unk>
 
 # -----------------------------------------------------------------------------
 # tokenizer
 
 
 class Tokenizer:
-    """A tiktoken byte-level BPE whose ranks sit above `offset` reserved special ids: id = rank + offset."""
+    """A tiktoken byte-level BPE whose ranks sit above `offset` reserved special ids: id = rank + offset.
+    `special` names the special ids ({"<s>": 1, "<|user_start|>": 65, ...}); no text ever encodes to one."""
 
-    def __init__(self, name: str, enc: tiktoken.Encoding, offset: int, vocab_size: int):
-        self.name, self.enc, self.offset, self.vocab_size = name, enc, offset, vocab_size
-        self.bos_id, self.eos_id, self.pad_id = BOS_ID, EOS_ID, PAD_ID
+    def __init__(self, name: str, enc: tiktoken.Encoding, offset: int, vocab_size: int, special: dict[str, int]):
+        self.name, self.enc, self.offset, self.vocab_size, self.special = name, enc, offset, vocab_size, special
+        self.bos_id, self.eos_id, self.pad_id = special["<s>"], special["</s>"], PAD_ID
 
     def encode(self, text: str) -> list[int]:
         # encode_ordinary: a "<s>" inside the text is just text, never a special token
@@ -79,26 +81,188 @@ class Tokenizer:
         return self.enc.decode_bytes(ranks).decode("utf-8", errors="replace")
 
 
-@functools.lru_cache(maxsize=None)  # parsing tekken takes ~0.5 s and prepare asks once per piece of work
+@functools.lru_cache(maxsize=None)  # parsing takes 0.5 s (tekken) to 1.5 s (tokenizer.json); prepare asks once a piece
 def get_tokenizer(name: str) -> Tokenizer:
-    """The tokenizer named "byte" (ids 0-3 special, bytes at 4..259) or in a Mistral tekken JSON file."""
+    """The tokenizer named "byte" (ids 0-3 special, bytes at 4..259), in a Mistral tekken JSON file, or in a
+    Hugging Face tokenizer.json of a byte-level BPE (Apertus' released tokenizer) or a directory holding one."""
     if name == "byte":
         # no merges, so the split pattern changes only the speed, never the ids
         ranks = {bytes([b]): b for b in range(256)}
         enc = tiktoken.Encoding("byte", pat_str=r"\s+|\S+", mergeable_ranks=ranks, special_tokens={})
-        return Tokenizer("byte", enc, offset=4, vocab_size=260)
+        return Tokenizer("byte", enc, offset=4, vocab_size=260, special={"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3})
+    path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
     try:
-        with open(name, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             spec = json.load(f)
+        if isinstance(spec, dict) and "model" in spec:
+            return _read_tokenizer_json(path, spec)
         config = spec["config"]
         offset, vocab_size = config["default_num_special_tokens"], config["default_vocab_size"]
         # Apertus / Mistral-NeMo: 1000 special ids, then the first 130072 BPE ranks (the file holds 150000)
         ranks = {base64.b64decode(t["token_bytes"]): t["rank"] for t in spec["vocab"][: vocab_size - offset]}
-        stem = os.path.splitext(os.path.basename(name))[0]
+        # newer tekken files list their special tokens; v3 (tekken_240718.json) names none, and mistral-common
+        # gives ids 0-2 these names (Apertus renamed some of the others: its tokenizer.json has them all)
+        special = {str(t["token_str"]): t["rank"] for t in spec.get("special_tokens", [])}
+        special = special or {"<unk>": 0, "<s>": 1, "</s>": 2}
+        stem = os.path.splitext(os.path.basename(path))[0]
         enc = tiktoken.Encoding(stem, pat_str=config["pattern"], mergeable_ranks=ranks, special_tokens={})
+        return Tokenizer(stem, enc, offset, vocab_size, special)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{name}: tokenizer must be 'byte' or a tekken JSON file ({type(e).__name__}: {e})") from None
-    return Tokenizer(stem, enc, offset, vocab_size)
+        raise DataError(f"{path}: tokenizer must be 'byte', a tekken JSON file or a tokenizer.json "
+                        f"({type(e).__name__}: {e})") from None
+
+
+def _gpt2_byte_spelling() -> dict[int, str]:
+    """The character that spells each byte in a byte-level tokenizer.json (bytes_to_unicode in openai/gpt-2's
+    encoder.py): printable Latin-1 bytes spell themselves, the other 68 take U+0100... in byte order
+    (space -> 'Ġ', newline -> 'Ċ'), so that every token is a printable string."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(0x100 + k) for k, b in enumerate(others)}}
+
+
+def _read_tokenizer_json(path: str, spec: dict) -> Tokenizer:
+    """A Hugging Face tokenizer.json laid out as Mistral's and Apertus' are: the special tokens (added_tokens) at
+    ids 0..offset-1, then the byte-level BPE tokens in merge-priority order (Apertus: ids 1000.. are the tekken
+    ranks, id = rank + 1000). tiktoken then computes the ids that the tokenizers library computes from the file:
+    both cut text with the same regex, look a whole piece up first (the file's ignore_merges; every Apertus
+    token is also reachable by merges, so either value gives the same ids), then merge the adjacent pair that
+    comes first in the merge list, which here is the pair whose result has the lowest id."""
+    # a tokenizer.json is named for its directory (".../Apertus-8B-Instruct-2509/tokenizer.json")
+    name = os.path.splitext(os.path.basename(path))[0]
+    name = os.path.basename(os.path.dirname(os.path.abspath(path))) if name == "tokenizer" else name
+    try:
+        model, pre, added = spec["model"], spec["pre_tokenizer"], spec["added_tokens"]
+        if model["type"] != "BPE":
+            raise DataError(f"{path}: the model is {model['type']}, not a byte-level BPE")
+        if (spec.get("normalizer") or model.get("dropout") or model.get("continuing_subword_prefix")
+                or model.get("end_of_word_suffix")):
+            raise DataError(f"{path}: a normalizer, BPE dropout or subword affixes are not supported (Apertus has "
+                            f"none)")
+        # Split cuts the text into pieces with a regex, then ByteLevel only respells each piece's bytes (use_regex
+        # false: no second, GPT-2 style split). "Isolated" keeps every match as a piece, as tiktoken does;
+        # tiktoken drops text that no match covers, which the tekken pattern never leaves (\s+ and
+        # [^\s\p{L}\p{N}]+ catch whatever the letter and digit alternatives do not)
+        steps = pre["pretokenizers"] if pre["type"] == "Sequence" else [pre]
+        if ([s["type"] for s in steps] != ["Split", "ByteLevel"] or "Regex" not in steps[0]["pattern"]
+                or steps[0]["behavior"] != "Isolated" or steps[0]["invert"]
+                or steps[1].get("use_regex", True) or steps[1].get("add_prefix_space")):
+            raise DataError(f"{path}: pre_tokenizer must be Sequence[Split(Regex, Isolated), ByteLevel(use_regex="
+                            f"false)] as in Apertus' tokenizer.json")
+        # the regex is Oniguruma syntax in the file and fancy-regex syntax in tiktoken: the same for this pattern
+        pattern = steps[0]["pattern"]["Regex"]
+
+        special = {t["content"]: t["id"] for t in added}
+        if not all(t["special"] for t in added):  # transformers finds non-special added tokens inside text
+            raise DataError(f"{path}: added tokens that are not special are not supported")
+        if "<s>" not in special or "</s>" not in special:
+            raise DataError(f"{path}: no <s> or </s> among the added_tokens")
+        byte_of = {c: b for b, c in _gpt2_byte_spelling().items()}
+        ids = {}  # token bytes -> id, for the BPE tokens (the vocab also holds the special tokens)
+        for spelling, i in model["vocab"].items():
+            if special.get(spelling) == i:
+                continue
+            if not all(c in byte_of for c in spelling):
+                raise DataError(f"{path}: vocab entry {spelling!r} (id {i}) is not in the byte-level spelling")
+            ids[bytes(byte_of[c] for c in spelling)] = i
+        offset, vocab_size = len(special), len(special) + len(ids)
+        if sorted(special.values()) != list(range(offset)) or sorted(ids.values()) != list(range(offset, vocab_size)):
+            raise DataError(f"{path}: ids must be the special tokens 0..N-1, then the BPE tokens N, N+1, ... "
+                            f"(Apertus: 1000 special ids)")
+        if any(bytes([b]) not in ids for b in range(256)):
+            raise DataError(f"{path}: the vocab lacks some of the 256 single bytes; not a byte-level BPE")
+        # tiktoken merges by token id alone, so the merge list must follow the id order: checked here (every
+        # part and result a token, results in id order, every multi-byte token some merge's result), ~0.2 s.
+        # Not checked, as it takes seconds: that the list holds every split of a token into two tokens, as
+        # lists converted from tiktoken or tekken (Apertus') do.
+        vocab, last, made = model["vocab"], offset, set()
+        for merge in model["merges"]:
+            left, right = merge.split(" ") if isinstance(merge, str) else merge  # older files write "a b"
+            i = vocab[left + right]
+            if i < last or left not in vocab or right not in vocab:
+                raise DataError(f"{path}: merge {left!r} + {right!r} (id {i}) is out of the id order; tiktoken "
+                                f"cannot reproduce this BPE")
+            last = i
+            made.add(i)
+        if len(made) != sum(len(b) > 1 for b in ids):
+            raise DataError(f"{path}: {sum(len(b) > 1 for b in ids) - len(made)} multi-byte tokens are made by no "
+                            f"merge")
+        ranks = {b: i - offset for b, i in ids.items()}
+        enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{path}: not a byte-level BPE tokenizer.json ({type(e).__name__}: {e})") from None
+    return Tokenizer(name, enc, offset, vocab_size, special)
+
+
+# -----------------------------------------------------------------------------
+# chat: the Apertus chat template, for supervised fine-tuning
+
+# the "Current date" of the default system prompt. The Instruct models' template writes today's date there
+# (strftime_now); a fixed default keeps prepared data the same on every day. 2025-09-02: Apertus' release.
+CHAT_DATE = "2025-09-02"
+DEFAULT_SYSTEM = ("You are Apertus, a helpful assistant created by the SwissAI initiative.\n"
+                  "Knowledge cutoff: 2024-04\nCurrent date: {date}")
+DEVELOPER = "Deliberation: disabled\nTool Capabilities: disabled"  # the developer block, thinking and tools off
+CHAT_CONTROL = [f"<|{role}_{edge}|>" for role in ("system", "developer", "user", "assistant")
+                for edge in ("start", "end")]
+
+
+def chat_tokens(tok: Tokenizer, messages, date: str = CHAT_DATE) -> tuple[list[int], list[bool]]:
+    """A conversation [{"role": "system" | "user" | "assistant", "content": str}, ...] as Apertus-Instruct sees it:
+
+        <s><|system_start|>{system}<|system_end|><|developer_start|>Deliberation: disabled
+        Tool Capabilities: disabled<|developer_end|><|user_start|>{user}<|user_end|>
+        <|assistant_start|>{assistant}<|assistant_end|><|user_start|>{user}<|user_end|><|assistant_start|>...
+
+    one string, with a newline after "disabled" and nowhere else; each control token one id, each content
+    encoded as ordinary text (a "<|user_start|>" typed by a user stays text), nothing in between. Without a
+    system message comes the default one, dated `date` (YYYY-MM-DD). Returns (ids, loss_mask): loss_mask[i] is
+    True where ids[i] is a target the loss counts, exactly the tokens of the assistant contents and each
+    <|assistant_end|> (predicting it teaches the model to stop).
+
+    This is the chat template of the Apertus Instruct models (swiss-ai/Apertus-8B-Instruct-2509; the same Jinja
+    is in github.com/swiss-ai/apertus_format, src/templates/chat_template.jinja) with tools and deliberation off,
+    but for two things. The template closes an assistant turn only when a user turn follows, so that a prompt
+    ends open; here the last assistant turn gets its <|assistant_end|> too. And the template renders turns in
+    any order (two assistant messages in a row become one turn); here they must alternate, user first and
+    assistant last, else a DataError says what is wrong.
+    """
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise DataError('a conversation must be a non-empty list of {"role": ..., "content": ...} objects')
+    for k, m in enumerate(messages):
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise DataError(f"message {k}: role {m.get('role')!r} is not system, user or assistant")
+        if not isinstance(m.get("content"), str):
+            raise DataError(f"message {k}: content must be a string, not {type(m.get('content')).__name__}")
+    first = 1 if messages[0]["role"] == "system" else 0
+    for k in range(first, len(messages)):
+        role, want = messages[k]["role"], ("user", "assistant")[(k - first) % 2]
+        if role != want:
+            raise DataError(f"message {k}: expected role {want!r}, got {role!r} (after an optional system message, "
+                            f"user and assistant messages alternate)")
+    if messages[-1]["role"] != "assistant":
+        raise DataError("a conversation must end with an assistant message (the loss is on the assistant's words)")
+    try:
+        if datetime.date.fromisoformat(date).isoformat() != date:  # Python 3.11 also reads "20250902"
+            raise ValueError
+    except (TypeError, ValueError):
+        raise DataError(f"date {date!r} must be a YYYY-MM-DD string") from None
+    missing = [name for name in CHAT_CONTROL if name not in tok.special]
+    if missing:
+        raise DataError(f"tokenizer {tok.name} has no {missing[0]} token; chat data needs Apertus' tokenizer.json")
+    c = tok.special
+    system = messages[0]["content"] if first else DEFAULT_SYSTEM.format(date=date)
+    pieces = [([tok.bos_id, c["<|system_start|>"]], False), (tok.encode(system), False),
+              ([c["<|system_end|>"], c["<|developer_start|>"]], False), (tok.encode(DEVELOPER), False),
+              ([c["<|developer_end|>"]], False)]
+    for m in messages[first:]:
+        if m["role"] == "user":
+            pieces += [([c["<|user_start|>"]], False), (tok.encode(m["content"]), False), ([c["<|user_end|>"]], False)]
+        else:
+            pieces += [([c["<|assistant_start|>"]], False), (tok.encode(m["content"]) + [c["<|assistant_end|>"]], True)]
+    ids = [i for piece, _ in pieces for i in piece]
+    loss_mask = [learn for piece, learn in pieces for _ in piece]
+    return ids, loss_mask
 
 
 # -----------------------------------------------------------------------------

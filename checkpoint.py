@@ -193,9 +193,10 @@ def latest_checkpoint(out_dir):
     return os.path.join(out_dir, done[-1]) if done else None
 
 
-def save_checkpoint(out_dir, step, opt, grid, config, optimizer_name, keep=3):
+def save_checkpoint(out_dir, step, opt, grid, config, optimizer_name, keep=3, data_state=None):
     """Every rank writes what it owns (opt.state(): master pieces and optimizer moments, plain named
-    tensors), into ckpt-N.tmp; rank 0 renames it when all are done."""
+    tensors), into ckpt-N.tmp; rank 0 renames it when all are done. data_state: the data loader's
+    position (a small JSON-able dict, the same on every rank), kept in meta.json."""
     final = os.path.join(out_dir, f"ckpt-{step:08d}")
     tmp = final + ".tmp"
     if grid.rank == 0:
@@ -222,7 +223,7 @@ def save_checkpoint(out_dir, step, opt, grid, config, optimizer_name, keep=3):
     if grid.rank == 0:
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(dict(step=step, optimizer=optimizer_name, optimizer_steps=opt_steps, tp=grid.tp, dp=grid.dp,
-                           world=grid.world, config=config), f, indent=2)
+                           world=grid.world, config=config, data_state=data_state), f, indent=2)
             f.flush()
             os.fsync(f.fileno())
         shutil.rmtree(final, ignore_errors=True)
@@ -300,7 +301,8 @@ class ShardedCheckpoint:
 @torch.no_grad()
 def load_checkpoint(path, opt, grid, optimizer_name):
     """Fill the distributed optimizer (master pieces, optimizer moments, its step count) and the model
-    from a checkpoint written under any layout. Returns the training step."""
+    from a checkpoint written under any layout. Returns the training step and the data loader's saved
+    position (None in a checkpoint without one)."""
     from parallel import tp_slice
     ck = ShardedCheckpoint(path)
     if ck.meta["optimizer"] != optimizer_name:
@@ -316,7 +318,7 @@ def load_checkpoint(path, opt, grid, optimizer_name):
             cuda_state = _rank_rng(ck, grid.rank, "cuda")
             if cuda_state is not None:
                 torch.cuda.set_rng_state(cuda_state, grid.device)
-    return ck.meta["step"]
+    return ck.meta["step"], ck.meta.get("data_state")
 
 
 def _rank_rng(ck, rank, which):

@@ -425,11 +425,14 @@ def forward_backward(model, opt, batches, t, grid, train=True):
     tokens that count in the WHOLE global batch, so that the gradient does not depend on the layout or
     the micro-batch split. Returns the global mean loss (a float: one host sync per step)."""
     cfg = model.config
-    batches = [(x.to(grid.device, non_blocking=True), y.to(grid.device, non_blocking=True)) for x, y in batches]
-    masks = [loss_mask(x, y, t, cfg.eos_token_id) if train else x != cfg.eos_token_id for x, y in batches]
+    to = lambda v: None if v is None else v.to(grid.device, non_blocking=True)
+    batches = [(to(b.x), to(b.y), to(b.loss_mask)) for b in batches]
+    masks = [loss_mask(x, y, t, cfg.eos_token_id) if train else x != cfg.eos_token_id for x, y, _ in batches]
+    # a packed source brings its own loss mask (e.g. only the assistant's turns count)
+    masks = [m if packed is None else m & packed for m, (_, _, packed) in zip(masks, batches)]
     n_tokens = global_sum(sum(m.sum() for m in masks).float(), grid)
     total = torch.zeros((), device=grid.device)
-    for i, ((x, y), m) in enumerate(zip(batches, masks)):
+    for i, ((x, y, _), m) in enumerate(zip(batches, masks)):
         opt.sync = i == len(batches) - 1  # set BEFORE the forward: only the last micro-step reduces
         doc = document_ids(x, cfg.eos_token_id, cfg.bos_token_id)
         loss = model(x, y, loss_mask=m, doc_ids=doc, reduction="sum") / n_tokens
@@ -451,14 +454,17 @@ def train_step(model, opt, batches, lr, t, grid):
 
 @torch.no_grad()
 def evaluate(model, loader, n_batches, t, grid, opt):
+    """{source name: mean loss over n_batches global batches of its held-out samples}."""
     model.eval()
-    losses = [forward_backward(model, opt, loader.get_batch(i), t, grid, train=False) for i in range(n_batches)]
+    losses = {name: sum(forward_backward(model, opt, loader.val_batches(s, i), t, grid, train=False)
+                        for i in range(n_batches)) / n_batches for s, name in enumerate(loader.source_names)}
     model.train()
-    return sum(losses) / len(losses)
+    return losses
 
 
-def save(t, step, opt, grid, config_dict):
-    checkpoint.save_checkpoint(t.out_dir, step, opt, grid, config_dict, t.optimizer, t.keep_checkpoints)
+def save(t, step, opt, grid, config_dict, loader):
+    checkpoint.save_checkpoint(t.out_dir, step, opt, grid, config_dict, t.optimizer, t.keep_checkpoints,
+                               data_state=loader.state(step))
     log(grid, f"saved checkpoint at step {step}")
 
 
@@ -481,23 +487,23 @@ def setup(cfg):
     if tok.vocab_size > mcfg.vocab_size:
         raise ConfigError(f"tokenizer {dcfg.tokenizer} has {tok.vocab_size} ids, model.vocab_size is {mcfg.vocab_size}")
     path = dcfg.dataset
-    if not path:  # the offline demo corpus, prepared once by rank 0
+    if not (path or dcfg.sources or dcfg.stages):  # the offline demo corpus, prepared once by rank 0
         path = data.demo_dataset(dcfg.tokenizer) if grid.rank == 0 else None
         if grid.world > 1:
             box = [path]
             torch.distributed.broadcast_object_list(box, src=0)
             path = box[0]
-    loaders = {split: data.DataLoader(path, split, dcfg.seq_len, t.global_batch_size, t.micro_batch_size,
-                                      grid.dp_rank, grid.dp, t.seed, mcfg.vocab_size, shuffle=split == "train")
-               for split in ("train", "val")}
+    stages = data.stage_table(dcfg, t.global_batch_size, path)
+    loader = data.DataLoader(stages, dcfg.seq_len, t.global_batch_size, t.micro_batch_size, grid.dp_rank, grid.dp,
+                             t.seed, mcfg.vocab_size, dcfg.val_fraction)
     model = build(cfg, grid, grid.device)
     opt = parallel.DistributedOptimizer(model, grid, make_optimizer(t), cfg["parallel"].bucket_size)
-    return grid, tok, loaders, model, opt
+    return grid, tok, loader, model, opt
 
 
 def run(cfg):
     t, dcfg, mcfg = cfg["train"], cfg["data"], cfg["model"]
-    grid, tok, loaders, model, opt = setup(cfg)
+    grid, tok, loader, model, opt = setup(cfg)
     config_dict = {s: asdict(c) for s, c in cfg.items()}
     log(grid, f"config:\n{json.dumps(config_dict, indent=2)}")
     os.makedirs(t.out_dir, exist_ok=True)
@@ -507,12 +513,15 @@ def run(cfg):
     step = 0
     latest = checkpoint.latest_checkpoint(t.out_dir)
     if latest:
-        step = checkpoint.load_checkpoint(latest, opt, grid, t.optimizer)
+        step, data_state = checkpoint.load_checkpoint(latest, opt, grid, t.optimizer)
+        if data_state is not None:  # the blend's position; without it the loader recomputes it (slowly)
+            loader.load_state(data_state)
         log(grid, f"resumed from {latest} at step {step}")
     n_params = param_count(mcfg)
     fpt, peak = flops_per_token(mcfg, dcfg.seq_len, n_params), peak_flops(grid.device)
     log(grid, f"{n_params:,} parameters, layout tp={grid.tp} dp={grid.dp}, device {grid.device}, "
-              f"{len(loaders['train'].get_batch(0))} micro-batches of {t.micro_batch_size} per rank per step")
+              f"{t.global_batch_size // (grid.dp * t.micro_batch_size)} micro-batches of {t.micro_batch_size} "
+              f"per rank per step")
     decay_start = t.decay_start if t.decay_start >= 0 else t.max_steps - t.decay_steps
     tokens_per_step = t.global_batch_size * dcfg.seq_len
 
@@ -530,7 +539,7 @@ def run(cfg):
             # ---- one step: timed alone (evaluations and saves are not training time)
             t0 = time.perf_counter()
             lr = wsd_lr(step, t.lr, t.min_lr, t.warmup_steps, decay_start, t.decay_steps, t.decay_shape)
-            loss, norm = train_step(model, opt, loaders["train"].get_batch(step), lr, t, grid)
+            loss, norm = train_step(model, opt, loader.get_batch(step), lr, t, grid)
             if grid.device.type == "cuda":
                 torch.cuda.synchronize(grid.device)
             dt = time.perf_counter() - t0
@@ -546,8 +555,12 @@ def run(cfg):
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             # ---- evaluation, metrics, checkpoint, signals
+            record.update({f"tokens/{name}": n for name, n in loader.tokens_seen(step).items()})
             if step == t.max_steps or (t.eval_interval and step % t.eval_interval == 0):
-                record["val_loss"] = evaluate(model, loaders["val"], dcfg.eval_batches, t, grid, opt)
+                losses = evaluate(model, loader, dcfg.eval_batches, t, grid, opt)
+                # val_loss: the sources' losses weighted as the stage of the last step mixes them
+                record["val_loss"] = sum(w * losses[n] for n, w in loader.stage_weights(step - 1).items())
+                record.update({f"val_loss/{name}": v for name, v in losses.items()})
                 log(grid, f"step {step}: val loss {record['val_loss']:.4f}")
             if metrics and (step % t.log_interval == 0 or step == t.max_steps or "val_loss" in record):
                 metrics.write(json.dumps(record) + "\n")
@@ -558,7 +571,7 @@ def run(cfg):
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
                 signalled = bool(flag.item())
             if step == t.max_steps or (t.checkpoint_interval and step % t.checkpoint_interval == 0) or signalled:
-                save(t, step, opt, grid, config_dict)
+                save(t, step, opt, grid, config_dict, loader)
             if signalled:
                 log(grid, f"signal received: saved at step {step}, exiting (resume with the same command)")
                 break

@@ -36,8 +36,9 @@ of every sequence is ever held). Sources are blended as Megatron's BlendedDatase
 in curriculum stages that each start a fresh blend. The order is a pure function of (seed, step, the
 stage table); DP rank r takes the slice [r*G/dp, (r+1)*G/dp) of global batch `step`, so every layout
 sees the same samples. The blend's position at a step (how many samples each source gave so far) has
-no closed form for three or more sources, so the loader keeps it as a small cursor that checkpoints
-store (DataLoader.state / load_state); without one, it is recomputed from the stage's start.
+no known cheap exact formula (see `blend`), so the loader carries it forward as a small cursor that
+checkpoints store (DataLoader.state / load_state); without one it is recomputed from the stage's
+start, which gives the same order, only slower.
 """
 import argparse
 import base64
@@ -151,8 +152,10 @@ def stage_table(cfg: DataConfig, global_batch: int, dataset: str | None = None) 
     if cfg.stages:
         table = []
         for i, stage in enumerate(cfg.stages):
-            # a token count starts the stage at the first step that begins at or past it
-            start = stage.get("start_step", -(-stage.get("start_tokens", 0) // (global_batch * cfg.seq_len)))
+            if "start_step" in stage:
+                start = stage["start_step"]
+            else:  # a token count starts the stage at the first step that begins at or past it: ceil(tokens / step)
+                start = -(-stage["start_tokens"] // (global_batch * cfg.seq_len))
             table.append((start, [(s["name"], s["prefix"], float(s["weight"])) for s in stage["sources"]]))
             if i == 0 and start != 0 or i > 0 and start <= table[i - 1][0]:
                 raise DataError(f"data.stages[{i}] starts at step {start}: the first stage must start at step 0 "
@@ -230,11 +233,24 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
 
 
+def _pread(f, offset: int, count: int, dtype) -> np.ndarray:
+    """`count` items of `dtype` at byte `offset` of the open file f: one positioned read."""
+    dtype = np.dtype(dtype)
+    raw = os.pread(f.fileno(), count * dtype.itemsize, offset)
+    if len(raw) != count * dtype.itemsize:
+        raise DataError(f"{f.name}: ends at byte {offset + len(raw)}, before what its index says (changed while in use?)")
+    return np.frombuffer(raw, dtype=dtype)
+
+
 class IndexedDataset:
-    """PREFIX.idx + PREFIX.bin, memory-mapped; nothing is read at open beyond the header and the last
-    sequence's length and pointer, so opening a 100-million-document index costs no pass over it.
-    Checks, each one line of DataError naming the file: the magic, the version, a known integer dtype
-    that holds the ids of `vocab_size` (when given), the .idx's size, the .bin's presence and size."""
+    """PREFIX.idx + PREFIX.bin, read on demand with positioned reads: opening reads the header and the
+    last sequence's length and pointer, nothing else, and a batch reads the bytes of its own samples.
+    (Megatron maps both files into memory. A map makes every page it touches count as this process's
+    resident memory, and the kernel maps whole page-cache folios around each one: the first batch of a
+    100-million-document index that is in the page cache took 1.2 GB resident that way, 0.3 GB with
+    positioned reads; see bench_index.) Checks, each one line of DataError naming the file: the magic,
+    the version, a known integer dtype that holds the ids of `vocab_size` (when given), the size of the
+    .idx, the presence and size of the .bin."""
 
     def __init__(self, prefix: str, vocab_size: int | None = None):
         self.prefix, self.idx_path, self.bin_path = prefix, prefix + ".idx", prefix + ".bin"
@@ -265,45 +281,57 @@ class IndexedDataset:
                             f"indices ({need} bytes), the file holds {idx_size} bytes")
         if not os.path.exists(self.bin_path):
             raise DataError(f"{self.idx_path}: its token file {self.bin_path} is missing")
-        buf = np.memmap(self.idx_path, dtype=np.uint8, mode="r")  # maps, reads nothing yet
-        off = INDEX_HEADER.size
-        self.lengths = np.frombuffer(buf, dtype="<i4", count=S, offset=off)           # [S] tokens
-        self.pointers = np.frombuffer(buf, dtype="<i8", count=S, offset=off + 4 * S)  # [S] bytes into the .bin
-        self.doc_idx = np.frombuffer(buf, dtype="<i8", count=D, offset=off + 12 * S)  # [D]
+        self.num_sequences, self.num_documents = S, max(D - 1, 0)
+        self._at = {"lengths": INDEX_HEADER.size, "pointers": INDEX_HEADER.size + 4 * S,
+                    "doc_idx": INDEX_HEADER.size + 12 * S}  # where each array starts in the .idx
         bin_size = os.path.getsize(self.bin_path)
-        expect = int(self.pointers[-1]) + int(self.lengths[-1]) * self.dtype.itemsize if S else 0
+        expect = int(self.pointers(S - 1, S)[0]) + int(self.lengths(S - 1, S)[0]) * self.dtype.itemsize if S else 0
         if bin_size != expect:
             what = "truncated" if bin_size < expect else "corrupt"
             raise DataError(f"{self.bin_path}: {what} token file: its index says {expect} bytes, the file holds "
                             f"{bin_size}")
-        # np.memmap refuses an empty file
-        self.tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r") if bin_size else np.empty(0, self.dtype)
+        self.num_tokens = bin_size // self.dtype.itemsize
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return self.num_sequences
 
-    @property
-    def num_documents(self) -> int:
-        return max(len(self.doc_idx) - 1, 0)
+    def _index(self, name, dtype, a, b):
+        with open(self.idx_path, "rb") as f:
+            return _pread(f, self._at[name] + np.dtype(dtype).itemsize * a, b - a, dtype)
+
+    def lengths(self, a: int, b: int) -> np.ndarray:
+        """The lengths (tokens) of sequences a ... b-1, int32."""
+        return self._index("lengths", "<i4", a, b)
+
+    def pointers(self, a: int, b: int) -> np.ndarray:
+        """The byte offsets in the .bin of sequences a ... b-1, int64."""
+        return self._index("pointers", "<i8", a, b)
+
+    def doc_indices(self, a: int, b: int) -> np.ndarray:
+        """Document indices a ... b-1, int64: document d is sequences [doc[d], doc[d+1])."""
+        return self._index("doc_idx", "<i8", a, b)
+
+    def sequences(self, ks) -> list[np.ndarray]:
+        """The tokens of sequences ks (one read of the .idx and one of the .bin each)."""
+        out = []
+        with open(self.idx_path, "rb") as idx, open(self.bin_path, "rb") as bin_:
+            for k in ks:
+                n = int(_pread(idx, self._at["lengths"] + 4 * int(k), 1, "<i4")[0])
+                out.append(_pread(bin_, int(_pread(idx, self._at["pointers"] + 8 * int(k), 1, "<i8")[0]), n,
+                                  self.dtype))
+        return out
 
     def sequence(self, k: int) -> np.ndarray:
-        start = int(self.pointers[k]) // self.dtype.itemsize
-        return self.tokens[start:start + int(self.lengths[k])]
+        return self.sequences([k])[0]
 
     def document(self, d: int) -> np.ndarray:
-        a, b = int(self.doc_idx[d]), int(self.doc_idx[d + 1])
-        return np.concatenate([self.sequence(k) for k in range(a, b)] or [np.empty(0, self.dtype)])
+        a, b = self.doc_indices(d, d + 2).tolist()
+        return np.concatenate([np.empty(0, self.dtype), *self.sequences(range(a, b))])
 
-    def sequence_at(self, byte_offsets: np.ndarray) -> np.ndarray:
-        """The last sequence whose pointer is at or before each byte offset: a binary search that reads
-        about log2(S) pointers per offset (np.searchsorted would copy the whole, unaligned, array)."""
-        lo = np.zeros(len(byte_offsets), np.int64)
-        hi = np.full(len(byte_offsets), len(self) - 1, np.int64)
-        while (lo < hi).any():
-            mid = (lo + hi + 1) // 2
-            right = self.pointers[mid] <= byte_offsets
-            lo, hi = np.where(right, mid, lo), np.where(right, hi, mid - 1)
-        return lo
+    def windows(self, starts, count: int) -> np.ndarray:
+        """[len(starts), count]: tokens [s, s + count) of the .bin read as one stream, for each s."""
+        with open(self.bin_path, "rb") as f:
+            return np.stack([_pread(f, int(s) * self.dtype.itemsize, count, self.dtype) for s in starts])
 
 
 class IndexedDatasetWriter:
@@ -360,6 +388,7 @@ class IndexedDatasetWriter:
                 pointer = int(ends[-1])
             for a in range(0, S + 1, chunk):  # document d = sequence d
                 f.write(np.arange(a, min(a + chunk, S + 1), dtype="<i8").tobytes())
+
 
 # -----------------------------------------------------------------------------
 # prepare: text files, directories and .jsonl files -> one indexed dataset
@@ -533,7 +562,7 @@ def permute(j, n: int, key: np.ndarray) -> np.ndarray:
         return (left << h) | right
 
     out = encrypt(np.asarray(j, dtype=np.uint64))
-    while (outside := out >= n).any():  # 2^2h < 4n, so fewer than 4 rounds of walking on average
+    while (outside := out >= n).any():  # 2^2h <= 4n: at most 4 encryptions per value on average
         out[outside] = encrypt(out[outside])
     return out.astype(np.int64)
 
@@ -558,10 +587,8 @@ class Source:
                                 f"of {self.data.idx_path} ({len(self.data)}), not {self.mask.dtype.name} x {len(self.mask)}")
             total = len(self.data)
         else:
-            if len(self.data) and self.data.pointers[0] != 0:
-                raise DataError(f"{self.data.idx_path}: the first sequence starts at byte {self.data.pointers[0]} "
-                                f"of {self.data.bin_path}, not 0: the sequences are not back to back")
-            total = max(len(self.data.tokens) - 1, 0) // seq_len
+            self._check_back_to_back()
+            total = max(self.data.num_tokens - 1, 0) // seq_len
         self.num_val = max(1, int(total * val_fraction))
         self.num_train = total - self.num_val
         if self.num_train < 1:
@@ -582,28 +609,28 @@ class Source:
         """Rows [len, T + 1] int64 of these samples, and for a packed source their masks [len, T + 1] bool."""
         T = self.seq_len
         if self.mask is None:
-            starts = samples * T
-            self._check_back_to_back(starts)
-            return np.stack([self.data.tokens[a:a + T + 1] for a in starts]).astype(np.int64), None
-        rows, masks = [], []
-        for k in samples:
-            rows.append(self.data.sequence(k))
-            masks.append(self.mask.sequence(k))
-            if len(rows[-1]) != T + 1:
-                raise DataError(f"{self.data.idx_path}: sequence {k} holds {len(rows[-1])} tokens; a packed source "
+            return self.data.windows(samples * T, T + 1).astype(np.int64), None
+        rows, masks = self.data.sequences(samples), self.mask.sequences(samples)
+        for k, row in zip(samples, rows):
+            if len(row) != T + 1:
+                raise DataError(f"{self.data.idx_path}: sequence {k} holds {len(row)} tokens; a packed source "
                                 f"needs seq_len + 1 = {T + 1}")
         return np.stack(rows).astype(np.int64), np.stack(masks) != 0
 
-    def _check_back_to_back(self, starts: np.ndarray) -> None:
-        """Each window's tokens must lie in sequences that follow each other in the .bin without gaps:
-        checked on the few sequences that a window touches, never on the whole index."""
+    def _check_back_to_back(self, spots: int = 256) -> None:
+        """A plain source reads its .bin as one stream, which needs the sequences back to back, as
+        Megatron writes them. Checked at open on the first sequence and on `spots` pairs of neighbours
+        spread over the index (a writer that pads or aligns its sequences fails there); checking every
+        pointer would be a pass over the whole index, and a search per sample costs ~50 random page reads."""
         d, size = self.data, self.data.dtype.itemsize
-        first, last = d.sequence_at(starts * size), d.sequence_at((starts + self.seq_len) * size)
-        for a, f, l in zip(starts, first, last):
-            p, n = d.pointers[f:l + 1], d.lengths[f:l + 1].astype(np.int64) * size
-            if not np.array_equal(p[1:], p[:-1] + n[:-1]) or (a + self.seq_len) * size >= p[-1] + n[-1]:
-                raise DataError(f"{d.idx_path}: sequences {f} to {l} do not follow each other in {d.bin_path} "
-                                f"(their pointers leave gaps): a plain source reads its sequences back to back")
+        if len(d) and d.pointers(0, 1)[0] != 0:
+            raise DataError(f"{d.idx_path}: the first sequence starts at byte {d.pointers(0, 1)[0]} of {d.bin_path}, "
+                            f"not 0: a plain source reads its sequences back to back")
+        for k in np.unique(np.linspace(0, len(d) - 2, min(spots, len(d) - 1), dtype=np.int64)) if len(d) > 1 else []:
+            (p, q), n = d.pointers(k, k + 2), d.lengths(k, k + 1)[0]
+            if q != p + int(n) * size:
+                raise DataError(f"{d.idx_path}: sequences {k} and {k + 1} do not follow each other in {d.bin_path} "
+                                f"(a gap or an overlap): a plain source reads its sequences back to back")
 
 
 def blend(weights: list[float], taken: list[int], first: int, count: int) -> tuple[list[int], list[int]]:
@@ -612,7 +639,10 @@ def blend(weights: list[float], taken: list[int], first: int, count: int) -> tup
     source. Megatron-LM's rule (helpers.cpp, build_blending_indices), in the same float64 operations:
     sample i goes to the source with the largest error weights[s] * max(i, 1) - taken[s], the first one
     on ties, so every prefix of the stream keeps close to the weights (which sum to 1). (A C++ build that
-    fuses the multiply and subtract into one FMA, as GCC may on aarch64, can break a rare tie otherwise.)"""
+    fuses the multiply and subtract into one FMA, as GCC may on aarch64, can break a rare tie otherwise.)
+    The counts at an arbitrary sample g have a closed form for two sources (the blend is then a rotation
+    of the circle by the weight, up to float rounding at ties) but none is known for more, so they are
+    carried forward (DataLoader.state) rather than jumped to."""
     sources, places = [], []
     for i in range(first, first + count):
         x = max(float(i), 1.0)
@@ -653,8 +683,8 @@ class DataLoader:
 
     The blend's cursor at a step (per source, the samples given so far) needs the blend of every earlier
     sample of the stage: the loader keeps it as it goes, and `state(step)` / `load_state(...)` carry it
-    through a checkpoint. Without one, `get_batch(step)` recomputes it from the stage's start, about a
-    microsecond per sample and source, which is the same order but slow past some 10^8 samples."""
+    through a checkpoint. Without one, `get_batch(step)` recomputes it from the stage's start: the same
+    order, at 1 to 2 microseconds per sample (an hour for 3.7 billion samples; a step of 1,024, 1-2 ms)."""
 
     def __init__(self, stages: list, seq_len: int, global_batch: int, micro_batch: int, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, vocab_size: int | None = None, val_fraction: float = 0.01):
@@ -808,8 +838,9 @@ class DataLoader:
 
 
 def _write_synthetic_index(prefix: str, documents: int, doc_tokens: int, dtype, chunk: int = 1 << 22) -> None:
-    """An index of `documents` documents of doc_tokens tokens each, written in full, and a sparse .bin of
-    the size it implies (one byte written at its end: the file system stores no zeros)."""
+    """An index of `documents` documents of doc_tokens tokens each, written in full and then dropped from
+    the page cache (as a dataset on disk would be), and a sparse .bin of the size it implies (one byte
+    written at its end: the file system stores no zeros)."""
     size = np.dtype(dtype).itemsize
     code = {np.dtype(v): k for k, v in DTYPES.items()}[np.dtype(dtype)]
     with open(prefix + ".idx", "wb") as f:
@@ -820,6 +851,10 @@ def _write_synthetic_index(prefix: str, documents: int, doc_tokens: int, dtype, 
             f.write((np.arange(a, min(a + chunk, documents), dtype="<i8") * (doc_tokens * size)).tobytes())
         for a in range(0, documents + 1, chunk):
             f.write(np.arange(a, min(a + chunk, documents + 1), dtype="<i8").tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     with open(prefix + ".bin", "wb") as f:
         f.seek(documents * doc_tokens * size - 1)
         f.write(b"\0")

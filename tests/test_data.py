@@ -69,7 +69,6 @@ def test_reads_every_document_of_an_independent_writer(tmp_path, dtype, high):
     prefix = write_megatron(tmp_path / "ds", docs, dtype)
     ds = IndexedDataset(prefix, vocab_size=high)
     assert ds.dtype == dtype and ds.num_documents == 200 and len(ds) == sum(map(len, docs))
-    assert isinstance(ds.tokens, np.memmap)
     k = 0
     for d, doc in enumerate(docs):
         assert ds.document(d).tolist() == [t for s in doc for t in s]
@@ -212,7 +211,8 @@ def test_prepare(tmp_path, monkeypatch):
         assert (out / f"w1{ext}").read_bytes() == (out / f"w2{ext}").read_bytes() == (out / f"w3{ext}").read_bytes()
     ds = IndexedDataset(str(out / "w1"), vocab_size=260)
     assert ds.dtype == np.uint16 and len(ds) == ds.num_documents == len(texts) == counts["documents"]
-    assert ds.doc_idx.tolist() == list(range(len(texts) + 1)) and len(ds.tokens) == counts["tokens"]
+    assert ds.doc_indices(0, len(texts) + 1).tolist() == list(range(len(texts) + 1))
+    assert ds.num_tokens == counts["tokens"]
     tok = get_tokenizer("byte")
     docs = [ds.document(d) for d in range(ds.num_documents)]
     assert all(d[0] == data.BOS_ID and d[-1] == data.EOS_ID and (d[1:-1] >= 4).all() for d in docs)
@@ -257,7 +257,7 @@ def test_demo_dataset(tmp_path, monkeypatch):
     assert prefix == str(tmp_path / "demo-byte") and time.time() - t0 < 60
     assert sorted(os.listdir(tmp_path)) == ["demo-byte.bin", "demo-byte.idx"]  # the temporary corpus is gone
     ds = IndexedDataset(prefix, vocab_size=260)
-    assert 5e6 < len(ds.tokens) < 25e6 and ds.num_documents > 500
+    assert 5e6 < ds.num_tokens < 25e6 and ds.num_documents > 500
     loader = DataLoader(data.stage_table(DataConfig(), 8, prefix), 256, 8, 4, vocab_size=260)
     b = loader.val_batches(0, 0)[0]
     assert torch.equal(b.x[:, 1:], b.y[:, :-1]) and b.loss_mask is None and loader.sources[0].num_val > 100
@@ -435,10 +435,9 @@ def test_loader_errors(tmp_path):
         DataLoader([(0, [("x", str(tmp_path / "nowhere"), 1.0)])], 16, 8, 2)
     with pytest.raises(DataError, match="stages must start at step 0"):
         DataLoader([(3, [("a", prefix, 1.0)])], 16, 8, 2)
-    gap = write_megatron(tmp_path / "gap", [[list(range(100))], [list(range(100))]], np.uint16, gap_after=0)
-    load = DataLoader([(0, [("gap", gap, 1.0)])], 16, 11, 11, val_fraction=0.05)  # window 6 crosses the gap
-    with pytest.raises(DataError, match="gap.idx: sequences 0 to 1 do not follow each other in .*gap.bin"):
-        [load.get_batch(step) for step in range(3)]
+    gap = write_megatron(tmp_path / "gap", [[list(range(100))]] * 900, np.uint16, gap_after=450)
+    with pytest.raises(DataError, match="gap.idx: sequences 450 and 451 do not follow each other in .*gap.bin"):
+        DataLoader([(0, [("gap", gap, 1.0)])], 16, 8, 2)
 
 
 # ---- configuration

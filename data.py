@@ -37,8 +37,8 @@ in curriculum stages that each start a fresh blend. The order is a pure function
 stage table); DP rank r takes the slice [r*G/dp, (r+1)*G/dp) of global batch `step`, so every layout
 sees the same samples. The blend's position at a step (how many samples each source gave so far) has
 no known cheap exact formula (see `blend`), so the loader carries it forward as a small cursor that
-checkpoints store (DataLoader.state / load_state); without one it is recomputed from the stage's
-start, which gives the same order, only slower.
+checkpoints store (DataLoader.state / load_state); without one (or with one made under another stage
+table) it is recomputed from the stage's start, which gives the same order, only slower.
 """
 import argparse
 import base64
@@ -767,12 +767,13 @@ class DataLoader:
         return {"step": step, **self._history(step), "samples": dict(zip(self.source_names, samples)),
                 "stage_samples": {self.source_names[m]: t for m, t in zip(members, taken)}}
 
-    def load_state(self, state: dict) -> None:
-        """Continue from a cursor that state() made, made with the same global batch and stages before its step."""
+    def load_state(self, state: dict) -> bool:
+        """Continue from a cursor that state() made. It is a cache of what the stage table implies, so one
+        made with another global batch or other stages before its step is ignored (returns False), and
+        the cursor is recomputed: the order is always that of the current table."""
         step = state["step"]
         if {k: state.get(k) for k in ("global_batch", "stages")} != self._history(step):
-            raise DataError(f"the data position saved at step {step} comes from another global batch or another "
-                            f"[data] stage table before step {step}; the blend cannot continue from it")
+            return False
         k = bisect.bisect_right([s[0] for s in self.stages], step) - 1
         start, members, _ = self.stages[k]
         base = [state["samples"].get(name, 0) for name in self.source_names]
@@ -780,6 +781,7 @@ class DataLoader:
         for m, t in zip(members, taken):
             base[m] -= t
         self._reset((start, k, (0,) * len(members), tuple(base)), (step, k, tuple(taken), tuple(base)))
+        return True
 
     def tokens_seen(self, step: int) -> dict:
         """{source name: tokens of its samples in global batches 0 ... step-1} (T per sample, the targets)."""

@@ -514,8 +514,9 @@ def run(cfg):
     latest = checkpoint.latest_checkpoint(t.out_dir)
     if latest:
         step, data_state = checkpoint.load_checkpoint(latest, opt, grid, t.optimizer)
-        if data_state is not None:  # the blend's position; without it the loader recomputes it (slowly)
-            loader.load_state(data_state)
+        # the blend's position: without it (or from another [data] table) the loader recomputes it, slowly
+        if data_state is not None and not loader.load_state(data_state):
+            log(grid, "the checkpoint's data position was made with another [data] table or batch size: recomputing it")
         log(grid, f"resumed from {latest} at step {step}")
     n_params = param_count(mcfg)
     fpt, peak = flops_per_token(mcfg, dcfg.seq_len, n_params), peak_flops(grid.device)

@@ -375,20 +375,19 @@ def test_resume_at_any_step_under_any_layout_across_stages(tmp_path):
                 assert fresh[0].tokens_seen(step + 1) == saved[-1].tokens_seen(step + 1) == seen[step + 1]
 
 
-def test_a_cursor_from_another_stage_table_is_refused(tmp_path):
+def test_a_cursor_continues_a_new_stage_and_one_from_another_table_is_ignored(tmp_path):
     a, b = stream_source(tmp_path, "a", 3000), stream_source(tmp_path, "b", 3000)
     one = loader([(0, [("a", a, 0.7), ("b", b, 0.3)])], tmp_path)
     state = one.state(5)
-    later = loader([(0, [("a", a, 0.7), ("b", b, 0.3)]), (5, [("b", b, 1.0)])], tmp_path)  # a stage from step 5 on
-    later.load_state(state)
-    assert later.tokens_seen(5) == one.tokens_seen(5)
-    fresh = loader([(0, [("a", a, 0.7), ("b", b, 0.3)]), (5, [("b", b, 1.0)])], tmp_path)
-    assert torch.equal(first_tokens(later.get_batch(5)), first_tokens(fresh.get_batch(5)))
-    assert all(int(s) == 1 for mb in later.get_batch(5) for s in mb.source)
-    with pytest.raises(DataError, match="another global batch or another .data. stage table before step 5"):
-        loader([(0, [("a", a, 0.6), ("b", b, 0.4)])], tmp_path).load_state(state)
-    with pytest.raises(DataError, match="another global batch"):
-        loader([(0, [("a", a, 0.7), ("b", b, 0.3)])], tmp_path, G=20).load_state(state)
+    later = [(0, [("a", a, 0.7), ("b", b, 0.3)]), (5, [("b", b, 1.0)])]  # a stage added from step 5 on
+    resumed, fresh = loader(later, tmp_path), loader(later, tmp_path)
+    assert resumed.load_state(state) and resumed.tokens_seen(5) == one.tokens_seen(5)
+    assert torch.equal(first_tokens(resumed.get_batch(5)), first_tokens(fresh.get_batch(5)))
+    assert all(int(s) == 1 for mb in resumed.get_batch(5) for s in mb.source)
+    for other in ([(0, [("a", a, 0.6), ("b", b, 0.4)])], 10), (later, 20):  # other weights; another batch
+        resumed, fresh = loader(*other[:1], tmp_path, G=other[1]), loader(*other[:1], tmp_path, G=other[1])
+        assert not resumed.load_state(state)  # ignored: the order stays that of the current table
+        assert torch.equal(first_tokens(resumed.get_batch(7)), first_tokens(fresh.get_batch(7)))
 
 
 def test_packed_source_brings_its_loss_mask(tmp_path):

@@ -804,7 +804,8 @@ class DataLoader:
         rows, masks = np.empty((self.per_rank, self.seq_len + 1), np.int64), None
         for s in np.unique(source):
             at = source == s
-            rows[at], mask = self._read(s, self.sources[s].train_samples(position[at], self.seed))
+            read, mask = self._read(s, self.sources[s].train_samples(position[at], self.seed))
+            rows[at] = read
             if mask is not None:
                 masks = np.ones(rows.shape, bool) if masks is None else masks
                 masks[at] = mask
@@ -822,7 +823,8 @@ class DataLoader:
         rows, masks = self.sources[s].read(samples)
         path, top, low = self.sources[s].data.bin_path, rows.max(initial=0), rows.min(initial=0)
         if self.vocab_size is not None and top >= self.vocab_size:
-            raise DataError(f"{path}: holds token id {top} >= vocab_size {self.vocab_size} (wrong tokenizer for this model?)")
+            raise DataError(f"{path}: holds token id {top} >= vocab_size {self.vocab_size} "
+                            f"(wrong tokenizer for this model?)")
         if low < 0:
             raise DataError(f"{path}: holds a negative token id {low}")
         return rows, masks
@@ -834,6 +836,7 @@ class DataLoader:
         return [Batch(rows[a:a + m, :-1].contiguous(), rows[a:a + m, 1:].contiguous(),
                       None if masks is None else masks[a:a + m].contiguous(), source[a:a + m].clone())
                 for a in range(0, len(rows), m)]
+
 
 # -----------------------------------------------------------------------------
 # benchmark: a huge index opens in constant time and memory

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+import data
 import model as model_py
 import parallel
 import train
@@ -46,7 +47,8 @@ def synthetic_batches(cfg, grid, steps, doc_len, seed=0):
                 if pos - 1 < T + 1:
                     row[pos - 1] = m.eos_token_id
         mb = t.micro_batch_size
-        out.append([(rows[k:k + mb, :-1].contiguous(), rows[k:k + mb, 1:].contiguous()) for k in range(0, per_rank, mb)])
+        out.append([data.Batch(rows[k:k + mb, :-1].contiguous(), rows[k:k + mb, 1:].contiguous(), None,
+                               torch.zeros(mb, dtype=torch.int64)) for k in range(0, per_rank, mb)])
     return out
 
 
@@ -173,8 +175,8 @@ def bench_hf(cfg, args, device):
         torch.cuda.reset_peak_memory_stats(device)
     for i, step_batches in enumerate(batches):
         t0 = time.perf_counter()
-        for x, y in step_batches:
-            out = fwd(input_ids=x.to(device), labels=y.to(device), shift_labels=y.to(device))
+        for b in step_batches:
+            out = fwd(input_ids=b.x.to(device), labels=b.y.to(device), shift_labels=b.y.to(device))
             (out.loss / len(step_batches)).backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), t.grad_clip or 1.0)
         opt.step()

@@ -1,23 +1,44 @@
 r"""
-Tokens for nanoapertus: the tokenizer, the shard files on disk, `prepare` (text -> shards), the demo
-corpus, and the DataLoader that hands each data-parallel rank its micro-batches.
+Tokens for nanoapertus: the tokenizer, Megatron-LM's indexed dataset on disk, `prepare` (text -> a
+dataset), the demo corpus, and the DataLoader that blends sources and hands each data-parallel rank its
+micro-batches.
 
     python data.py prepare corpus/ extra.jsonl --out data/mine                      # byte tokenizer
     python data.py prepare corpus/ --out data/mine-tekken --tokenizer path/to/tekken_240718.json
-    python data.py demo                     # prepare the demo corpus once, print its directory
+    python data.py demo                     # prepare the demo corpus once, print its path prefix
+    python data.py bench-index --documents 100000000   # open a 100M-document index, time the first batch
 
-A dataset directory holds meta.json and the shards train_000000.bin, train_000001.bin, ...,
-val_000000.bin, ... Every document is stored as [BOS] + tokens + [EOS] (Apertus wraps every document
-in <s> ... </s>); a split is its shards concatenated in name order. One shard file, little endian:
+A dataset is a path prefix and two files, exactly as Megatron-LM writes them (megatron/core/datasets/
+indexed_dataset.py; APERTUS.md section 4), so that Megatron's files train here and ours train there.
+PREFIX.bin holds the token ids of every sequence back to back, one numpy dtype, no header. PREFIX.idx,
+little endian:
 
-    | offset | bytes        | field                                           |
-    |--------|--------------|-------------------------------------------------|
-    | 0      | 8            | magic b"NAPTOKS\0"                              |
-    | 8      | 4            | version, uint32 = 1                             |
-    | 12     | 4            | itemsize, uint32: 2 (uint16 ids) or 4 (uint32)  |
-    | 16     | 8            | token count N, uint64                           |
-    | 24     | 8            | reserved, zero                                  |
-    | 32     | N * itemsize | the token ids                                   |
+    | offset           | bytes | field                                                              |
+    |------------------|-------|--------------------------------------------------------------------|
+    | 0                | 9     | magic b"MMIDIDX\x00\x00"                                           |
+    | 9                | 8     | version, uint64 = 1                                                |
+    | 17               | 1     | dtype code, uint8: 1 uint8, 2 int8, 3 int16, 4 int32, 5 int64,     |
+    |                  |       |   6 float64, 7 float32, 8 uint16                                   |
+    | 18               | 8     | sequence count S, uint64                                           |
+    | 26               | 8     | document-index count D, uint64                                     |
+    | 34               | 4 S   | sequence lengths, int32 (tokens)                                   |
+    | 34 + 4 S         | 8 S   | sequence pointers, int64 (byte offsets into the .bin)              |
+    | 34 + 12 S        | 8 D   | document indices, int64: document d is sequences [doc[d], doc[d+1]) |
+
+`prepare` writes one sequence per document, [BOS] + tokens + [EOS] (Apertus wraps every document in
+<s> ... </s>), so the document indices are 0, 1, ..., S; uint16 ids when the vocabulary fits, else int32.
+
+Training samples (see Source): a source's .bin is one token stream and sample k is the window
+[k*T, k*T + T + 1) (x = its first T tokens, y = its last T: one token of overlap, as in Megatron-LM);
+the last `val_fraction` of a source's samples are its validation part. Train samples are read in a
+pseudo-random order, a new one each epoch, computed on the fly (a Feistel bijection: no permutation
+of every sequence is ever held). Sources are blended as Megatron's BlendedDataset does (see `blend`),
+in curriculum stages that each start a fresh blend. The order is a pure function of (seed, step, the
+stage table); DP rank r takes the slice [r*G/dp, (r+1)*G/dp) of global batch `step`, so every layout
+sees the same samples. The blend's position at a step (how many samples each source gave so far) has
+no known cheap exact formula (see `blend`), so the loader carries it forward as a small cursor that
+checkpoints store (DataLoader.state / load_state); without one (or with one made under another stage
+table) it is recomputed from the stage's start, which gives the same order, only slower.
 """
 import argparse
 import base64
@@ -27,13 +48,17 @@ import datetime
 import functools
 import hashlib
 import json
+import math
 import multiprocessing
 import os
+import re
+import resource
 import shutil
 import struct
 import sys
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import tiktoken
@@ -43,10 +68,104 @@ from tqdm import tqdm
 
 @dataclass
 class DataConfig:
-    dataset: str = ""        # directory of prepared shards; "" = the built-in demo corpus (prepared once, cached)
+    """The [data] section. The training data is one of: `dataset` (one prefix), `sources` (a mixture),
+    `stages` (a curriculum of mixtures); set at most one of them. With none, the demo corpus.
+
+        [data]                                   # a mixture, blended as Megatron's BlendedDataset
+        sources = [{name = "web", prefix = "data/web", weight = 0.7},
+                   {name = "code", prefix = "data/code", weight = 0.3}]
+
+        [[data.stages]]                          # a curriculum: each stage a fresh blend of its own weights
+        start_step = 0
+        sources = [{name = "web", prefix = "data/web", weight = 1}]
+        [[data.stages]]
+        start_tokens = 5_000_000_000_000         # or start_step; a token count starts the stage at the first
+        sources = [{name = "web", prefix = "data/web", weight = 0.6},   # step that begins at or past it
+                   {name = "math", prefix = "data/math", weight = 0.4}]
+    """
+    dataset: str = ""        # path prefix of one dataset (PREFIX.idx + PREFIX.bin), weight 1; "" = the demo corpus
     tokenizer: str = "byte"  # "byte" or the path of a Mistral tekken JSON (e.g. tekken_240718.json)
     seq_len: int = 256       # tokens per training sequence
-    eval_batches: int = 4    # global batches in one validation pass
+    eval_batches: int = 4    # global batches of each source's validation part in one validation pass
+    sources: list = field(default_factory=list)  # a mixture: tables {name, prefix, weight}; weights > 0, normalised
+    #                          to sum 1; a name (letters, digits, _ . -) labels the source's metrics
+    #                          (tokens/<name>, val_loss/<name>) and keys its shuffle, so renaming reshuffles
+    stages: list = field(default_factory=list)   # a curriculum: tables {start_step or start_tokens, sources};
+    #                          the first starts at 0; a source keeps its place (samples already read) across
+    #                          stages, and the same name must mean the same prefix in every stage
+    val_fraction: float = 0.01  # the last share of each source's samples (at least one) held out for validation
+
+    def __post_init__(self):
+        if sum(map(bool, (self.dataset, self.sources, self.stages))) > 1:
+            raise ValueError("set only one of data.dataset, data.sources and data.stages")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.seq_len < 1 or self.eval_batches < 1:
+            raise ValueError(f"data.seq_len ({self.seq_len}) and data.eval_batches ({self.eval_batches}) must be positive")
+        _check_sources("data.sources", self.sources, empty_ok=True)
+        for i, stage in enumerate(self.stages):
+            key = f"data.stages[{i}]"
+            if not isinstance(stage, dict) or set(stage) - {"start_step", "start_tokens", "sources"}:
+                raise ValueError(f"{key} must be a table of start_step (or start_tokens) and sources, got {stage!r}")
+            starts = [k for k in ("start_step", "start_tokens") if k in stage]
+            if len(starts) != 1 or not _is_int(stage[starts[0]]) or stage[starts[0]] < 0:
+                raise ValueError(f"{key} needs one of start_step or start_tokens, a non-negative integer")
+            _check_sources(f"{key}.sources", stage.get("sources"))
+        prefixes = {}
+        for key, name, prefix, _ in _all_sources(self):
+            if prefixes.setdefault(name, prefix) != prefix:
+                raise ValueError(f"{key}: source {name!r} has prefix {prefix!r} here and {prefixes[name]!r} elsewhere")
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_sources(key, sources, empty_ok=False):
+    if not isinstance(sources, list) or not (sources or empty_ok):
+        raise ValueError(f"{key} must be a non-empty list of tables {{name, prefix, weight}}")
+    names = set()
+    for i, s in enumerate(sources):
+        k = f"{key}[{i}]"
+        if not isinstance(s, dict) or set(s) != {"name", "prefix", "weight"}:
+            raise ValueError(f"{k} must be a table with exactly name, prefix and weight, got {s!r}")
+        if not isinstance(s["name"], str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", s["name"]) or s["name"] in names:
+            raise ValueError(f"{k}.name must be a unique name of letters, digits, _ . or -, got {s['name']!r}")
+        if not isinstance(s["prefix"], str) or not s["prefix"]:
+            raise ValueError(f"{k}.prefix must be the path prefix of a dataset, got {s['prefix']!r}")
+        w = s["weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < math.inf:
+            raise ValueError(f"{k}.weight must be a positive number, got {w!r}")
+        names.add(s["name"])
+
+
+def _all_sources(cfg):
+    for i, s in enumerate(cfg.sources):
+        yield f"data.sources[{i}]", s["name"], s["prefix"], s["weight"]
+    for j, stage in enumerate(cfg.stages):
+        for i, s in enumerate(stage["sources"]):
+            yield f"data.stages[{j}].sources[{i}]", s["name"], s["prefix"], s["weight"]
+
+
+def stage_table(cfg: DataConfig, global_batch: int, dataset: str | None = None) -> list:
+    """The [data] section as the DataLoader's stage table: [(start step, [(name, prefix, weight), ...]), ...].
+    `dataset` stands for cfg.dataset (the caller resolves "" to the demo corpus)."""
+    if cfg.stages:
+        table = []
+        for i, stage in enumerate(cfg.stages):
+            if "start_step" in stage:
+                start = stage["start_step"]
+            else:  # a token count starts the stage at the first step that begins at or past it: ceil(tokens / step)
+                start = -(-stage["start_tokens"] // (global_batch * cfg.seq_len))
+            table.append((start, [(s["name"], s["prefix"], float(s["weight"])) for s in stage["sources"]]))
+            if i == 0 and start != 0 or i > 0 and start <= table[i - 1][0]:
+                raise DataError(f"data.stages[{i}] starts at step {start}: the first stage must start at step 0 "
+                                f"and each later one after the one before")
+        return table
+    if cfg.sources:
+        return [(0, [(s["name"], s["prefix"], float(s["weight"])) for s in cfg.sources])]
+    prefix = dataset if dataset is not None else cfg.dataset
+    return [(0, [(os.path.basename(prefix) or "data", prefix, 1.0)])]
 
 
 class DataError(Exception):
@@ -266,80 +385,177 @@ def chat_tokens(tok: Tokenizer, messages, date: str = CHAT_DATE) -> tuple[list[i
 
 
 # -----------------------------------------------------------------------------
-# shard files (layout in the docstring at the top)
+# Megatron-LM's indexed dataset (layout in the docstring at the top)
 
-MAGIC, VERSION = b"NAPTOKS\0", 1
-HEADER = struct.Struct("<8sIIQ8x")  # magic, version, itemsize, token count, 8 reserved bytes = 32 bytes
+INDEX_MAGIC, INDEX_VERSION = b"MMIDIDX\x00\x00", 1
+INDEX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, S, D: 34 bytes, no padding
+DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+          8: np.uint16}  # Megatron's DType codes
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype("<u2" if vocab_size <= 2**16 else "<u4")
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
 
 
-def write_shard(path: str, tokens: np.ndarray) -> None:
-    """Write a whole shard at once (prepare streams instead, see _ShardWriter); tokens are uint16 or uint32."""
-    tokens = np.ascontiguousarray(tokens, dtype=tokens.dtype.newbyteorder("<"))
-    assert tokens.dtype.itemsize in (2, 4) and tokens.dtype.kind == "u", tokens.dtype
-    with open(path, "wb") as f:
-        f.write(HEADER.pack(MAGIC, VERSION, tokens.dtype.itemsize, tokens.size))
-        f.write(tokens.tobytes())
+def _pread(f, offset: int, count: int, dtype) -> np.ndarray:
+    """`count` items of `dtype` at byte `offset` of the open file f: one positioned read."""
+    dtype = np.dtype(dtype)
+    raw = os.pread(f.fileno(), count * dtype.itemsize, offset)
+    if len(raw) != count * dtype.itemsize:
+        raise DataError(f"{f.name}: ends at byte {offset + len(raw)}, before what its index says (changed while in use?)")
+    return np.frombuffer(raw, dtype=dtype)
 
 
-def read_shard(path) -> np.ndarray:
-    """The tokens of one shard, memory-mapped (never read whole), after checking the header against the file."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(HEADER.size)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read shard ({e.strerror})") from None
-    if len(head) < HEADER.size or head[:8] != MAGIC:
-        raise DataError(f"{path}: not a token shard (no {MAGIC!r} header); run `python data.py prepare`")
-    _, version, itemsize, count = HEADER.unpack(head)
-    if version != VERSION or itemsize not in (2, 4):
-        raise DataError(f"{path}: corrupt shard header (version {version}, itemsize {itemsize})")
-    held = (size - HEADER.size) // itemsize
-    if held != count or (size - HEADER.size) % itemsize:
-        what = "truncated" if held < count else "corrupt"
-        raise DataError(f"{path}: {what} shard: header says {count} tokens, file holds {held}")
-    if count == 0:  # np.memmap refuses an empty map
-        return np.empty(0, dtype=f"<u{itemsize}")
-    return np.memmap(path, dtype=f"<u{itemsize}", mode="r", offset=HEADER.size, shape=(count,))
+class IndexedDataset:
+    """PREFIX.idx + PREFIX.bin, read on demand with positioned reads: opening reads the header and the
+    last sequence's length and pointer, nothing else, and a batch reads the bytes of its own samples.
+    (Megatron maps both files into memory. A map makes every page it touches count as this process's
+    resident memory, and the kernel maps whole page-cache folios around each one: the first batch of a
+    100-million-document index that is in the page cache took 1.2 GB resident that way, 0.3 GB with
+    positioned reads; see bench_index.) Checks, each one line of DataError naming the file: the magic,
+    the version, a known integer dtype that holds the ids of `vocab_size` (when given), the size of the
+    .idx, the presence and size of the .bin."""
+
+    def __init__(self, prefix: str, vocab_size: int | None = None):
+        self.prefix, self.idx_path, self.bin_path = prefix, prefix + ".idx", prefix + ".bin"
+        try:
+            idx_size = os.path.getsize(self.idx_path)
+            with open(self.idx_path, "rb") as f:
+                head = f.read(INDEX_HEADER.size)
+        except OSError as e:
+            raise DataError(f"{self.idx_path}: cannot read the index ({e.strerror}); "
+                            f"run `python data.py prepare INPUT --out {prefix}`") from None
+        if len(head) < INDEX_HEADER.size or head[:9] != INDEX_MAGIC:
+            raise DataError(f"{self.idx_path}: not a Megatron indexed dataset (no {INDEX_MAGIC!r} header)")
+        _, version, code, S, D = INDEX_HEADER.unpack(head)
+        if version != INDEX_VERSION:
+            raise DataError(f"{self.idx_path}: unknown index version {version} (this reader knows {INDEX_VERSION})")
+        if code not in DTYPES:
+            raise DataError(f"{self.idx_path}: unknown dtype code {code}")
+        self.dtype = np.dtype(DTYPES[code]).newbyteorder("<")
+        if self.dtype.kind == "f":
+            raise DataError(f"{self.idx_path}: holds {self.dtype.name} values, not token ids")
+        if vocab_size is not None and np.iinfo(self.dtype).max < vocab_size - 1:
+            raise DataError(f"{self.idx_path}: dtype {self.dtype.name} cannot hold the ids of a vocabulary of "
+                            f"{vocab_size} (wrong tokenizer for this model?)")
+        need = INDEX_HEADER.size + 12 * S + 8 * D
+        if idx_size not in (need, need + S):  # + S: the multimodal variant's sequence modes, int8[S]
+            what = "truncated" if idx_size < need else "corrupt"
+            raise DataError(f"{self.idx_path}: {what} index: the header says {S} sequences and {D} document "
+                            f"indices ({need} bytes), the file holds {idx_size} bytes")
+        if not os.path.exists(self.bin_path):
+            raise DataError(f"{self.idx_path}: its token file {self.bin_path} is missing")
+        self.num_sequences, self.num_documents = S, max(D - 1, 0)
+        self._at = {"lengths": INDEX_HEADER.size, "pointers": INDEX_HEADER.size + 4 * S,
+                    "doc_idx": INDEX_HEADER.size + 12 * S}  # where each array starts in the .idx
+        bin_size = os.path.getsize(self.bin_path)
+        expect = int(self.pointers(S - 1, S)[0]) + int(self.lengths(S - 1, S)[0]) * self.dtype.itemsize if S else 0
+        if bin_size != expect:
+            what = "truncated" if bin_size < expect else "corrupt"
+            raise DataError(f"{self.bin_path}: {what} token file: its index says {expect} bytes, the file holds "
+                            f"{bin_size}")
+        self.num_tokens = bin_size // self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def _index(self, name, dtype, a, b):
+        with open(self.idx_path, "rb") as f:
+            return _pread(f, self._at[name] + np.dtype(dtype).itemsize * a, b - a, dtype)
+
+    def lengths(self, a: int, b: int) -> np.ndarray:
+        """The lengths (tokens) of sequences a ... b-1, int32."""
+        return self._index("lengths", "<i4", a, b)
+
+    def pointers(self, a: int, b: int) -> np.ndarray:
+        """The byte offsets in the .bin of sequences a ... b-1, int64."""
+        return self._index("pointers", "<i8", a, b)
+
+    def doc_indices(self, a: int, b: int) -> np.ndarray:
+        """Document indices a ... b-1, int64: document d is sequences [doc[d], doc[d+1])."""
+        return self._index("doc_idx", "<i8", a, b)
+
+    def sequences(self, ks) -> list[np.ndarray]:
+        """The tokens of sequences ks (one read of the .idx and one of the .bin each)."""
+        out = []
+        with open(self.idx_path, "rb") as idx, open(self.bin_path, "rb") as bin_:
+            for k in ks:
+                n = int(_pread(idx, self._at["lengths"] + 4 * int(k), 1, "<i4")[0])
+                out.append(_pread(bin_, int(_pread(idx, self._at["pointers"] + 8 * int(k), 1, "<i8")[0]), n,
+                                  self.dtype))
+        return out
+
+    def sequence(self, k: int) -> np.ndarray:
+        return self.sequences([k])[0]
+
+    def document(self, d: int) -> np.ndarray:
+        a, b = self.doc_indices(d, d + 2).tolist()
+        return np.concatenate([np.empty(0, self.dtype), *self.sequences(range(a, b))])
+
+    def windows(self, starts, count: int) -> np.ndarray:
+        """[len(starts), count]: tokens [s, s + count) of the .bin read as one stream, for each s."""
+        with open(self.bin_path, "rb") as f:
+            return np.stack([_pread(f, int(s) * self.dtype.itemsize, count, self.dtype) for s in starts])
 
 
-class _ShardWriter:
-    """Streams tokens into {split}_000000.bin, {split}_000001.bin, ..., a new file every shard_tokens."""
+class IndexedDatasetWriter:
+    """Streams documents (one sequence each) into PREFIX.bin and PREFIX.idx under temporary names; on a
+    clean exit from `with`, writes the index and renames both, the .bin first (an .idx is never without
+    its .bin); on an error, removes them. Memory stays flat: the lengths go to a side file until the end."""
 
-    def __init__(self, out_dir: str, split: str, dtype: np.dtype, shard_tokens: int):
-        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
-        self.f, self.shards, self.in_shard, self.tokens, self.documents = None, 0, 0, 0, 0
+    def __init__(self, prefix: str, dtype):
+        self.prefix, self.dtype = prefix, np.dtype(dtype).newbyteorder("<")
+        self.code = {np.dtype(v): k for k, v in DTYPES.items()}[np.dtype(dtype)]
+        self.tmp = f".tmp-{os.getpid()}-{os.urandom(4).hex()}"  # unique: two writers of one prefix never collide
+        self.bin = open(prefix + ".bin" + self.tmp, "wb")
+        self.lengths = open(prefix + ".lengths" + self.tmp, "w+b")
+        self.sequences, self.num_tokens = 0, 0
 
-    def write(self, tokens: np.ndarray) -> None:
-        while tokens.size:
-            if self.f is None:
-                self.f = open(os.path.join(self.out_dir, f"{self.split}_{self.shards:06d}.bin"), "wb")
-                self.f.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, 0))  # count patched in _close
-            take = min(tokens.size, self.shard_tokens - self.in_shard)
-            self.f.write(tokens[:take].astype(self.dtype, copy=False).tobytes())
-            tokens, self.in_shard, self.tokens = tokens[take:], self.in_shard + take, self.tokens + take
-            if self.in_shard == self.shard_tokens:
-                self._close()
+    def add_document(self, tokens) -> None:
+        self.add_documents(tokens, [len(tokens)])
 
-    def _close(self) -> None:
-        self.f.seek(0)
-        self.f.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.in_shard))
-        self.f.close()
-        self.f, self.shards, self.in_shard = None, self.shards + 1, 0
+    def add_documents(self, tokens, lengths) -> None:
+        """Several documents at once: their tokens back to back and the length of each."""
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths, dtype=np.int64)
+        assert lengths.sum() == tokens.size and (lengths <= np.iinfo(np.int32).max).all()
+        self.bin.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self.lengths.write(lengths.astype("<i4").tobytes())
+        self.sequences, self.num_tokens = self.sequences + len(lengths), self.num_tokens + tokens.size
 
-    def finish(self) -> None:
-        if self.f is None and self.shards == 0:  # an empty split still gets one (empty) shard
-            self.f = open(os.path.join(self.out_dir, f"{self.split}_000000.bin"), "wb")
-        if self.f is not None:
-            self._close()
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        self.bin.close()
+        try:
+            if kind is None:
+                self._write_index()
+                os.replace(self.prefix + ".bin" + self.tmp, self.prefix + ".bin")
+                os.replace(self.prefix + ".idx" + self.tmp, self.prefix + ".idx")
+        finally:
+            self.lengths.close()
+            for ext in (".bin", ".idx", ".lengths"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.prefix + ext + self.tmp)
+
+    def _write_index(self, chunk: int = 1 << 22) -> None:
+        S = self.sequences
+        with open(self.prefix + ".idx" + self.tmp, "wb") as f:
+            f.write(INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, self.code, S, S + 1))
+            self.lengths.seek(0)
+            shutil.copyfileobj(self.lengths, f)
+            self.lengths.seek(0)
+            pointer = 0  # pointers: the running sum of lengths x itemsize, a chunk at a time
+            while (lengths := np.frombuffer(self.lengths.read(4 * chunk), dtype="<i4")).size:
+                ends = pointer + np.cumsum(lengths, dtype=np.int64) * self.dtype.itemsize
+                f.write(np.concatenate([[pointer], ends[:-1]]).astype("<i8").tobytes())
+                pointer = int(ends[-1])
+            for a in range(0, S + 1, chunk):  # document d = sequence d
+                f.write(np.arange(a, min(a + chunk, S + 1), dtype="<i8").tobytes())
 
 
 # -----------------------------------------------------------------------------
-# prepare: text files, directories and .jsonl files -> shards
+# prepare: text files, directories and .jsonl files -> one indexed dataset
 
 PIECE_BYTES = 4 << 20  # .jsonl files are cut at line ends into pieces this big, so one big file uses every worker
 
@@ -357,10 +573,8 @@ def _jsonl_pieces(path: str) -> list[tuple[int, int, int]]:
     return pieces + [(start, offset, first_line)] if start < offset else pieces
 
 
-def _list_pieces(inputs: list[str]) -> list[tuple[str, str, int, int, int]]:
-    """(path, key, start, end, first line) of every piece of work, in a fixed order (directories sorted).
-    key names the file for the split hash: its path relative to the input's parent directory, so that
-    the train/val split does not depend on the working directory or where the corpus is mounted."""
+def _list_pieces(inputs: list[str]) -> list[tuple[str, int, int, int]]:
+    """(path, start, end, first line) of every piece of work, in a fixed order (directories sorted)."""
     pieces = []
     for inp in inputs:
         if not os.path.exists(inp):
@@ -371,23 +585,21 @@ def _list_pieces(inputs: list[str]) -> list[tuple[str, str, int, int, int]]:
             for dirpath, dirnames, filenames in os.walk(inp):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # sorted: a fixed walk order
                 files += [os.path.join(dirpath, n) for n in sorted(filenames) if not n.startswith(".")]
-        base = os.path.dirname(os.path.abspath(inp))
         for path in files:
-            key = os.path.relpath(os.path.abspath(path), base)
             try:
                 if path.endswith(".jsonl"):
-                    pieces += [(path, key, *piece) for piece in _jsonl_pieces(path)]
+                    pieces += [(path, *piece) for piece in _jsonl_pieces(path)]
                 else:
-                    pieces.append((path, key, 0, os.path.getsize(path), 1))
+                    pieces.append((path, 0, os.path.getsize(path), 1))
             except OSError as e:
                 raise DataError(f"{path}: cannot read input ({e.strerror})") from None
     return pieces
 
 
 def _documents(path: str, raw: bytes, first_line: int):
-    """(line, text) of every document in a piece: one per .jsonl line, else the whole file."""
+    """The text of every document in a piece: one per .jsonl line, else the whole file."""
     if not path.endswith(".jsonl"):
-        yield 1, raw.decode("utf-8", errors="replace")
+        yield raw.decode("utf-8", errors="replace")
         return
     for line, data in enumerate(raw.split(b"\n"), first_line):
         if not data.strip():
@@ -398,96 +610,48 @@ def _documents(path: str, raw: bytes, first_line: int):
             raise DataError(f"{path}:{line}: not valid JSON ({e})") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
             raise DataError(f'{path}:{line}: a .jsonl line must be an object with a string "text" field')
-        yield line, doc["text"]
-
-
-def _in_val(key: str, line: int, val_fraction: float) -> bool:
-    # a stable hash (Python's hash() is salted per process) so that every run makes the same split
-    digest = hashlib.blake2b(f"{key}:{line}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") < val_fraction * 2**64
+        yield doc["text"]
 
 
 def _tokenize_piece(task):
-    """Tokenize one piece in a worker: (train tokens, length of its last document, #train docs, val tokens, #val)."""
-    (path, key, start, end, first_line), tokenizer, val_fraction = task
+    """Tokenize one piece in a worker: (its documents' tokens back to back, the length of each)."""
+    (path, start, end, first_line), tokenizer = task
     tok = get_tokenizer(tokenizer)
-    dtype = token_dtype(tok.vocab_size)
     try:
         with open(path, "rb") as f:
             f.seek(start)
             raw = f.read(end - start)
     except OSError as e:
         raise DataError(f"{path}: cannot read input ({e.strerror})") from None
-    docs = {"train": [], "val": []}
-    for line, text in _documents(path, raw, first_line):
-        split = "val" if _in_val(key, line, val_fraction) else "train"
-        docs[split].append(np.array(tok.encode_document(text), dtype=dtype))
-    train, val = (np.concatenate(docs[s]) if docs[s] else np.empty(0, dtype) for s in ("train", "val"))
-    last = len(docs["train"][-1]) if docs["train"] else 0
-    return train, last, len(docs["train"]), val, len(docs["val"])
+    docs = [np.array(tok.encode_document(text), dtype=token_dtype(tok.vocab_size))
+            for text in _documents(path, raw, first_line)]
+    return (np.concatenate(docs) if docs else np.empty(0, token_dtype(tok.vocab_size))), [len(d) for d in docs]
 
 
-def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fraction: float = 0.01,
-            workers: int = 0, shard_tokens: int = 2**28) -> None:
+def prepare(inputs: list[str], out: str, tokenizer: str = "byte", workers: int = 0) -> dict:
     """Tokenize text files, directories (walked recursively) and .jsonl files (one {"text": ...} per line)
-    into out_dir. A document goes to val when a stable hash of (file, line) falls under val_fraction;
-    the output is the same for any number of workers (0 = one per CPU core)."""
+    into the dataset `out` (out.bin + out.idx), one sequence per document, in input order; the output is
+    the same for any number of workers (0 = one per CPU core). Returns {"tokens": ..., "documents": ...}."""
     tok = get_tokenizer(tokenizer)  # a bad tokenizer path fails before any work
-    if not 0 <= val_fraction < 1 or shard_tokens < 1:
-        raise DataError(f"val_fraction {val_fraction} must be in [0, 1) and shard_tokens {shard_tokens} positive")
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise DataError(f"{out_dir}: already exists; remove it or choose another --out")
+    for path in (out + ".idx", out + ".bin"):
+        if os.path.exists(path):
+            raise DataError(f"{path}: already exists; remove it or choose another --out")
     pieces = _list_pieces(inputs)
     if not pieces:
         raise DataError(f"nothing to tokenize in {' '.join(inputs)}")
     workers = min(workers or os.cpu_count() or 1, len(pieces))
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    # build in a temporary directory and rename it at the end: an interrupted run leaves no half dataset
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a dataset is for everyone who may read its parent
-    try:
-        dtype = token_dtype(tok.vocab_size)
-        out = {split: _ShardWriter(tmp, split, dtype, shard_tokens) for split in ("train", "val")}
-        tasks = [(piece, tokenizer, val_fraction) for piece in pieces]
-        bar = tqdm(total=sum(p[3] - p[2] for p in pieces), unit="B", unit_scale=True, desc="tokenizing")
-        held = None  # the last train document, written one step late (see below)
-        with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
-            # imap (not imap_unordered): results arrive in piece order whatever the number of workers
-            results = pool.imap(_tokenize_piece, tasks) if pool else map(_tokenize_piece, tasks)
-            for piece, (train, last, n_train, val, n_val) in zip(pieces, results):
-                if n_train:
-                    if held is not None:
-                        out["train"].write(held)
-                    out["train"].write(train[:-last])
-                    held = train[-last:]
-                out["val"].write(val)
-                out["train"].documents += n_train
-                out["val"].documents += n_val
-                bar.update(piece[3] - piece[2])
-        bar.close()
-        # the held document is the corpus's last train document, so writing it now keeps the order; it moves
-        # to val only when no document hashed there, so that a small corpus still has something to validate on
-        if held is not None:
-            to_val = out["val"].documents == 0 and out["train"].documents >= 2
-            out["val" if to_val else "train"].write(held)
-            if to_val:
-                out["train"].documents, out["val"].documents = out["train"].documents - 1, 1
-        for writer in out.values():
-            writer.finish()
-        meta = {"format": "nanoapertus token shards, version 1", "tokenizer": tok.name,
-                "vocab_size": tok.vocab_size, "dtype": dtype.name, "val_fraction": val_fraction,
-                "inputs": list(inputs), **{k: {s: getattr(w, k) for s, w in out.items()}
-                                            for k in ("tokens", "documents", "shards")}}
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError as e:
-            raise DataError(f"{out_dir}: cannot move the prepared data into place ({e.strerror})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    bar = tqdm(total=sum(p[2] - p[1] for p in pieces), unit="B", unit_scale=True, desc="tokenizing")
+    with IndexedDatasetWriter(out, token_dtype(tok.vocab_size)) as writer, \
+            multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        tasks = [(piece, tokenizer) for piece in pieces]
+        # imap (not imap_unordered): results arrive in piece order whatever the number of workers
+        for piece, (tokens, lengths) in zip(pieces, pool.imap(_tokenize_piece, tasks) if pool else
+                                            map(_tokenize_piece, tasks)):
+            writer.add_documents(tokens, lengths)
+            bar.update(piece[2] - piece[1])
+    bar.close()
+    return {"tokens": writer.num_tokens, "documents": writer.sequences}
 
 
 def _stdlib_files(max_file_bytes: int = 200_000, max_total_bytes: int = 16 << 20) -> list[str]:
@@ -512,16 +676,15 @@ def _stdlib_files(max_file_bytes: int = 200_000, max_total_bytes: int = 16 << 20
 
 def demo_dataset(tokenizer: str = "byte") -> str:
     """The demo corpus (the stdlib's sources + pydoc's help topics), prepared once under
-    $NANOAPERTUS_CACHE (default ~/.cache/nanoapertus); returns its directory."""
+    $NANOAPERTUS_CACHE (default ~/.cache/nanoapertus); returns its path prefix."""
     import pydoc_data.topics
 
     cache = os.path.expanduser(os.environ.get("NANOAPERTUS_CACHE", "~/.cache/nanoapertus"))
-    out_dir = os.path.join(cache, f"demo-{get_tokenizer(tokenizer).name}")
-    if os.path.exists(os.path.join(out_dir, "meta.json")):
-        return out_dir
+    prefix = os.path.join(cache, f"demo-{get_tokenizer(tokenizer).name}")
+    if os.path.exists(prefix + ".idx"):
+        return prefix
     os.makedirs(cache, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        # one .jsonl file, so that the split hash sees the same key ("python-stdlib.jsonl", line) on every run
         corpus = os.path.join(tmp, "python-stdlib.jsonl")
         with open(corpus, "w", encoding="utf-8") as f:
             for path in _stdlib_files():
@@ -530,84 +693,376 @@ def demo_dataset(tokenizer: str = "byte") -> str:
             for topic in sorted(pydoc_data.topics.topics):
                 f.write(json.dumps({"text": pydoc_data.topics.topics[topic]}) + "\n")
         try:
-            prepare([corpus], out_dir, tokenizer)
+            prepare([corpus], prefix, tokenizer)
         except DataError:
-            if not os.path.exists(os.path.join(out_dir, "meta.json")):
+            if not os.path.exists(prefix + ".idx"):
                 raise  # else another process (another torchrun rank, say) prepared it first
-    return out_dir
+    return prefix
+
+
+# -----------------------------------------------------------------------------
+# sampling: a source's samples, their order, the blend of sources
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (Steele, Lea and Flood 2014): a 64-bit hash, in numpy uint64 (which wraps)."""
+    x = (x ^ (x >> 30)) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> 27)) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> 31)
+
+
+def permute(j, n: int, key: np.ndarray) -> np.ndarray:
+    """A pseudo-random bijection of [0, n), applied to the integers j: a 4-round Feistel network
+    (Luby and Rackoff 1988) on 2h bits, 2^2h >= n, keyed by the four uint64 of `key`, with cycle walking
+    (Black and Rogaway 2002): a value that lands at or past n is encrypted again until it falls inside,
+    which keeps the map a bijection of [0, n). O(1) memory and a pure function of (j, n, key)."""
+    h = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << h) - 1)
+
+    def encrypt(v):
+        left, right = v >> h, v & mask
+        for k in key:
+            left, right = right, left ^ (_mix64(right ^ k) & mask)
+        return (left << h) | right
+
+    out = encrypt(np.asarray(j, dtype=np.uint64))
+    while (outside := out >= n).any():  # 2^2h <= 4n: at most 4 encryptions per value on average
+        out[outside] = encrypt(out[outside])
+    return out.astype(np.int64)
+
+
+class Source:
+    """One source of the blend: a dataset's samples of seq_len + 1 tokens, the last `val_fraction` of
+    them (at least one) held out for validation, the others its train samples.
+
+    plain, the usual case: the .bin is one stream of tokens (sequences back to back, as Megatron writes
+        them) and sample k is the window stream[k*T : k*T + T + 1];
+    packed, when PREFIX.mask.idx/.bin lies next to it (a uint8 0/1 dataset of the same sequences): sample
+        k is sequence k, of exactly T + 1 tokens, and position j of y counts in the loss where its mask
+        at j + 1 is 1 (chat data packed and masked ahead of time)."""
+
+    def __init__(self, name: str, prefix: str, seq_len: int, val_fraction: float, vocab_size: int | None):
+        self.name, self.seq_len = name, seq_len
+        self.data, self.mask = IndexedDataset(prefix, vocab_size), None
+        if os.path.exists(prefix + ".mask.idx"):
+            self.mask = IndexedDataset(prefix + ".mask")
+            if self.mask.dtype != np.uint8 or len(self.mask) != len(self.data):
+                raise DataError(f"{self.mask.idx_path}: a loss mask must be uint8 with one sequence per sequence "
+                                f"of {self.data.idx_path} ({len(self.data)}), not {self.mask.dtype.name} x {len(self.mask)}")
+            total = len(self.data)
+        else:
+            self._check_back_to_back()
+            total = max(self.data.num_tokens - 1, 0) // seq_len
+        self.num_val = max(1, int(total * val_fraction))
+        self.num_train = total - self.num_val
+        if self.num_train < 1:
+            what = "sequences" if self.mask else f"samples of seq_len {seq_len} (+1 for the targets)"
+            raise DataError(f"{self.data.bin_path}: holds {total} {what}: too few for training and validation")
+
+    def train_samples(self, positions: np.ndarray, seed: int) -> np.ndarray:
+        """The train samples at these positions of the source's endless stream: position k is in epoch
+        k // n, at place k % n of that epoch's order, a bijection keyed by (seed, name, epoch)."""
+        n, out = self.num_train, np.empty(len(positions), np.int64)
+        for epoch in np.unique(positions // n):
+            at = positions // n == epoch
+            digest = hashlib.blake2b(f"{seed}/{self.name}/{epoch}".encode(), digest_size=32).digest()
+            out[at] = permute(positions[at] % n, n, np.frombuffer(digest, dtype="<u8"))
+        return out
+
+    def read(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows [len, T + 1] int64 of these samples, and for a packed source their masks [len, T + 1] bool."""
+        T = self.seq_len
+        if self.mask is None:
+            return self.data.windows(samples * T, T + 1).astype(np.int64), None
+        rows, masks = self.data.sequences(samples), self.mask.sequences(samples)
+        for k, row in zip(samples, rows):
+            if len(row) != T + 1:
+                raise DataError(f"{self.data.idx_path}: sequence {k} holds {len(row)} tokens; a packed source "
+                                f"needs seq_len + 1 = {T + 1}")
+        return np.stack(rows).astype(np.int64), np.stack(masks) != 0
+
+    def _check_back_to_back(self, spots: int = 256) -> None:
+        """A plain source reads its .bin as one stream, which needs the sequences back to back, as
+        Megatron writes them. Checked at open on the first sequence and on `spots` pairs of neighbours
+        spread over the index (a writer that pads or aligns its sequences fails there); checking every
+        pointer would be a pass over the whole index, and a search per sample costs ~50 random page reads."""
+        d, size = self.data, self.data.dtype.itemsize
+        if len(d) and d.pointers(0, 1)[0] != 0:
+            raise DataError(f"{d.idx_path}: the first sequence starts at byte {d.pointers(0, 1)[0]} of {d.bin_path}, "
+                            f"not 0: a plain source reads its sequences back to back")
+        for k in np.unique(np.linspace(0, len(d) - 2, min(spots, len(d) - 1), dtype=np.int64)) if len(d) > 1 else []:
+            (p, q), n = d.pointers(k, k + 2), d.lengths(k, k + 1)[0]
+            if q != p + int(n) * size:
+                raise DataError(f"{d.idx_path}: sequences {k} and {k + 1} do not follow each other in {d.bin_path} "
+                                f"(a gap or an overlap): a plain source reads its sequences back to back")
+
+
+def blend(weights: list[float], taken: list[int], first: int, count: int) -> tuple[list[int], list[int]]:
+    """Samples first, ..., first + count - 1 of a blend, continuing from `taken` (how many samples each
+    source gave before `first`; updated in place): the source of each sample and its place within that
+    source. Megatron-LM's rule (helpers.cpp, build_blending_indices), in the same float64 operations:
+    sample i goes to the source with the largest error weights[s] * max(i, 1) - taken[s], the first one
+    on ties, so every prefix of the stream keeps close to the weights (which sum to 1). (A C++ build that
+    fuses the multiply and subtract into one FMA, as GCC may on aarch64, can break a rare tie otherwise.)
+    The counts at an arbitrary sample g have a closed form for two sources (the blend is then a rotation
+    of the circle by the weight, up to float rounding at ties) but none is known for more, so they are
+    carried forward (DataLoader.state) rather than jumped to."""
+    sources, places = [], []
+    for i in range(first, first + count):
+        x = max(float(i), 1.0)
+        best, best_error = 0, weights[0] * x - taken[0]
+        for s in range(1, len(weights)):
+            error = weights[s] * x - taken[s]
+            if error > best_error:
+                best, best_error = s, error
+        sources.append(best)
+        places.append(taken[best])
+        taken[best] += 1
+    return sources, places
 
 
 # -----------------------------------------------------------------------------
 # loading
 
 
+@dataclass
+class Batch:
+    x: torch.Tensor                  # [m, T] int64, the inputs
+    y: torch.Tensor                  # [m, T] int64, the targets (x shifted by one)
+    loss_mask: torch.Tensor | None   # [m, T] bool, True where y counts (packed sources); None: everywhere
+    source: torch.Tensor             # [m] int64, each row's source: an index into DataLoader.source_names
+
+
 class DataLoader:
-    """Sequences of one split in an order that is a pure function of (seed, step, dp_rank, dp_size).
+    """Global batches of the blended sources, in an order that is a pure function of (seed, step, the
+    stage table). DP rank r of dp takes the slice [r*G/dp, (r+1)*G/dp) of global batch `step` and cuts
+    it into micro-batches, so the ranks together see what one process would, under any layout.
 
-    The split's shards form one token stream; sequence i is stream[i*T : i*T + T + 1] (x = the first T,
-    y = the last T: one token of overlap, as in Megatron-LM). Global batch `step` is the samples
-    g = step*G ... step*G + G-1, sample g being sequence perm_epoch[g % n] of epoch g // n. DP rank r takes
-    the contiguous slice [r*G/dp, (r+1)*G/dp) and cuts it into micro-batches, so the ranks together
-    always see the same sequences as one process would, and resuming at `step` needs nothing else.
-    """
+    stages: [(start step, [(name, prefix, weight), ...]), ...], the first at step 0 (see stage_table).
+    Sample g of a stage (counted from the stage's first sample) goes to the source that `blend` picks for
+    it, with the stage's weights normalised as Megatron's normalize() does (w / sum(w) in float64): each
+    stage is a fresh blend, as a new BlendedDataset would be. The sample is that source's next one: its
+    position is the number of samples the source gave before it, in this stage and all earlier ones, and
+    position k is the train sample source.train_samples(k) (a new pseudo-random order every epoch).
 
-    def __init__(self, path: str, split: str, seq_len: int, global_batch: int, micro_batch: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, vocab_size: int | None = None,
-                 shuffle: bool = True):
-        if not os.path.isdir(path):
-            raise DataError(f"{path}: no such dataset directory; run `python data.py prepare INPUT --out {path}`")
-        names = sorted(n for n in os.listdir(path) if n.startswith(f"{split}_") and n.endswith(".bin"))
-        if not names:
-            raise DataError(f"{path}: no {split}_*.bin shards; run `python data.py prepare INPUT --out {path}`")
+    The blend's cursor at a step (per source, the samples given so far) needs the blend of every earlier
+    sample of the stage: the loader keeps it as it goes, and `state(step)` / `load_state(...)` carry it
+    through a checkpoint. Without one, `get_batch(step)` recomputes it from the stage's start: the same
+    order, at 1 to 2 microseconds per sample (an hour for 3.7 billion samples; a step of 1,024, 1-2 ms)."""
+
+    def __init__(self, stages: list, seq_len: int, global_batch: int, micro_batch: int, dp_rank: int = 0,
+                 dp_size: int = 1, seed: int = 0, vocab_size: int | None = None, val_fraction: float = 0.01):
         assert 0 <= dp_rank < dp_size, (dp_rank, dp_size)
         if seq_len < 1:
             raise DataError(f"seq_len {seq_len} must be positive")
         if global_batch < 1 or micro_batch < 1 or global_batch % (dp_size * micro_batch):
             raise DataError(f"global_batch {global_batch} must divide by dp_size {dp_size} x micro_batch {micro_batch}")
-        self.shards = [s for s in (read_shard(os.path.join(path, n)) for n in names) if s.size]
-        self.starts = np.cumsum([0] + [s.size for s in self.shards]).tolist()  # stream offset of each shard
-        self.num_sequences = (self.starts[-1] - 1) // seq_len
-        if self.num_sequences < 1:
-            raise DataError(f"{path}: the {split} split holds {self.starts[-1]} tokens, too few for one "
-                            f"sequence of seq_len {seq_len} (+1 for the targets)")
-        self.path, self.split, self.seq_len, self.vocab_size = path, split, seq_len, vocab_size
-        self.global_batch, self.micro_batch, self.dp_rank, self.dp_size = global_batch, micro_batch, dp_rank, dp_size
-        self.seed, self.shuffle = seed, shuffle
-        self._perms = {}  # epoch -> permutation; at most 2, since a batch can straddle one epoch boundary
+        starts = [start for start, _ in stages]
+        if not stages or starts[0] != 0 or starts != sorted(set(starts)) or not all(s for _, s in stages):
+            raise DataError(f"stages must start at step 0, at increasing steps, each with sources: {starts}")
+        prefixes = {}
+        for _, sources in stages:
+            for name, prefix, _ in sources:
+                prefixes.setdefault(name, prefix)
+        self.source_names = list(prefixes)  # in order of first appearance
+        self.sources = [Source(n, p, seq_len, val_fraction, vocab_size) for n, p in prefixes.items()]
+        self.stages = []  # (start step, the loader's index of each source, normalised weights)
+        for start, sources in stages:
+            w = np.array([weight for _, _, weight in sources], dtype=np.float64)
+            self.stages.append((start, [self.source_names.index(n) for n, _, _ in sources], (w / np.sum(w)).tolist()))
+        self.seq_len, self.global_batch, self.micro_batch = seq_len, global_batch, micro_batch
+        self.dp_rank, self.dp_size, self.seed, self.vocab_size = dp_rank, dp_size, seed, vocab_size
+        self.per_rank = global_batch // dp_size
+        # a cursor is (step, stage, samples each of the stage's sources gave in it, samples each source gave
+        # in earlier stages); the loader remembers the last few and those at the stages' starts
+        self._reset((0, 0, (0,) * len(self.stages[0][1]), (0,) * len(self.sources)))
 
-    def _sequence_index(self, g: int) -> int:
-        epoch, i = divmod(g, self.num_sequences)
-        if not self.shuffle:
-            return i
-        if epoch not in self._perms:
-            if len(self._perms) == 2:
-                del self._perms[min(self._perms)]
-            # 8 bytes per sequence: fine up to ~1e9 sequences (4T tokens at T = 4096)
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences)
-        return int(self._perms[epoch][i])
+    # ---- the blend's cursor
 
-    def _tokens(self, start: int, n: int) -> np.ndarray:
-        """stream[start : start + n] as int64, gathered across shard boundaries."""
-        out = np.empty(n, dtype=np.int64)
-        k, done = bisect.bisect_right(self.starts, start) - 1, 0
-        while done < n:
-            lo = start + done - self.starts[k]
-            take = min(n - done, self.shards[k].size - lo)
-            out[done:done + take] = self.shards[k][lo:lo + take]
-            done, k = done + take, k + 1
-        return out
+    def _reset(self, *cursors):
+        start = (0, 0, (0,) * len(self.stages[0][1]), (0,) * len(self.sources))
+        self._stage_starts, self._recent = {0: start}, {}
+        for cur in cursors:
+            self._remember(cur)
 
-    def get_batch(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This DP rank's micro-batches of global batch `step`: [(x [micro, T] int64, y [micro, T] int64), ...]."""
-        per_rank, T = self.global_batch // self.dp_size, self.seq_len
-        first = step * self.global_batch + self.dp_rank * per_rank
-        rows = np.stack([self._tokens(self._sequence_index(g) * T, T + 1) for g in range(first, first + per_rank)])
-        if self.vocab_size is not None and rows.max() >= self.vocab_size:
-            raise DataError(f"{self.path}: {self.split} data holds token id {rows.max()} >= vocab_size "
-                            f"{self.vocab_size} (wrong tokenizer for this model?)")
-        rows = torch.from_numpy(rows)  # [per_rank, T + 1]
+    def _remember(self, cur):
+        if cur[0] == self.stages[cur[1]][0]:
+            self._stage_starts[cur[1]] = cur
+        self._recent[cur[0]] = cur
+        for step in sorted(self._recent)[:-2]:
+            del self._recent[step]
+
+    def _blend_step(self, cur):
+        """Global batch cur[0]: each sample's source and position in it, and the cursor after it."""
+        step, k, taken, base = cur
+        start, members, weights = self.stages[k]
+        taken = list(taken)
+        index, place = blend(weights, taken, (step - start) * self.global_batch, self.global_batch)
+        source = np.array(members, dtype=np.int64)[index]
+        position = np.array(base, dtype=np.int64)[source] + np.array(place, dtype=np.int64)
+        step += 1
+        if k + 1 < len(self.stages) and self.stages[k + 1][0] == step:  # the next stage: a fresh blend
+            base = list(base)
+            for m, t in zip(members, taken):
+                base[m] += t
+            k, taken = k + 1, [0] * len(self.stages[k + 1][1])
+        return source, position, (step, k, tuple(taken), tuple(base))
+
+    def _cursor(self, step):
+        known = [c for c in (*self._recent.values(), *self._stage_starts.values()) if c[0] <= step]
+        cur = max(known, key=lambda c: c[0])
+        while cur[0] < step:
+            cur = self._blend_step(cur)[2]
+            self._remember(cur)
+        return cur
+
+    def _history(self, step):
+        """What the cursor at `step` depends on: the global batch and the stages begun before `step`."""
+        return {"global_batch": self.global_batch,
+                "stages": [[start, [[self.source_names[m], w] for m, w in zip(members, weights)]]
+                           for start, members, weights in self.stages if start < step]}
+
+    def state(self, step: int) -> dict:
+        """The cursor at the start of global batch `step`, as a small JSON-able dict for a checkpoint."""
+        _, k, taken, base = self._cursor(step)
+        members, samples = self.stages[k][1], list(base)
+        for m, t in zip(members, taken):
+            samples[m] += t
+        return {"step": step, **self._history(step), "samples": dict(zip(self.source_names, samples)),
+                "stage_samples": {self.source_names[m]: t for m, t in zip(members, taken)}}
+
+    def load_state(self, state: dict) -> bool:
+        """Continue from a cursor that state() made. It is a cache of what the stage table implies, so one
+        made with another global batch or other stages before its step is ignored (returns False), and
+        the cursor is recomputed: the order is always that of the current table."""
+        step = state["step"]
+        if {k: state.get(k) for k in ("global_batch", "stages")} != self._history(step):
+            return False
+        k = bisect.bisect_right([s[0] for s in self.stages], step) - 1
+        start, members, _ = self.stages[k]
+        base = [state["samples"].get(name, 0) for name in self.source_names]
+        taken = [state["stage_samples"].get(self.source_names[m], 0) if start < step else 0 for m in members]
+        for m, t in zip(members, taken):
+            base[m] -= t
+        self._reset((start, k, (0,) * len(members), tuple(base)), (step, k, tuple(taken), tuple(base)))
+        return True
+
+    def tokens_seen(self, step: int) -> dict:
+        """{source name: tokens of its samples in global batches 0 ... step-1} (T per sample, the targets)."""
+        return {name: n * self.seq_len for name, n in self.state(step)["samples"].items()}
+
+    def stage_weights(self, step: int) -> dict:
+        """{source name: normalised weight} of the stage that global batch `step` belongs to."""
+        _, members, weights = self.stages[bisect.bisect_right([s[0] for s in self.stages], step) - 1]
+        return {self.source_names[m]: w for m, w in zip(members, weights)}
+
+    # ---- batches
+
+    def get_batch(self, step: int) -> list[Batch]:
+        """This DP rank's micro-batches of global batch `step`."""
+        cur = self._cursor(step)
+        source, position, after = self._blend_step(cur)
+        self._remember(after)
+        part = slice(self.dp_rank * self.per_rank, (self.dp_rank + 1) * self.per_rank)
+        source, position = source[part], position[part]
+        rows, masks = np.empty((self.per_rank, self.seq_len + 1), np.int64), None
+        for s in np.unique(source):
+            at = source == s
+            read, mask = self._read(s, self.sources[s].train_samples(position[at], self.seed))
+            rows[at] = read
+            if mask is not None:
+                masks = np.ones(rows.shape, bool) if masks is None else masks
+                masks[at] = mask
+        return self._micro_batches(rows, masks, source)
+
+    def val_batches(self, source: int, i: int) -> list[Batch]:
+        """This DP rank's micro-batches of validation batch i of one source: its held-out samples in
+        order (global batch i holds samples i*G ... i*G + G-1, modulo their number)."""
+        src = self.sources[source]
+        j = i * self.global_batch + self.dp_rank * self.per_rank + np.arange(self.per_rank)
+        rows, masks = self._read(source, src.num_train + j % src.num_val)
+        return self._micro_batches(rows, masks, np.full(self.per_rank, source))
+
+    def _read(self, s, samples):
+        rows, masks = self.sources[s].read(samples)
+        path, top, low = self.sources[s].data.bin_path, rows.max(initial=0), rows.min(initial=0)
+        if self.vocab_size is not None and top >= self.vocab_size:
+            raise DataError(f"{path}: holds token id {top} >= vocab_size {self.vocab_size} "
+                            f"(wrong tokenizer for this model?)")
+        if low < 0:
+            raise DataError(f"{path}: holds a negative token id {low}")
+        return rows, masks
+
+    def _micro_batches(self, rows, masks, source):
+        rows, source = torch.from_numpy(rows), torch.from_numpy(np.asarray(source, dtype=np.int64))
+        masks = None if masks is None else torch.from_numpy(masks[:, 1:])  # the mask of y = positions 1..T
         m = self.micro_batch
-        return [(rows[k:k + m, :-1].contiguous(), rows[k:k + m, 1:].contiguous()) for k in range(0, per_rank, m)]
+        return [Batch(rows[a:a + m, :-1].contiguous(), rows[a:a + m, 1:].contiguous(),
+                      None if masks is None else masks[a:a + m].contiguous(), source[a:a + m].clone())
+                for a in range(0, len(rows), m)]
+
+
+# -----------------------------------------------------------------------------
+# benchmark: a huge index opens in constant time and memory
+
+
+def _write_synthetic_index(prefix: str, documents: int, doc_tokens: int, dtype, chunk: int = 1 << 22) -> None:
+    """An index of `documents` documents of doc_tokens tokens each, written in full and then dropped from
+    the page cache (as a dataset on disk would be), and a sparse .bin of the size it implies (one byte
+    written at its end: the file system stores no zeros)."""
+    size = np.dtype(dtype).itemsize
+    code = {np.dtype(v): k for k, v in DTYPES.items()}[np.dtype(dtype)]
+    with open(prefix + ".idx", "wb") as f:
+        f.write(INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, code, documents, documents + 1))
+        for a in range(0, documents, chunk):
+            f.write(np.full(min(chunk, documents - a), doc_tokens, dtype="<i4").tobytes())
+        for a in range(0, documents, chunk):
+            f.write((np.arange(a, min(a + chunk, documents), dtype="<i8") * (doc_tokens * size)).tobytes())
+        for a in range(0, documents + 1, chunk):
+            f.write(np.arange(a, min(a + chunk, documents + 1), dtype="<i8").tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    with open(prefix + ".bin", "wb") as f:
+        f.seek(documents * doc_tokens * size - 1)
+        f.write(b"\0")
+
+
+def _memory() -> dict:
+    """This process's resident memory now and at its peak, in MB (Linux; elsewhere the peak only)."""
+    try:
+        with open("/proc/self/status") as f:
+            status = dict(line.split(":", 1) for line in f)
+        return {k: int(status[v].split()[0]) / 1024 for k, v in (("now", "VmRSS"), ("peak", "VmHWM"))}
+    except OSError:
+        return {"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_index(documents: int = 100_000_000, doc_tokens: int = 1000, seq_len: int = 4096,
+                global_batch: int = 1024, vocab_size: int = 131072, workdir: str | None = None) -> dict:
+    """Build a synthetic dataset of `documents` documents (in a child process, so that its buffers are
+    not this process's memory), then time opening a DataLoader on it and producing global batch 0 (all
+    of it, on one rank), and report this process's resident memory before and after."""
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        prefix = os.path.join(tmp, "synthetic")
+        t0 = time.perf_counter()
+        child = multiprocessing.Process(target=_write_synthetic_index,
+                                        args=(prefix, documents, doc_tokens, token_dtype(vocab_size)))
+        child.start()
+        child.join()
+        built = time.perf_counter() - t0
+        before = _memory()
+        t0 = time.perf_counter()
+        loader = DataLoader([(0, [("synthetic", prefix, 1.0)])], seq_len, global_batch, global_batch,
+                            vocab_size=vocab_size)
+        batch = loader.get_batch(0)[0]
+        seconds = time.perf_counter() - t0
+        after = _memory()
+        return {"documents": documents, "tokens": documents * doc_tokens, "idx_bytes": os.path.getsize(prefix + ".idx"),
+                "train_samples": loader.sources[0].num_train, "batch": list(batch.x.shape), "build_seconds": built,
+                "open_and_first_batch_seconds": seconds, "rss_mb_before": before.get("now"),
+                "rss_mb_after": after.get("now"), "peak_rss_mb": after["peak"]}
 
 
 # -----------------------------------------------------------------------------
@@ -615,25 +1070,31 @@ class DataLoader:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Tokenize text into nanoapertus shards.")
+    parser = argparse.ArgumentParser(description="Megatron-LM indexed datasets for nanoapertus.")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("prepare", help="text files, directories and .jsonl files -> shards")
+    p = commands.add_parser("prepare", help="text files, directories and .jsonl files -> PREFIX.bin + PREFIX.idx")
     p.add_argument("inputs", nargs="+", help="text files, directories (recursive) and .jsonl files")
-    p.add_argument("--out", required=True, help="the dataset directory to create")
+    p.add_argument("--out", required=True, help="the path prefix of the dataset to create")
     p.add_argument("--tokenizer", default="byte", help="'byte' or the path of a tekken JSON")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
     p.add_argument("--workers", type=int, default=0, help="processes; 0 = one per CPU core")
-    d = commands.add_parser("demo", help="prepare the demo corpus (once) and print its directory")
+    d = commands.add_parser("demo", help="prepare the demo corpus (once) and print its path prefix")
     d.add_argument("--tokenizer", default="byte", help="'byte' or the path of a tekken JSON")
+    b = commands.add_parser("bench-index", help="time opening a synthetic index and its first batch")
+    b.add_argument("--documents", type=int, default=100_000_000)
+    b.add_argument("--doc-tokens", type=int, default=1000)
+    b.add_argument("--seq-len", type=int, default=4096)
+    b.add_argument("--global-batch", type=int, default=1024)
+    b.add_argument("--dir", default=None, help="where to write the synthetic files (default: the temp dir)")
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
-            prepare(args.inputs, args.out, args.tokenizer, args.val_fraction, args.workers)
-            with open(os.path.join(args.out, "meta.json")) as f:
-                meta = json.load(f)
-            print(f"{args.out}: {meta['tokens']} tokens, {meta['documents']} documents")
-        else:
+            counts = prepare(args.inputs, args.out, args.tokenizer, args.workers)
+            print(f"{args.out}: {counts['tokens']} tokens, {counts['documents']} documents")
+        elif args.command == "demo":
             print(demo_dataset(args.tokenizer))
+        else:
+            print(json.dumps(bench_index(args.documents, args.doc_tokens, args.seq_len, args.global_batch,
+                                         workdir=args.dir), indent=2))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -474,10 +474,13 @@ def forward_backward(model, opt, batches, t, grid, train=True):
     the micro-batch split. Returns the global mean loss (a float: one host sync per step) and the
     seconds this pipeline stage spent waiting for its neighbours."""
     cfg = model.config
-    batches = [(x.to(grid.device, non_blocking=True), y.to(grid.device, non_blocking=True)) for x, y in batches]
-    masks = [loss_mask(x, y, t, cfg.eos_token_id) if train else x != cfg.eos_token_id for x, y in batches]
+    batches = [(b.x.to(grid.device, non_blocking=True), b.y.to(grid.device, non_blocking=True),
+                None if b.loss_mask is None else b.loss_mask.to(grid.device, non_blocking=True)) for b in batches]
+    masks = [loss_mask(x, y, t, cfg.eos_token_id) if train else x != cfg.eos_token_id for x, y, _ in batches]
+    # a packed source (chat data) brings its own loss mask: only the assistant's tokens count
+    masks = [m if packed is None else m & packed for m, (_, _, packed) in zip(masks, batches)]
     n_tokens = all_sum(sum(m.sum() for m in masks).float(), grid.dp_group)
-    steps = [functools.partial(micro_loss, model, x, y, m, n_tokens) for (x, y), m in zip(batches, masks)]
+    steps = [functools.partial(micro_loss, model, x, y, m, n_tokens) for (x, y, _), m in zip(batches, masks)]
     if grid.pp > 1:  # every stage reads the same batch; the first uses the tokens, the last the targets
         B, T = batches[0][0].shape
         sp = grid.tp if grid.sequence_parallel else 1
@@ -507,10 +510,12 @@ def train_step(model, opt, batches, lr, t, grid):
 
 @torch.no_grad()
 def evaluate(model, loader, n_batches, t, grid, opt):
+    """{source name: mean loss over n_batches global batches of its held-out samples}."""
     model.eval()
-    losses = [forward_backward(model, opt, loader.get_batch(i), t, grid, train=False)[0] for i in range(n_batches)]
+    losses = {name: sum(forward_backward(model, opt, loader.val_batches(s, i), t, grid, train=False)[0]
+                        for i in range(n_batches)) / n_batches for s, name in enumerate(loader.source_names)}
     model.train()
-    return sum(losses) / len(losses)
+    return losses
 
 
 def sample(model, tok, t, device):
@@ -534,21 +539,21 @@ def setup(cfg):
     if tok.vocab_size > mcfg.vocab_size:
         raise ConfigError(f"tokenizer {dcfg.tokenizer} has {tok.vocab_size} ids, model.vocab_size is {mcfg.vocab_size}")
     path = dcfg.dataset
-    if not path:  # the offline demo corpus, prepared once by rank 0
+    if not (path or dcfg.sources or dcfg.stages):  # the offline demo corpus, prepared once by rank 0
         path = data.demo_dataset(dcfg.tokenizer) if grid.rank == 0 else None
         if grid.world > 1:
             box = [path]
             torch.distributed.broadcast_object_list(box, src=0)
             path = box[0]
-    loaders = {split: data.DataLoader(path, split, dcfg.seq_len, t.global_batch_size, t.micro_batch_size,
-                                      grid.dp_rank, grid.dp, t.seed, mcfg.vocab_size, shuffle=split == "train")
-               for split in ("train", "val")}
+    stages = data.stage_table(dcfg, t.global_batch_size, path)
+    loader = data.DataLoader(stages, dcfg.seq_len, t.global_batch_size, t.micro_batch_size, grid.dp_rank, grid.dp,
+                             t.seed, mcfg.vocab_size, dcfg.val_fraction)
     model = build(cfg, grid, grid.device)
     opt = parallel.DistributedOptimizer(model, grid, make_optimizer(t), cfg["parallel"].bucket_size)
-    return grid, tok, loaders, model, opt
+    return grid, tok, loader, model, opt
 
 
-def resume(t, grid, opt):
+def resume(t, grid, opt, loader):
     """The newest good checkpoint in out_dir (verified; a bad one is skipped), else the Hugging Face
     weights of init_from, else nothing (the seeded init). Returns (step, the checkpoint's meta.json)."""
     path = checkpoint.find_resume(t.out_dir, grid)
@@ -556,6 +561,9 @@ def resume(t, grid, opt):
         step, meta, nbytes = checkpoint.load_checkpoint(path, opt, grid, t.optimizer)
         mb = all_max_sum(nbytes / 1e6, grid)
         log(grid, f"resumed from {path} at step {step} (read {mb[0]:.1f} MB per rank at most, {mb[1]:.1f} MB in all)")
+        # the blend's position: without it (or from another [data] table) the loader recomputes it, slowly
+        if meta.get("data_state") is not None and not loader.load_state(meta["data_state"]):
+            log(grid, "the checkpoint's data position was made with another [data] table or batch size: recomputing it")
         return step, meta
     if t.init_from:
         nbytes = checkpoint.load_hf_into(opt, t.init_from, grid)
@@ -602,10 +610,10 @@ class SaveError(checkpoint.CheckpointError):
     pass
 
 
-def save(saver, t, step, opt, grid, config_dict):
+def save(saver, t, step, opt, grid, config_dict, loader):
     """A checkpoint of `step` (its files in the background with async_checkpoint). Returns the seconds
     the loop was blocked."""
-    blocked = saver.save(step, opt, dict(config=config_dict, optimizer=t.optimizer))
+    blocked = saver.save(step, opt, dict(config=config_dict, optimizer=t.optimizer, data_state=loader.state(step)))
     log(grid, f"{'saving' if t.async_checkpoint else 'saved'} checkpoint at step {step} ({blocked:.2f} s blocked)")
     return blocked
 
@@ -629,18 +637,19 @@ def export_hf(t, grid, saver, tok_dir):
 
 def run(cfg):
     t, dcfg, mcfg = cfg["train"], cfg["data"], cfg["model"]
-    grid, tok, loaders, model, opt = setup(cfg)
+    grid, tok, loader, model, opt = setup(cfg)
     config_dict = {s: asdict(c) for s, c in cfg.items()}
     log(grid, f"config:\n{json.dumps(config_dict, indent=2)}")
     os.makedirs(t.out_dir, exist_ok=True)
     if grid.rank == 0:
         with open(os.path.join(t.out_dir, "config.json"), "w") as f:
             json.dump(config_dict, f, indent=2)
-    step, _ = resume(t, grid, opt)
+    step, _ = resume(t, grid, opt, loader)
     n_params = param_count(mcfg)
     fpt, peak = flops_per_token(mcfg, dcfg.seq_len, n_params), peak_flops(grid.device)
     log(grid, f"{n_params:,} parameters, layout tp={grid.tp} pp={grid.pp} dp={grid.dp}, device {grid.device}, "
-              f"{len(loaders['train'].get_batch(0))} micro-batches of {t.micro_batch_size} per rank per step")
+              f"{t.global_batch_size // (grid.dp * t.micro_batch_size)} micro-batches of {t.micro_batch_size} "
+              f"per rank per step")
     decay_start = t.decay_start if t.decay_start >= 0 else t.max_steps - t.decay_steps
     tokens_per_step = t.global_batch_size * dcfg.seq_len
     saver = checkpoint.Saver(t.out_dir, grid, t.keep_checkpoints, t.async_checkpoint)
@@ -657,7 +666,7 @@ def run(cfg):
             # ---- one step: timed alone (evaluations and saves are not training time)
             t0 = time.perf_counter()
             lr = wsd_lr(step, t.lr, t.min_lr, t.warmup_steps, decay_start, t.decay_steps, t.decay_shape)
-            loss, norm, waited = train_step(model, opt, loaders["train"].get_batch(step), lr, t, grid)
+            loss, norm, waited = train_step(model, opt, loader.get_batch(step), lr, t, grid)
             if grid.device.type == "cuda":
                 torch.cuda.synchronize(grid.device)
             dt = time.perf_counter() - t0
@@ -680,8 +689,12 @@ def run(cfg):
             logged = step % t.log_interval == 0 or step == t.max_steps
             if logged:
                 record["step_time_max_s"], record["step_time_min_s"] = step_time_spread(dt, grid)
+            record.update({f"tokens/{name}": n for name, n in loader.tokens_seen(step).items()})
             if step == t.max_steps or (t.eval_interval and step % t.eval_interval == 0):
-                record["val_loss"] = evaluate(model, loaders["val"], dcfg.eval_batches, t, grid, opt)
+                losses = evaluate(model, loader, dcfg.eval_batches, t, grid, opt)
+                # val_loss: the sources' losses weighted as the stage of the last step mixes them
+                record["val_loss"] = sum(w * losses[n] for n, w in loader.stage_weights(step - 1).items())
+                record.update({f"val_loss/{name}": v for name, v in losses.items()})
                 log(grid, f"step {step}: val loss {record['val_loss']:.4f}")
             signalled, save_failed = agree(grid, SIGNALLED["name"] is not None, saver.error is not None)
             if save_failed:
@@ -696,7 +709,7 @@ def run(cfg):
                 if signalled:
                     log(grid, f"{SIGNALLED['name'] or 'a signal'} received: saving step {step}; until it is "
                               f"complete the newest checkpoint is the previous one")
-                record["checkpoint_block_s"] = round(save(saver, t, step, opt, grid, config_dict), 4)
+                record["checkpoint_block_s"] = round(save(saver, t, step, opt, grid, config_dict, loader), 4)
             if export and step != t.max_steps:
                 export_hf(t, grid, saver, t.init_from)
             if metrics and (logged or "val_loss" in record or "checkpoint_block_s" in record):

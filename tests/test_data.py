@@ -1,7 +1,10 @@
-"""data.py: shard files, prepare, the tokenizers, the DataLoader's order and its data-parallel property."""
+"""data.py: Megatron's indexed dataset (against an independent writer), prepare, the tokenizers, the blend
+(against helpers.cpp), the loader's order, stages, resume and data-parallel property."""
 import importlib.util
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
 import time
@@ -11,10 +14,130 @@ import pytest
 import torch
 
 import data
-from data import DataError, DataLoader, get_tokenizer, prepare, read_shard, write_shard
+import train
+from data import DataConfig, DataError, DataLoader, IndexedDataset, get_tokenizer, prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "Grüezi mitenand! 你好, мир. <s> is text here. 🙂\n"
+
+
+# ---- an independent writer of the format: APERTUS.md section 4, with struct and numpy (not data.py's writer)
+
+CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6, np.float32: 7, np.uint16: 8}
+
+
+def write_megatron(prefix, documents, dtype, version=1, gap_after=None):
+    """documents: a list of documents, each a list of sequences (lists of ids). gap_after: a sequence
+    after which the .bin gets 2 stray bytes (the pointers then leave a gap)."""
+    prefix, dtype = str(prefix), np.dtype(dtype)
+    sequences = [np.asarray(s, dtype=dtype.newbyteorder("<")) for doc in documents for s in doc]
+    lengths, pointers, doc_idx, blob = [], [], [0], b""
+    for k, s in enumerate(sequences):
+        lengths.append(len(s))
+        pointers.append(len(blob))
+        blob += s.tobytes() + (b"\0\0" if k == gap_after else b"")
+    for doc in documents:
+        doc_idx.append(doc_idx[-1] + len(doc))
+    with open(prefix + ".bin", "wb") as f:
+        f.write(blob)
+    with open(prefix + ".idx", "wb") as f:
+        f.write(b"MMIDIDX\x00\x00")
+        f.write(struct.pack("<Q", version))
+        f.write(struct.pack("<B", CODES[dtype.type]))
+        f.write(struct.pack("<Q", len(sequences)))
+        f.write(struct.pack("<Q", len(doc_idx)))
+        f.write(struct.pack(f"<{len(lengths)}i", *lengths))
+        f.write(struct.pack(f"<{len(pointers)}q", *pointers))
+        f.write(struct.pack(f"<{len(doc_idx)}q", *doc_idx))
+    return prefix
+
+
+def stream_source(tmp_path, name, n_tokens, dtype=np.uint16, doc=97):
+    """A source whose token stream is offset, offset+1, ...: a window's first token tells which one it is."""
+    tokens = np.arange(n_tokens) % 60000
+    return write_megatron(tmp_path / name, [[tokens[a:a + doc]] for a in range(0, n_tokens, doc)], dtype)
+
+
+# ---- the format
+
+
+@pytest.mark.parametrize("dtype,high", [(np.uint16, 2**16), (np.int32, 2**31)])
+def test_reads_every_document_of_an_independent_writer(tmp_path, dtype, high):
+    rng = np.random.default_rng(0)
+    docs = [[rng.integers(0, high, size=rng.integers(0, 50)).tolist() for _ in range(rng.integers(1, 4))]
+            for _ in range(200)]  # 1 to 3 sequences per document, some empty
+    prefix = write_megatron(tmp_path / "ds", docs, dtype)
+    ds = IndexedDataset(prefix, vocab_size=high)
+    assert ds.dtype == dtype and ds.num_documents == 200 and len(ds) == sum(map(len, docs))
+    k = 0
+    for d, doc in enumerate(docs):
+        assert ds.document(d).tolist() == [t for s in doc for t in s]
+        for s in doc:
+            assert ds.sequence(k).tolist() == s
+            k += 1
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_our_writer_writes_the_same_bytes(tmp_path, dtype):
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, 60000, size=rng.integers(0, 300)) for _ in range(100)]
+    write_megatron(tmp_path / "theirs", [[d.tolist()] for d in docs], dtype)
+    with data.IndexedDatasetWriter(str(tmp_path / "ours"), dtype) as w:
+        for d in docs[:40]:
+            w.add_document(d)
+        w.add_documents(np.concatenate(docs[40:]), [len(d) for d in docs[40:]])
+    for ext in (".idx", ".bin"):
+        assert (tmp_path / ("ours" + ext)).read_bytes() == (tmp_path / ("theirs" + ext)).read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["ours.bin", "ours.idx", "theirs.bin", "theirs.idx"]  # no temp files
+
+
+def corrupt(tmp_path, what):
+    prefix = write_megatron(tmp_path / "ds", [[list(range(5, 105))], [list(range(7, 57))]], np.uint16)
+    idx, bin_ = tmp_path / "ds.idx", tmp_path / "ds.bin"
+    raw = idx.read_bytes()
+    if what == "version":
+        idx.write_bytes(raw[:9] + struct.pack("<Q", 2) + raw[17:])
+    elif what == "code":
+        idx.write_bytes(raw[:17] + b"\x09" + raw[18:])
+    elif what == "float":
+        idx.write_bytes(raw[:17] + b"\x07" + raw[18:])
+    elif what == "narrow":  # uint8 ids cannot hold a 260-id vocabulary
+        idx.write_bytes(raw[:17] + b"\x01" + raw[18:])
+    elif what == "magic":
+        idx.write_bytes(b"NOTANIDX\x00" + raw[9:])
+    elif what == "short idx":
+        idx.write_bytes(raw[:-5])
+    elif what == "short bin":
+        bin_.write_bytes(bin_.read_bytes()[:-10])
+    elif what == "long bin":
+        bin_.write_bytes(bin_.read_bytes() + b"xx")
+    elif what == "no bin":
+        bin_.unlink()
+    elif what == "no idx":
+        idx.unlink()
+    return prefix
+
+
+@pytest.mark.parametrize("what,file,message", [
+    ("version", "idx", "unknown index version 2"),
+    ("code", "idx", "unknown dtype code 9"),
+    ("float", "idx", "holds float32 values, not token ids"),
+    ("narrow", "idx", "dtype uint8 cannot hold the ids of a vocabulary of 260"),
+    ("magic", "idx", "not a Megatron indexed dataset"),
+    ("short idx", "idx", "truncated index"),
+    ("short bin", "bin", "truncated token file: its index says 300 bytes, the file holds 290"),
+    ("long bin", "bin", "corrupt token file"),
+    ("no bin", "idx", "its token file .*ds.bin is missing"),
+    ("no idx", "idx", "cannot read the index .*python data.py prepare"),
+])
+def test_a_bad_dataset_is_one_line_of_error_naming_the_file(tmp_path, what, file, message):
+    prefix = corrupt(tmp_path, what)
+    with pytest.raises(DataError, match=f"^{re.escape(prefix)}.{file}: {message}") as e:
+        IndexedDataset(prefix, vocab_size=260)
+    assert "\n" not in str(e.value)
+
+
+# ---- tokenizers
 
 
 def tekken_path():
@@ -23,71 +146,6 @@ def tekken_path():
     if not path or not os.path.exists(path):
         pytest.skip("mistral-common (which ships tekken_240718.json) is not installed")
     return path
-
-
-def corpus(tmp_path):
-    """A directory tree of text files plus a .jsonl file: 12 + 30 documents."""
-    docs = tmp_path / "docs"
-    (docs / "sub" / "deeper").mkdir(parents=True)
-    (docs / ".git").mkdir()
-    (docs / ".git" / "HEAD").write_text("hidden files are skipped")
-    texts = [f"document {i}: {TEXT * (i + 1)}" for i in range(12)]
-    for i, t in enumerate(texts):
-        (docs / ("sub" if i % 3 == 1 else "sub/deeper" if i % 3 == 2 else ".") / f"f{i:02d}.txt").write_text(t)
-    lines = [f"line {i} " + TEXT * (i % 4) for i in range(30)]
-    with open(tmp_path / "more.jsonl", "w") as f:
-        for i, t in enumerate(lines):
-            f.write(json.dumps({"text": t, "id": i}) + "\n" + ("\n" if i == 7 else ""))  # blank lines are skipped
-    return [str(docs), str(tmp_path / "more.jsonl")], texts + lines
-
-
-def split_documents(tokens):
-    """Cut a token stream at BOS into documents, checking the BOS ... EOS frame of each."""
-    starts = np.flatnonzero(tokens == data.BOS_ID).tolist() + [len(tokens)]
-    assert starts[0] == 0
-    docs = [tokens[a:b] for a, b in zip(starts, starts[1:])]
-    assert all(d[-1] == data.EOS_ID and (d[1:-1] >= 4).all() for d in docs)
-    return docs
-
-
-def stream(path, split):
-    return np.concatenate([read_shard(os.path.join(path, n)) for n in sorted(os.listdir(path))
-                           if n.startswith(split + "_")])
-
-
-# ---- shards
-
-
-@pytest.mark.parametrize("dtype,high", [(np.uint16, 2**16), (np.uint32, 2**32)])
-def test_shard_round_trip(tmp_path, dtype, high):
-    tokens = np.random.default_rng(0).integers(0, high, size=1001, dtype=np.uint64).astype(dtype)
-    write_shard(tmp_path / "a.bin", tokens)
-    back = read_shard(tmp_path / "a.bin")
-    assert isinstance(back, np.memmap) and back.dtype == dtype and np.array_equal(back, tokens)
-    assert os.path.getsize(tmp_path / "a.bin") == 32 + tokens.nbytes
-    write_shard(tmp_path / "empty.bin", np.empty(0, dtype))
-    assert read_shard(tmp_path / "empty.bin").size == 0
-
-
-def test_bad_shards(tmp_path):
-    path = tmp_path / "train_000000.bin"
-    write_shard(path, np.arange(100, dtype=np.uint16))
-    raw = path.read_bytes()
-    path.write_bytes(raw[:-10])
-    with pytest.raises(DataError, match=f"{path}: truncated shard: header says 100 tokens, file holds 95"):
-        read_shard(path)
-    path.write_bytes(raw + b"xx")
-    with pytest.raises(DataError, match="corrupt shard: header says 100 tokens, file holds 101"):
-        read_shard(path)
-    for bad in (b"NOTASHRD" + raw[8:], raw[:20], b"", raw[:8] + b"\x07" + raw[9:], raw[:12] + b"\x03" + raw[13:]):
-        path.write_bytes(bad)
-        with pytest.raises(DataError, match=str(path)):
-            read_shard(path)
-    with pytest.raises(DataError, match="missing.bin"):
-        read_shard(tmp_path / "missing.bin")
-
-
-# ---- tokenizers
 
 
 def test_byte_tokenizer():
@@ -108,6 +166,7 @@ def test_tekken_tokenizer():
     ids = tok.encode(TEXT)
     assert min(ids) >= 1000 and max(ids) < 131072 and len(ids) < len(TEXT.encode())
     assert tok.decode(tok.encode_document(TEXT)) == TEXT
+    assert data.token_dtype(tok.vocab_size) == np.int32 and data.token_dtype(260) == np.uint16
     from mistral_common.tokens.tokenizers.tekken import Tekkenizer  # the reference implementation
 
     assert Tekkenizer.from_file(path).encode(TEXT, bos=True, eos=True) == tok.encode_document(TEXT)
@@ -124,37 +183,42 @@ def test_bad_tokenizer(tmp_path):
 # ---- prepare
 
 
+def corpus(tmp_path):
+    """A directory tree of text files plus a .jsonl file: 12 + 30 documents."""
+    docs = tmp_path / "docs"
+    (docs / "sub" / "deeper").mkdir(parents=True)
+    (docs / ".git").mkdir()
+    (docs / ".git" / "HEAD").write_text("hidden files are skipped")
+    texts = [f"document {i}: {TEXT * (i + 1)}" for i in range(12)]
+    for i, t in enumerate(texts):
+        (docs / ("sub" if i % 3 == 1 else "sub/deeper" if i % 3 == 2 else ".") / f"f{i:02d}.txt").write_text(t)
+    lines = [f"line {i} " + TEXT * (i % 4) for i in range(30)]
+    with open(tmp_path / "more.jsonl", "w") as f:
+        for i, t in enumerate(lines):
+            f.write(json.dumps({"text": t, "id": i}) + "\n" + ("\n" if i == 7 else ""))  # blank lines are skipped
+    return [str(docs), str(tmp_path / "more.jsonl")], texts + lines
+
+
 def test_prepare(tmp_path, monkeypatch):
     inputs, texts = corpus(tmp_path)
-    prepare(inputs, str(tmp_path / "w1"), val_fraction=0.3, workers=1)
-    prepare(inputs, str(tmp_path / "w2"), val_fraction=0.3, workers=2, shard_tokens=500)
+    out = tmp_path / "out"
+    out.mkdir()
+    counts = prepare(inputs, str(out / "w1"), workers=1)
+    prepare(inputs, str(out / "w2"), workers=2)
     monkeypatch.setattr(data, "PIECE_BYTES", 100)  # the .jsonl file in many pieces: line numbers must still match
-    prepare(inputs, str(tmp_path / "w3"), val_fraction=0.3, workers=2)
-    meta = json.loads((tmp_path / "w1" / "meta.json").read_text())
-    assert meta["tokenizer"] == "byte" and meta["vocab_size"] == 260 and meta["dtype"] == "uint16"
-    assert meta["documents"]["train"] + meta["documents"]["val"] == len(texts) and meta["documents"]["val"] > 0
-    assert len(os.listdir(tmp_path / "w2")) > 4  # small shards: several files per split
+    prepare(inputs, str(out / "w3"), workers=2)
+    for ext in (".idx", ".bin"):  # the same bytes for any number of workers and pieces
+        assert (out / f"w1{ext}").read_bytes() == (out / f"w2{ext}").read_bytes() == (out / f"w3{ext}").read_bytes()
+    ds = IndexedDataset(str(out / "w1"), vocab_size=260)
+    assert ds.dtype == np.uint16 and len(ds) == ds.num_documents == len(texts) == counts["documents"]
+    assert ds.doc_indices(0, len(texts) + 1).tolist() == list(range(len(texts) + 1))
+    assert ds.num_tokens == counts["tokens"]
     tok = get_tokenizer("byte")
-    decoded = []
-    for split in ("train", "val"):
-        tokens = stream(tmp_path / "w1", split)
-        assert len(tokens) == meta["tokens"][split]
-        assert np.array_equal(tokens, stream(tmp_path / "w2", split))  # the same for any workers and shard size
-        assert np.array_equal(tokens, stream(tmp_path / "w3", split))
-        docs = split_documents(tokens)
-        assert len(docs) == meta["documents"][split]
-        decoded += [tok.decode(d) for d in docs]
-    assert sorted(decoded) == sorted(texts)
-    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
-
-
-def test_prepare_small_corpus_has_val(tmp_path):
-    (tmp_path / "a.txt").write_text("one")
-    (tmp_path / "b.txt").write_text("two")
-    prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], str(tmp_path / "out"), val_fraction=1e-9)
-    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
-    assert meta["documents"] == {"train": 1, "val": 1}
-    assert get_tokenizer("byte").decode(stream(tmp_path / "out", "val")) == "two"  # the last document moved
+    docs = [ds.document(d) for d in range(ds.num_documents)]
+    assert all(d[0] == data.BOS_ID and d[-1] == data.EOS_ID and (d[1:-1] >= 4).all() for d in docs)
+    assert sorted(tok.decode(d) for d in docs) == sorted(texts)
+    assert tok.decode(docs[-1]) == texts[-1]  # input order: the .jsonl file came last
+    assert sorted(os.listdir(out)) == ["w1.bin", "w1.idx", "w2.bin", "w2.idx", "w3.bin", "w3.idx"]
 
 
 def test_prepare_errors(tmp_path):
@@ -171,86 +235,15 @@ def test_prepare_errors(tmp_path):
         prepare([str(tmp_path / "missing.txt")], str(tmp_path / "out"))
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "good.txt"]  # failures leave nothing behind
     prepare([str(good)], str(tmp_path / "out"))
-    with pytest.raises(DataError, match="already exists"):
+    with pytest.raises(DataError, match="out.idx: already exists"):
         prepare([str(good)], str(tmp_path / "out"))
-
-
-# ---- loader
-
-
-def toy_dataset(tmp_path, n_tokens=1000, shard=300):
-    """Shards holding the stream 0, 1, 2, ...: a sequence's first token tells which sequence it is."""
-    tokens = np.arange(n_tokens, dtype=np.uint16)
-    for i, a in enumerate(range(0, n_tokens, shard)):
-        write_shard(tmp_path / f"train_{i:06d}.bin", tokens[a:a + shard])
-    return str(tmp_path)
-
-
-def test_loader_sequences_and_determinism(tmp_path):
-    path = toy_dataset(tmp_path)
-    loader = DataLoader(path, "train", seq_len=16, global_batch=8, micro_batch=4, shuffle=False)
-    assert loader.num_sequences == (1000 - 1) // 16
-    batch = loader.get_batch(2)
-    assert len(batch) == 2 and batch[0][0].shape == (4, 16) and batch[0][0].dtype == torch.int64
-    x = torch.cat([mb[0] for mb in batch])
-    y = torch.cat([mb[1] for mb in batch])
-    starts = torch.arange(16, 24) * 16  # sequences 16..23; sequence 18 crosses the shard boundary at 300
-    assert torch.equal(x, starts[:, None] + torch.arange(16)) and torch.equal(y, x + 1)
-    a = DataLoader(path, "train", 16, 8, 2, seed=1)
-    b = DataLoader(path, "train", 16, 8, 2, seed=1)
-    c = DataLoader(path, "train", 16, 8, 2, seed=2)
-    for step in (0, 5, 3):
-        assert all(torch.equal(p[0], q[0]) for p, q in zip(a.get_batch(step), b.get_batch(step)))
-    assert not all(torch.equal(p[0], q[0]) for p, q in zip(a.get_batch(0), c.get_batch(0)))
-
-
-def test_loader_data_parallel_union(tmp_path):
-    path = toy_dataset(tmp_path)
-    for step in (0, 1, 7, 13):  # 7 crosses an epoch boundary (62 sequences, 8 per step)
-        single = torch.cat([x for x, _ in DataLoader(path, "train", 16, 8, 2, seed=3).get_batch(step)])
-        for dp in (2, 4):
-            ranks = [DataLoader(path, "train", 16, 8, 2, dp_rank=r, dp_size=dp, seed=3).get_batch(step)
-                     for r in range(dp)]
-            assert all(len(mbs) == 4 // dp for mbs in ranks)
-            assert torch.equal(torch.cat([x for mbs in ranks for x, _ in mbs]), single)
-
-
-def test_loader_epochs(tmp_path):
-    path = toy_dataset(tmp_path, n_tokens=16 * 10 + 1, shard=1000)  # exactly 10 sequences
-    loader = DataLoader(path, "train", 16, global_batch=4, micro_batch=4, seed=0)
-    seen = [loader.get_batch(step)[0][0][:, 0] // 16 for step in range(10)]  # 40 samples = 4 epochs
-    order = torch.cat(seen).tolist()
-    epochs = [order[i:i + 10] for i in range(0, 40, 10)]
-    assert all(sorted(e) == list(range(10)) for e in epochs)  # every epoch is a permutation of all sequences
-    assert epochs[0] != epochs[1]  # ... and a new one each epoch
-    fresh = DataLoader(path, "train", 16, global_batch=4, micro_batch=4, seed=0)  # resume: only the step matters
-    assert torch.equal(fresh.get_batch(7)[0][0], loader.get_batch(7)[0][0])
-
-
-def test_loader_errors(tmp_path):
-    path = toy_dataset(tmp_path)
-    write_shard(tmp_path / "val_000000.bin", np.array([1, 5, 300, 2], dtype=np.uint16))
-    with pytest.raises(DataError, match="val data holds token id 300 >= vocab_size 272 .wrong tokenizer"):
-        DataLoader(path, "val", seq_len=3, global_batch=1, micro_batch=1, vocab_size=272).get_batch(0)
-    with pytest.raises(DataError, match="too few"):
-        DataLoader(path, "val", seq_len=4, global_batch=1, micro_batch=1)
-    with pytest.raises(DataError, match="global_batch 8 must divide by dp_size 3 x micro_batch 2"):
-        DataLoader(path, "train", 16, 8, 2, dp_rank=0, dp_size=3)
-    with pytest.raises(DataError, match="python data.py prepare"):
-        DataLoader(str(tmp_path / "nowhere"), "train", 16, 8, 2)
-    with pytest.raises(DataError, match=f"{tmp_path}: no test_\\*.bin shards.*python data.py prepare"):
-        DataLoader(path, "test", 16, 8, 2)
-
-
-# ---- command line and demo corpus
 
 
 def test_cli(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     run = [sys.executable, os.path.join(ROOT, "data.py"), "prepare"]
-    ok = subprocess.run(run + [str(tmp_path / "a.txt"), "--out", str(tmp_path / "out")], capture_output=True,
-                        text=True)
-    assert ok.returncode == 0 and os.path.exists(tmp_path / "out" / "meta.json"), ok.stderr
+    ok = subprocess.run(run + [str(tmp_path / "a.txt"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip() == f"{tmp_path / 'out'}: 7 tokens, 1 documents", ok.stderr
     bad = subprocess.run(run + [str(tmp_path / "missing"), "--out", str(tmp_path / "x")], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
@@ -260,12 +253,227 @@ def test_cli(tmp_path):
 def test_demo_dataset(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOAPERTUS_CACHE", str(tmp_path))
     t0 = time.time()
-    path = data.demo_dataset()
-    assert path == str(tmp_path / "demo-byte") and time.time() - t0 < 60
-    meta = json.loads((tmp_path / "demo-byte" / "meta.json").read_text())
-    assert 5e6 < meta["tokens"]["train"] < 25e6 and meta["tokens"]["val"] > 10_000
-    assert os.listdir(tmp_path) == ["demo-byte"]  # the temporary corpus is gone
-    x, y = DataLoader(path, "val", 256, 8, 4, vocab_size=260, shuffle=False).get_batch(0)[0]
-    assert x[0, 0] == data.BOS_ID and torch.equal(x[:, 1:], y[:, :-1])
+    prefix = data.demo_dataset()
+    assert prefix == str(tmp_path / "demo-byte") and time.time() - t0 < 60
+    assert sorted(os.listdir(tmp_path)) == ["demo-byte.bin", "demo-byte.idx"]  # the temporary corpus is gone
+    ds = IndexedDataset(prefix, vocab_size=260)
+    assert 5e6 < ds.num_tokens < 25e6 and ds.num_documents > 500
+    loader = DataLoader(data.stage_table(DataConfig(), 8, prefix), 256, 8, 4, vocab_size=260)
+    b = loader.val_batches(0, 0)[0]
+    assert torch.equal(b.x[:, 1:], b.y[:, :-1]) and b.loss_mask is None and loader.sources[0].num_val > 100
     t0 = time.time()
-    assert data.demo_dataset() == path and time.time() - t0 < 1  # cached
+    assert data.demo_dataset() == prefix and time.time() - t0 < 1  # cached
+
+
+# ---- the blend against Megatron-LM
+
+
+def build_blending_indices(weights, size):
+    """helpers.cpp build_blending_indices, transcribed line by line, after Megatron's normalize()."""
+    w = np.array(weights, dtype=np.float64)
+    weights = (w / np.sum(w)).tolist()
+    num_datasets = len(weights)
+    dataset_index, dataset_sample_index = [0] * size, [0] * size
+    current_samples = [0] * num_datasets
+    for sample_idx in range(size):
+        sample_idx_double = max(float(sample_idx), 1.0)
+        max_error_index = 0
+        max_error = weights[0] * sample_idx_double - float(current_samples[0])
+        for dataset_idx in range(1, num_datasets):
+            error = weights[dataset_idx] * sample_idx_double - float(current_samples[dataset_idx])
+            if error > max_error:
+                max_error = error
+                max_error_index = dataset_idx
+        dataset_index[sample_idx] = max_error_index
+        dataset_sample_index[sample_idx] = current_samples[max_error_index]
+        current_samples[max_error_index] += 1
+    return dataset_index, dataset_sample_index
+
+
+WEIGHT_SETS = [[0.7, 0.3], [1, 1, 1], [0.5, 0.3, 0.2], [3, 1, 0.01, 7, 2], [0.1] * 10, [2]]
+
+
+@pytest.mark.parametrize("weights", WEIGHT_SETS + [np.random.default_rng(4).random(8).tolist()])
+def test_blend_is_megatrons(weights):
+    want = build_blending_indices(weights, 20_000)
+    w = np.array(weights, dtype=np.float64)
+    w = (w / np.sum(w)).tolist()
+    got, taken, first = ([], []), [0] * len(w), 0
+    for count in np.random.default_rng(0).integers(1, 700, size=100):  # continued from the counts, in pieces
+        count = min(int(count), 20_000 - first)
+        sources, places = data.blend(w, taken, first, count)
+        got[0].extend(sources)
+        got[1].extend(places)
+        first += count
+    assert first == 20_000 and got == want
+
+
+def loader(stages, tmp_path, G=10, m=2, rank=0, dp=1, seed=0, **kw):
+    return DataLoader(stages, 16, G, m, dp_rank=rank, dp_size=dp, seed=seed, vocab_size=60000, **kw)
+
+
+def test_the_loaders_sources_follow_megatron_and_every_prefix_keeps_the_weights(tmp_path):
+    a, b = stream_source(tmp_path, "a", 5000), stream_source(tmp_path, "b", 3000)
+    load = loader([(0, [("web", a, 0.7), ("code", b, 0.3)])], tmp_path)
+    order = torch.cat([mb.source for step in range(100) for mb in load.get_batch(step)]).tolist()
+    assert order == build_blending_indices([0.7, 0.3], 1000)[0]
+    counts = np.cumsum(np.eye(2, dtype=int)[order], axis=0)  # [1000, 2]: samples of each source in each prefix
+    expected = np.outer(np.arange(1, 1001), [0.7, 0.3])
+    assert np.abs(counts - expected).max() <= 1
+    assert load.tokens_seen(100) == {"web": 700 * 16, "code": 300 * 16}
+
+
+# ---- order, resume, layouts, stages
+
+
+def first_tokens(batches):
+    return torch.cat([mb.x[:, 0] for mb in batches])
+
+
+def test_epochs_are_fresh_permutations_and_validation_is_held_out(tmp_path):
+    prefix = stream_source(tmp_path, "a", 16 * 12 + 1)  # 12 samples: 11 train + 1 validation at 0.05
+    load = loader([(0, [("a", prefix, 1.0)])], tmp_path, G=11, m=11, val_fraction=0.05)
+    assert (load.sources[0].num_train, load.sources[0].num_val) == (11, 1)
+    epochs = [(first_tokens(load.get_batch(step)) // 16).tolist() for step in range(4)]  # G = n: one epoch a step
+    assert all(sorted(e) == list(range(11)) for e in epochs) and len({tuple(e) for e in epochs}) == 4
+    val = load.val_batches(0, 0)
+    assert (first_tokens(val) // 16).tolist() == [11] * 11  # the held-out sample, in order (repeated here)
+    other = loader([(0, [("a", prefix, 1.0)])], tmp_path, G=11, m=11, val_fraction=0.05, seed=1)
+    assert (first_tokens(other.get_batch(0)) // 16).tolist() != epochs[0]
+    b = load.get_batch(0)[0]
+    assert torch.equal(b.y, b.x + 1) and b.x.dtype == torch.int64 and b.loss_mask is None
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 255, 1000, 4097])
+def test_permute_is_a_bijection(n):
+    key = np.array([1, 2, 3, 4], dtype=np.uint64)
+    p = data.permute(np.arange(n), n, key)
+    assert sorted(p.tolist()) == list(range(n)) and np.array_equal(p, data.permute(np.arange(n), n, key))
+
+
+def test_resume_at_any_step_under_any_layout_across_stages(tmp_path):
+    a, b, c = (stream_source(tmp_path, n, k) for n, k in (("a", 3000), ("b", 2000), ("c", 1500)))
+    stages = [(0, [("a", a, 0.7), ("b", b, 0.3)]), (4, [("b", b, 0.5), ("c", c, 0.5)]),
+              (9, [("a", a, 1.0), ("c", c, 2.0), ("b", b, 0.2)])]
+    G, steps = 8, 14
+    straight = loader(stages, tmp_path, G=G)
+    want = [first_tokens(straight.get_batch(s)) for s in range(steps)]
+    seen = [straight.tokens_seen(s) for s in range(steps + 1)]
+    assert sum(seen[steps].values()) == steps * G * 16 and seen[4]["c"] == 0 and seen[5]["c"] > 0
+    # stage 2 continues sources a and b where they stopped, and starts a fresh blend of its own weights
+    stage2 = [int(s) for step in range(4, 9) for mb in straight.get_batch(step) for s in mb.source]
+    assert stage2 == [[1, 2][i] for i in build_blending_indices([0.5, 0.5], 5 * G)[0]]
+    for start in range(steps):
+        for dp in (1, 2, 4):
+            fresh = [loader(stages, tmp_path, G=G, rank=r, dp=dp) for r in range(dp)]  # recomputes the cursor
+            saved = [loader(stages, tmp_path, G=G, rank=r, dp=dp) for r in range(dp)]  # continues from a state
+            for s in saved:
+                s.load_state(json.loads(json.dumps(straight.state(start))))
+            for step in range(start, steps):
+                for ranks in (fresh, saved):
+                    assert torch.equal(torch.cat([first_tokens(r.get_batch(step)) for r in ranks]), want[step])
+                assert fresh[0].tokens_seen(step + 1) == saved[-1].tokens_seen(step + 1) == seen[step + 1]
+
+
+def test_a_cursor_continues_a_new_stage_and_one_from_another_table_is_ignored(tmp_path):
+    a, b = stream_source(tmp_path, "a", 3000), stream_source(tmp_path, "b", 3000)
+    one = loader([(0, [("a", a, 0.7), ("b", b, 0.3)])], tmp_path)
+    state = one.state(5)
+    later = [(0, [("a", a, 0.7), ("b", b, 0.3)]), (5, [("b", b, 1.0)])]  # a stage added from step 5 on
+    resumed, fresh = loader(later, tmp_path), loader(later, tmp_path)
+    assert resumed.load_state(state) and resumed.tokens_seen(5) == one.tokens_seen(5)
+    assert torch.equal(first_tokens(resumed.get_batch(5)), first_tokens(fresh.get_batch(5)))
+    assert all(int(s) == 1 for mb in resumed.get_batch(5) for s in mb.source)
+    for other in ([(0, [("a", a, 0.6), ("b", b, 0.4)])], 10), (later, 20):  # other weights; another batch
+        resumed, fresh = loader(*other[:1], tmp_path, G=other[1]), loader(*other[:1], tmp_path, G=other[1])
+        assert not resumed.load_state(state)  # ignored: the order stays that of the current table
+        assert torch.equal(first_tokens(resumed.get_batch(7)), first_tokens(fresh.get_batch(7)))
+
+
+def test_packed_source_brings_its_loss_mask(tmp_path):
+    T = 16
+    rng = np.random.default_rng(0)
+    seqs = [list(range(1000 * k, 1000 * k + T + 1)) for k in range(20)]
+    masks = [rng.integers(0, 2, size=T + 1).tolist() for _ in seqs]
+    packed = write_megatron(tmp_path / "chat", [[s] for s in seqs], np.int32)
+    write_megatron(tmp_path / "chat.mask", [[m] for m in masks], np.uint8)
+    plain = stream_source(tmp_path, "web", 3000)
+    load = DataLoader([(0, [("web", plain, 0.5), ("chat", packed, 0.5)])], T, 8, 4, vocab_size=60000)
+    assert load.sources[1].num_train == 19
+    for step in range(5):
+        for mb in load.get_batch(step):
+            for x, y, lm, src in zip(mb.x, mb.y, mb.loss_mask, mb.source):
+                assert torch.equal(y[:-1], x[1:])
+                if src == 1:
+                    k = int(x[0]) // 1000
+                    assert x.tolist() == seqs[k][:-1] and lm.tolist() == [bool(v) for v in masks[k][1:]]
+                else:
+                    assert lm.all()
+    assert DataLoader([(0, [("web", plain, 1.0)])], T, 8, 4).get_batch(0)[0].loss_mask is None
+    val = load.val_batches(1, 0)[0]
+    assert (val.x[:, 0] == 19000).all() and val.loss_mask.tolist()[0] == [bool(v) for v in masks[19][1:]]
+    write_megatron(tmp_path / "chat", [[s[:T]] for s in seqs], np.int32)  # one token short
+    with pytest.raises(DataError, match=r"chat.idx: sequence \d+ holds 16 tokens; a packed source needs seq_len \+ 1 = 17"):
+        DataLoader([(0, [("chat", packed, 1.0)])], T, 8, 4).get_batch(0)
+
+
+def test_loader_errors(tmp_path):
+    prefix = stream_source(tmp_path, "a", 1000)
+    stages = [(0, [("a", prefix, 1.0)])]
+    write_megatron(tmp_path / "oov", [[[1, 5, 300, 2] * 20]], np.uint16)
+    with pytest.raises(DataError, match="oov.bin: holds token id 300 >= vocab_size 272 .wrong tokenizer"):
+        DataLoader([(0, [("oov", str(tmp_path / "oov"), 1.0)])], 3, 1, 1, vocab_size=272).get_batch(0)
+    write_megatron(tmp_path / "neg", [[[1, 5, -3, 2] * 20]], np.int32)
+    with pytest.raises(DataError, match="neg.bin: holds a negative token id -3"):
+        DataLoader([(0, [("neg", str(tmp_path / "neg"), 1.0)])], 3, 1, 1, vocab_size=272).get_batch(0)
+    with pytest.raises(DataError, match="holds 0 samples of seq_len 2000 .* too few for training and validation"):
+        DataLoader(stages, 2000, 1, 1)
+    with pytest.raises(DataError, match="global_batch 8 must divide by dp_size 3 x micro_batch 2"):
+        DataLoader(stages, 16, 8, 2, dp_rank=0, dp_size=3)
+    with pytest.raises(DataError, match="nowhere.idx: cannot read the index .*python data.py prepare"):
+        DataLoader([(0, [("x", str(tmp_path / "nowhere"), 1.0)])], 16, 8, 2)
+    with pytest.raises(DataError, match="stages must start at step 0"):
+        DataLoader([(3, [("a", prefix, 1.0)])], 16, 8, 2)
+    gap = write_megatron(tmp_path / "gap", [[list(range(100))]] * 900, np.uint16, gap_after=450)
+    with pytest.raises(DataError, match="gap.idx: sequences 450 and 451 do not follow each other in .*gap.bin"):
+        DataLoader([(0, [("gap", gap, 1.0)])], 16, 8, 2)
+
+
+# ---- configuration
+
+
+def test_data_config(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("""
+[data]
+seq_len = 16
+val_fraction = 0.05
+[[data.stages]]
+start_step = 0
+sources = [{name = "web", prefix = "data/web", weight = 1}]
+[[data.stages]]
+start_tokens = 1000
+sources = [{name = "web", prefix = "data/web", weight = 0.6}, {name = "math", prefix = "data/math", weight = 0.4}]
+""")
+    cfg = train.load_config(str(toml))["data"]
+    # 1000 tokens at 4 x 16 per step: the stage starts at step 16 (the first that begins at or past them)
+    assert data.stage_table(cfg, 4) == [(0, [("web", "data/web", 1.0)]),
+                                        (16, [("web", "data/web", 0.6), ("math", "data/math", 0.4)])]
+    assert data.stage_table(DataConfig(dataset="x/mine"), 4) == [(0, [("mine", "x/mine", 1.0)])]
+    mix = [{"name": "a", "prefix": "p", "weight": 2}, {"name": "b", "prefix": "q", "weight": 1.5}]
+    assert data.stage_table(DataConfig(sources=mix), 4) == [(0, [("a", "p", 2.0), ("b", "q", 1.5)])]
+    bad = [(dict(sources=mix, dataset="d"), "set only one of data.dataset, data.sources and data.stages"),
+           (dict(sources=[{"name": "a", "prefix": "p"}]), r"data.sources\[0\] must be a table with exactly name"),
+           (dict(sources=[{"name": "a b", "prefix": "p", "weight": 1}]), r"data.sources\[0\].name must be"),
+           (dict(sources=[mix[0], mix[0]]), r"data.sources\[1\].name must be a unique name"),
+           (dict(sources=[{**mix[0], "weight": -1}]), r"data.sources\[0\].weight must be a positive number"),
+           (dict(stages=[{"start_step": 0}]), r"data.stages\[0\].sources must be a non-empty list"),
+           (dict(stages=[{"sources": mix}]), r"data.stages\[0\] needs one of start_step or start_tokens"),
+           (dict(stages=[{"start_step": 0, "sources": mix}, {"start_step": 5, "sources": [{**mix[0], "prefix": "o"}]}]),
+            r"data.stages\[1\].sources\[0\]: source 'a' has prefix 'o' here and 'p' elsewhere"),
+           (dict(val_fraction=1.0), "data.val_fraction must be in")]
+    for kw, message in bad:
+        with pytest.raises(ValueError, match=message):
+            DataConfig(**kw)
+    with pytest.raises(DataError, match=r"data.stages\[1\] starts at step 0"):
+        data.stage_table(DataConfig(stages=[{"start_step": 0, "sources": mix}, {"start_tokens": 0, "sources": mix}]), 4)

@@ -11,6 +11,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 import bench  # noqa: E402
+import data  # noqa: E402
 import model as model_py  # noqa: E402
 import parallel  # noqa: E402
 import train  # noqa: E402
@@ -33,8 +34,8 @@ def learnable_batches(cfg, steps, period=16, doc_len=100):
         rows[:, 0::doc_len] = 1                  # <s> every doc_len tokens
         rows[:, doc_len - 1::doc_len] = 2        # </s> just before
         mb = t.micro_batch_size
-        out.append([(rows[k:k + mb, :-1].contiguous(), rows[k:k + mb, 1:].contiguous())
-                    for k in range(0, t.global_batch_size, mb)])
+        out.append([data.Batch(rows[k:k + mb, :-1].contiguous(), rows[k:k + mb, 1:].contiguous(), None,
+                               torch.zeros(mb, dtype=torch.int64)) for k in range(0, t.global_batch_size, mb)])
     return out
 
 

@@ -190,16 +190,17 @@ def test_bad_data_is_a_clear_error_and_harms_no_checkpoint(tmp_path):
     run = tmp_path / "run"
     assert cli("configs/tiny.toml", *FAST, "--train.max_steps=2", f"--train.out_dir={run}").returncode == 0
     before = {n: open(run / "ckpt-00000002" / n, "rb").read() for n in os.listdir(run / "ckpt-00000002")}
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    data.write_shard(str(shards / "train_000000.bin"), np.array([1, 300, 5, 2] * 400, dtype=np.uint16))
-    data.write_shard(str(shards / "val_000000.bin"), np.array([1, 5, 6, 2] * 400, dtype=np.uint16))
-    out = cli("configs/tiny.toml", *FAST, "--train.max_steps=4", f"--train.out_dir={run}", f"--data.dataset={shards}")
+    prefix = str(tmp_path / "bad")  # a Megatron-format dataset whose documents hold an id past the vocab
+    with data.IndexedDatasetWriter(prefix, np.uint16) as writer:
+        for _ in range(400):
+            writer.add_document(np.array([1, 300, 5, 2], dtype=np.uint16))
+    out = cli("configs/tiny.toml", *FAST, "--train.max_steps=4", f"--train.out_dir={run}", f"--data.dataset={prefix}")
     assert out.returncode == 2 and "token id 300 >= vocab_size 272" in out.stderr and "Traceback" not in out.stderr
-    raw = open(shards / "train_000000.bin", "rb").read()
-    open(shards / "train_000000.bin", "wb").write(raw[:-10])
-    out = cli("configs/tiny.toml", *FAST, "--train.max_steps=4", f"--train.out_dir={run}", f"--data.dataset={shards}")
-    assert out.returncode == 2 and "truncated" in out.stderr and "Traceback" not in out.stderr
+    raw = open(prefix + ".bin", "rb").read()
+    open(prefix + ".bin", "wb").write(raw[:-10])
+    out = cli("configs/tiny.toml", *FAST, "--train.max_steps=4", f"--train.out_dir={run}", f"--data.dataset={prefix}")
+    assert out.returncode == 2 and "bad.bin: truncated" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     after = {n: open(run / "ckpt-00000002" / n, "rb").read() for n in os.listdir(run / "ckpt-00000002")}
     assert before == after and sorted(n for n in os.listdir(run) if n.startswith("ckpt-")) == ["ckpt-00000002"]
 
@@ -299,8 +300,9 @@ cfg = train.load_config(sys.argv[1] + "/configs/tiny.toml", ["--model.num_hidden
 grid = parallel.Grid()
 m = train.build(cfg, grid, grid.device)
 opt = parallel.DistributedOptimizer(m, grid, train.make_optimizer(cfg["train"]))
+import data
 x = torch.randint(4, V, (1, T + 1))
-batch = [(x[:, :-1], x[:, 1:])]
+batch = [data.Batch(x[:, :-1], x[:, 1:], None, torch.zeros(1, dtype=torch.int64))]
 train.train_step(m, opt, batch, 1e-3, cfg["train"], grid)   # state, buffers and allocator warmed up
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 train.train_step(m, opt, batch, 1e-3, cfg["train"], grid)

@@ -654,6 +654,67 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "byte", workers: int =
     return {"tokens": writer.num_tokens, "documents": writer.sequences}
 
 
+def prepare_chat(path: str, out: str, tokenizer: str, seq_len: int, date: str = CHAT_DATE) -> dict:
+    """Conversations (JSON lines {"messages": [{"role": ..., "content": ...}, ...]}) -> a packed, masked
+    dataset: out.bin/.idx holds sequences of exactly seq_len + 1 tokens, each a run of whole
+    conversations (chat_tokens; every one starts with <s>, where document masking and positions
+    restart) padded at the end, and out.mask.bin/.idx their loss masks (1 on the assistant's contents
+    and each <|assistant_end|>, 0 elsewhere and on the padding). Packing is greedy, in file order; a
+    conversation longer than seq_len + 1 tokens is dropped, never cut, and counted.
+    Returns {"conversations", "packed", "dropped", "sequences", "tokens"}."""
+    tok = get_tokenizer(tokenizer)
+    if seq_len < 1:
+        raise DataError(f"--seq-len {seq_len} must be positive")
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    n = seq_len + 1
+    dtype = token_dtype(tok.vocab_size)
+    counts = dict(conversations=0, packed=0, dropped=0, sequences=0, tokens=0)
+    ids, mask = [], []  # the pack being filled
+
+    def flush(data_w, mask_w):
+        pad = n - len(ids)
+        data_w.add_document(np.array(ids + [tok.eos_id] * pad, dtype=dtype))  # padding: masked out, never seen
+        mask_w.add_document(np.array(mask + [False] * pad, dtype=np.uint8))  # (causal: it comes last)
+        counts["sequences"] += 1
+        counts["tokens"] += len(ids)
+        ids.clear(), mask.clear()
+
+    with IndexedDatasetWriter(out, dtype) as data_w, IndexedDatasetWriter(out + ".mask", np.uint8) as mask_w, \
+            open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc="conversations") as bar:
+        for line, raw in enumerate(f, 1):
+            bar.update(len(raw))
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError as e:
+                raise DataError(f"{path}:{line}: not valid JSON ({e})") from None
+            if not isinstance(record, dict) or "messages" not in record:
+                raise DataError(f'{path}:{line}: a chat record must be an object with a "messages" list')
+            try:
+                c_ids, c_mask = chat_tokens(tok, record["messages"], date)
+            except DataError as e:
+                raise DataError(f"{path}:{line}: {e}") from None
+            counts["conversations"] += 1
+            if len(c_ids) > n:
+                counts["dropped"] += 1
+                continue
+            if len(ids) + len(c_ids) > n:
+                flush(data_w, mask_w)
+            ids += c_ids
+            mask += c_mask
+            counts["packed"] += 1
+        if ids:
+            flush(data_w, mask_w)
+        if not counts["sequences"]:
+            raise DataError(f"{path}: no conversation fits in seq_len {seq_len} + 1 tokens "
+                            f"({counts['dropped']} dropped)")
+    return counts
+
+
 def _stdlib_files(max_file_bytes: int = 200_000, max_total_bytes: int = 16 << 20) -> list[str]:
     """The standard library's .py sources in a fixed order: about 10 MB of text that every Python ships."""
     files, total = [], 0
@@ -1073,9 +1134,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Megatron-LM indexed datasets for nanoapertus.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="text files, directories and .jsonl files -> PREFIX.bin + PREFIX.idx")
-    p.add_argument("inputs", nargs="+", help="text files, directories (recursive) and .jsonl files")
+    p.add_argument("inputs", nargs="*", help="text files, directories (recursive) and .jsonl files")
+    p.add_argument("--chat", metavar="JSONL", help='conversations ({"messages": [...]} per line) packed into '
+                   "sequences of --seq-len tokens, with loss masks (PREFIX.mask.bin/.idx)")
+    p.add_argument("--seq-len", type=int, default=4096, help="with --chat: the training sequence length")
     p.add_argument("--out", required=True, help="the path prefix of the dataset to create")
-    p.add_argument("--tokenizer", default="byte", help="'byte' or the path of a tekken JSON")
+    p.add_argument("--tokenizer", default="byte",
+                   help="'byte', a tekken JSON, or a Hugging Face tokenizer.json (or its directory)")
     p.add_argument("--workers", type=int, default=0, help="processes; 0 = one per CPU core")
     d = commands.add_parser("demo", help="prepare the demo corpus (once) and print its path prefix")
     d.add_argument("--tokenizer", default="byte", help="'byte' or the path of a tekken JSON")
@@ -1087,7 +1152,13 @@ def main(argv=None) -> None:
     b.add_argument("--dir", default=None, help="where to write the synthetic files (default: the temp dir)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "prepare":
+        if args.command == "prepare" and args.chat:
+            c = prepare_chat(args.chat, args.out, args.tokenizer, args.seq_len)
+            print(f"{args.out}: {c['packed']} of {c['conversations']} conversations in {c['sequences']} sequences of "
+                  f"{args.seq_len} + 1 tokens ({c['tokens']} tokens); {c['dropped']} longer than that dropped")
+        elif args.command == "prepare":
+            if not args.inputs:
+                raise DataError("prepare needs input files (or --chat JSONL)")
             counts = prepare(args.inputs, args.out, args.tokenizer, args.workers)
             print(f"{args.out}: {counts['tokens']} tokens, {counts['documents']} documents")
         elif args.command == "demo":

@@ -149,7 +149,8 @@ def _all_sources(cfg):
 
 def stage_table(cfg: DataConfig, global_batch: int, dataset: str | None = None) -> list:
     """The [data] section as the DataLoader's stage table: [(start step, [(name, prefix, weight), ...]), ...].
-    `dataset` stands for cfg.dataset (the caller resolves "" to the demo corpus)."""
+    `dataset` stands for cfg.dataset; "" is the demo corpus ("demo:all"). A "demo:<kind>" prefix is
+    prepared on first use: call this on one rank first."""
     if cfg.stages:
         table = []
         for i, stage in enumerate(cfg.stages):
@@ -157,14 +158,15 @@ def stage_table(cfg: DataConfig, global_batch: int, dataset: str | None = None) 
                 start = stage["start_step"]
             else:  # a token count starts the stage at the first step that begins at or past it: ceil(tokens / step)
                 start = -(-stage["start_tokens"] // (global_batch * cfg.seq_len))
-            table.append((start, [(s["name"], s["prefix"], float(s["weight"])) for s in stage["sources"]]))
+            table.append((start, [(s["name"], resolve_prefix(s["prefix"], cfg.tokenizer), float(s["weight"]))
+                                  for s in stage["sources"]]))
             if i == 0 and start != 0 or i > 0 and start <= table[i - 1][0]:
                 raise DataError(f"data.stages[{i}] starts at step {start}: the first stage must start at step 0 "
                                 f"and each later one after the one before")
         return table
     if cfg.sources:
-        return [(0, [(s["name"], s["prefix"], float(s["weight"])) for s in cfg.sources])]
-    prefix = dataset if dataset is not None else cfg.dataset
+        return [(0, [(s["name"], resolve_prefix(s["prefix"], cfg.tokenizer), float(s["weight"])) for s in cfg.sources])]
+    prefix = resolve_prefix((dataset if dataset is not None else cfg.dataset) or "demo:all", cfg.tokenizer)
     return [(0, [(os.path.basename(prefix) or "data", prefix, 1.0)])]
 
 
@@ -735,23 +737,31 @@ def _stdlib_files(max_file_bytes: int = 200_000, max_total_bytes: int = 16 << 20
     return files
 
 
-def demo_dataset(tokenizer: str = "byte") -> str:
-    """The demo corpus (the stdlib's sources + pydoc's help topics), prepared once under
-    $NANOAPERTUS_CACHE (default ~/.cache/nanoapertus); returns its path prefix."""
+DEMO_SOURCES = ("all", "code", "docs")
+
+
+def demo_dataset(tokenizer: str = "byte", kind: str = "all") -> str:
+    """A demo corpus made from what every Python installation ships (no download): "code", the standard
+    library's sources, "docs", pydoc's help topics (English prose about Python), or "all", both.
+    Prepared once under $NANOAPERTUS_CACHE (default ~/.cache/nanoapertus); returns its path prefix.
+    In a config, the prefix "demo:code" (or demo:docs, demo:all) names it."""
     import pydoc_data.topics
 
+    if kind not in DEMO_SOURCES:
+        raise DataError(f"demo:{kind}: the demo sources are {', '.join('demo:' + k for k in DEMO_SOURCES)}")
     cache = os.path.expanduser(os.environ.get("NANOAPERTUS_CACHE", "~/.cache/nanoapertus"))
-    prefix = os.path.join(cache, f"demo-{get_tokenizer(tokenizer).name}")
+    name = get_tokenizer(tokenizer).name
+    prefix = os.path.join(cache, f"demo-{name}" if kind == "all" else f"demo-{kind}-{name}")
     if os.path.exists(prefix + ".idx"):
         return prefix
     os.makedirs(cache, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         corpus = os.path.join(tmp, "python-stdlib.jsonl")
         with open(corpus, "w", encoding="utf-8") as f:
-            for path in _stdlib_files():
+            for path in _stdlib_files() if kind in ("all", "code") else []:
                 with open(path, encoding="utf-8", errors="replace") as src:
                     f.write(json.dumps({"text": src.read()}) + "\n")
-            for topic in sorted(pydoc_data.topics.topics):
+            for topic in sorted(pydoc_data.topics.topics) if kind in ("all", "docs") else []:
                 f.write(json.dumps({"text": pydoc_data.topics.topics[topic]}) + "\n")
         try:
             prepare([corpus], prefix, tokenizer)
@@ -759,6 +769,11 @@ def demo_dataset(tokenizer: str = "byte") -> str:
             if not os.path.exists(prefix + ".idx"):
                 raise  # else another process (another torchrun rank, say) prepared it first
     return prefix
+
+
+def resolve_prefix(prefix: str, tokenizer: str) -> str:
+    """A source's path prefix, with "demo:<kind>" standing for a demo corpus (prepared on first use)."""
+    return demo_dataset(tokenizer, prefix[5:]) if prefix.startswith("demo:") else prefix
 
 
 # -----------------------------------------------------------------------------
@@ -912,7 +927,8 @@ class DataLoader:
     order, at 1 to 2 microseconds per sample (an hour for 3.7 billion samples; a step of 1,024, 1-2 ms)."""
 
     def __init__(self, stages: list, seq_len: int, global_batch: int, micro_batch: int, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 0, vocab_size: int | None = None, val_fraction: float = 0.01):
+                 dp_size: int = 1, seed: int = 0, vocab_size: int | None = None, val_fraction: float = 0.01,
+                 token_vocab: int | None = None):
         assert 0 <= dp_rank < dp_size, (dp_rank, dp_size)
         if seq_len < 1:
             raise DataError(f"seq_len {seq_len} must be positive")
@@ -926,7 +942,8 @@ class DataLoader:
             for name, prefix, _ in sources:
                 prefixes.setdefault(name, prefix)
         self.source_names = list(prefixes)  # in order of first appearance
-        self.sources = [Source(n, p, seq_len, val_fraction, vocab_size) for n, p in prefixes.items()]
+        # the token dtype must hold the tokenizer's ids (token_vocab); the ids must be under the model's vocab_size
+        self.sources = [Source(n, p, seq_len, val_fraction, token_vocab or vocab_size) for n, p in prefixes.items()]
         self.stages = []  # (start step, the loader's index of each source, normalised weights)
         for start, sources in stages:
             w = np.array([weight for _, _, weight in sources], dtype=np.float64)

@@ -206,10 +206,24 @@ def document_positions(doc_ids):
 
 # ----------------------------------------------------------------------------- attention
 FLEX_KERNEL_OPTIONS = None  # FlexAttention's kernel_options (block sizes, warps); None = its defaults
+
+
+class compiled_on_first_use:
+    """fn, torch.compile'd the first time it is called: importing this module stays fast (torch.compile
+    imports the whole compiler stack) and CPU-only runs never pay for it."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, None
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=False)
+        return self.compiled(*args, **kwargs)
+
+
 # Eager code calls the compiled kernel (eager flex_attention is a slow reference); inside a compiled
-# block flex_attention itself is traced into the block's graph. torch.compile is lazy: nothing
-# compiles until the first CUDA call.
-_flex_compiled = torch.compile(flex_attention, dynamic=False) if flex_attention is not None else None
+# block flex_attention itself is traced into the block's graph.
+_flex_compiled = compiled_on_first_use(flex_attention)
 
 
 def _block_mask(doc_ids):
@@ -222,7 +236,7 @@ def _block_mask(doc_ids):
 
 # compiled as a whole, so the mask function made at each call is traced, not guarded on: one graph,
 # no recompiles, no host sync
-_block_mask_compiled = torch.compile(_block_mask, dynamic=False) if create_block_mask is not None else None
+_block_mask_compiled = compiled_on_first_use(_block_mask)
 
 
 def make_block_mask(doc_ids):
@@ -338,16 +352,20 @@ def _ce_max(logits):                                          # -> [C] row max
 def _ce_sum_exp(logits, mx, local, inside):                   # -> sum of exp, target logit (shifted)
     x = logits.to(mx.dtype)
     target = (x.gather(1, local[:, None])[:, 0] - mx) * inside
-    return (x - mx[:, None]).exp().sum(-1), target
+    return (x - mx[:, None]).exp_().sum(-1), target
 
 
 def _ce_grad(logits, mx, sum_exp, local, inside, m):          # -> (softmax - onehot) * mask, [C, Vl]
-    p = (logits.to(mx.dtype) - mx[:, None]).exp() / sum_exp[:, None]
-    hit = (torch.arange(logits.shape[1], device=logits.device) == local[:, None]) & inside[:, None]
-    return ((p - hit.to(p.dtype)) * m[:, None]).to(logits.dtype)
+    p = (logits.to(mx.dtype) - mx[:, None]).exp_().div_(sum_exp[:, None])  # the one new [C, Vl] tensor
+    if torch.compiler.is_compiling():  # the target as a comparison: Inductor fuses it all into one pass
+        hit = (torch.arange(logits.shape[1], device=logits.device) == local[:, None]) & inside[:, None]
+        p = p - hit.to(p.dtype)
+    else:  # eager: in place, no more [C, Vl] temporaries
+        p[torch.arange(len(local), device=p.device), local] -= inside.to(p.dtype)
+    return p.mul_(m[:, None]).to(logits.dtype)
 
 
-_CE_COMPILED = {f: torch.compile(f, dynamic=False) for f in (_ce_max, _ce_sum_exp, _ce_grad)}
+_CE_COMPILED = {f: compiled_on_first_use(f) for f in (_ce_max, _ce_sum_exp, _ce_grad)}
 
 
 class LMHeadLoss(torch.autograd.Function):

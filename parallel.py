@@ -60,7 +60,11 @@ class ParallelConfig:
 
 
 class LayoutError(ValueError):
-    pass
+    """A layout that does not fit the model or the world: the same on every rank."""
+
+
+class LaunchError(RuntimeError):
+    """A rank's environment does not let it join the others (a missing rendezvous address)."""
 
 
 @dataclass
@@ -127,7 +131,7 @@ def init_distributed(pcfg: ParallelConfig, device_type: str) -> Grid:
     device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else "cpu")
     if world > 1:
         if "MASTER_ADDR" not in os.environ:
-            raise LayoutError(f"rank {rank} of {world} (from Slurm) needs MASTER_ADDR and MASTER_PORT exported "
+            raise LaunchError(f"rank {rank} of {world} (from Slurm) needs MASTER_ADDR and MASTER_PORT exported "
                               f"to find rank 0: export them, or launch with torchrun (configs/alps.sbatch)")
         os.environ.setdefault("MASTER_PORT", "29500")
         if device_type == "cuda":

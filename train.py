@@ -538,16 +538,14 @@ def setup(cfg):
     tok = data.get_tokenizer(dcfg.tokenizer)
     if tok.vocab_size > mcfg.vocab_size:
         raise ConfigError(f"tokenizer {dcfg.tokenizer} has {tok.vocab_size} ids, model.vocab_size is {mcfg.vocab_size}")
-    path = dcfg.dataset
-    if not (path or dcfg.sources or dcfg.stages):  # the offline demo corpus, prepared once by rank 0
-        path = data.demo_dataset(dcfg.tokenizer) if grid.rank == 0 else None
-        if grid.world > 1:
-            box = [path]
-            torch.distributed.broadcast_object_list(box, src=0)
-            path = box[0]
-    stages = data.stage_table(dcfg, t.global_batch_size, path)
+    # rank 0 first: a demo corpus ("demo:..." prefixes, or no dataset at all) is prepared once, by it
+    if grid.rank != 0:
+        torch.distributed.barrier()
+    stages = data.stage_table(dcfg, t.global_batch_size)
+    if grid.rank == 0 and grid.world > 1:
+        torch.distributed.barrier()
     loader = data.DataLoader(stages, dcfg.seq_len, t.global_batch_size, t.micro_batch_size, grid.dp_rank, grid.dp,
-                             t.seed, mcfg.vocab_size, dcfg.val_fraction)
+                             t.seed, mcfg.vocab_size, dcfg.val_fraction, token_vocab=tok.vocab_size)
     model = build(cfg, grid, grid.device)
     opt = parallel.DistributedOptimizer(model, grid, make_optimizer(t), cfg["parallel"].bucket_size)
     return grid, tok, loader, model, opt
@@ -750,6 +748,9 @@ def main(argv):
             print(plan(cfg, cfg["parallel"].tp, cfg["parallel"].dp or 1))
             return 0
         run(cfg)
+    except parallel.LaunchError as e:  # this rank's own environment: every rank says it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (ConfigError, parallel.LayoutError) as e:  # the same on every rank: said once
         if parallel.env_rank()[0] == 0:
             print(f"error: {e}", file=sys.stderr)

@@ -18,7 +18,7 @@ from model import Apertus, ModelConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 RUN = ["configs/tiny.toml", "--train.log_interval=1", "--train.sample_tokens=0", "--train.eval_interval=0",
-       "--train.max_steps=8", "--train.checkpoint_interval=4", "--parallel.bucket_size=60000"]
+       "--train.max_steps=8", "--train.checkpoint_interval=4", "--parallel.bucket_size=60000", "--data.seq_len=128"]
 
 
 def free_port():
@@ -228,8 +228,7 @@ def test_4_processes_give_the_single_process_losses(runs, layout):
         assert abs(loss - want[step]) <= 1e-5 * abs(want[step]), (step, loss, want[step])
 
 
-@pytest.mark.parametrize("source,tp,pp", [("tp2", 4, 1), ("tp2", 1, 1), ("tp2pp2", 1, 4), ("tp2pp2", 2, 1),
-                                          ("tp2pp2", None, None)])
+@pytest.mark.parametrize("source,tp,pp", [("tp2", 4, 1), ("tp2pp2", 1, 4), ("tp2pp2", 2, 1), ("tp2pp2", None, None)])
 def test_a_checkpoint_resumes_under_another_layout(runs, tmp_path, source, tp, pp):
     subprocess.run(["cp", "-r", str(runs / source / "ckpt-00000004"), str(tmp_path)], check=True)
     if tp is None:  # one process
@@ -274,16 +273,17 @@ def test_consolidate_tp2_dp2_checkpoint_to_hugging_face(runs, tmp_path):
 
 
 def test_a_layout_that_does_not_fit_is_refused():
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "train.py",
-           *RUN, "--parallel.tp=2"]
-    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0
-    assert "layout refused: world size 3 is not divisible by tp x pp = 2 x 1" in out.stderr
-    for args, message in ((["--parallel.pp=3"], "layout refused: pp=3 does not divide the 4 layers"),
-                          (["--parallel.pp=2"], "layout refused: world size 3 is not divisible by tp x pp = 1 x 2")):
-        out = subprocess.run(cmd[:-1] + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-        assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
-        assert [line for line in out.stderr.splitlines() if line.startswith("error:")] == [f"error: {message}"]
+    """Refused before any process group or tensor exists: the check needs only the world size (set here
+    as torchrun would), so no worker is started."""
+    for nproc, args, message in ((3, ["--parallel.tp=2"], "layout refused: world size 3 is not divisible by tp x pp = 2 x 1"),
+                                 (3, ["--parallel.pp=3"], "layout refused: pp=3 does not divide the 4 layers"),
+                                 (3, ["--parallel.pp=2"], "layout refused: world size 3 is not divisible by tp x pp = 1 x 2")):
+        env = {**ENV, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(free_port())}
+        out = subprocess.run([sys.executable, "train.py", *RUN, *args], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert out.stderr.strip().splitlines() == [f"error: {message}"], out.stderr[-2000:]
     out = subprocess.run([sys.executable, "train.py", "configs/tiny.toml", "--plan", "--parallel.tp=8"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "tp=8 does not divide the KV heads (4)" in out.stderr

@@ -109,9 +109,9 @@ def test_sft_learns_the_assistant_and_not_the_user(sft_setup, tmp_path):
     out = subprocess.run([sys.executable, "train.py", str(tmp_path / "sft.toml"), f"--train.init_from={hf}",
                           f"--data.dataset={tmp_path / 'chats'}", f"--data.tokenizer={hf}", "--data.seq_len=127",
                           "--data.val_fraction=0.05", "--train.device=cpu", "--train.compile=false",
-                          "--train.activation_checkpointing=false", "--train.global_batch_size=8",
-                          "--train.micro_batch_size=4", "--train.max_steps=40", "--train.warmup_steps=4",
-                          "--train.decay_steps=10", "--train.lr=3e-3", "--train.min_lr=3e-4", "--train.eval_interval=40",
+                          "--train.activation_checkpointing=false", "--train.global_batch_size=4",
+                          "--train.micro_batch_size=4", "--train.max_steps=30", "--train.warmup_steps=3",
+                          "--train.decay_steps=8", "--train.lr=3e-3", "--train.min_lr=3e-4", "--train.eval_interval=30",
                           "--train.log_interval=1", "--train.checkpoint_interval=0", f"--train.out_dir={tmp_path / 'run'}",
                           "--parallel.tp=1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]

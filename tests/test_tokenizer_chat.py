@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from conftest import CONTROL
+from conftest import CONTROL, tekken_path
 from data import DataError, chat_tokens, get_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")

@@ -245,7 +245,7 @@ def test_goldfish_table_is_made_once_per_device():
 
 def test_evaluation_time_is_not_counted_in_the_next_steps_tokens_per_sec(tmp_path, monkeypatch):
     import time
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: time.sleep(3) or 1.0)
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: time.sleep(3) or {"demo-byte": 1.0})
     cfg = train.load_config(os.path.join(ROOT, "configs/tiny.toml"),
                             ["--train.max_steps=4", "--train.eval_interval=1", "--train.log_interval=1",
                              "--train.sample_tokens=0", "--train.checkpoint_interval=0", f"--train.out_dir={tmp_path}"])

@@ -39,7 +39,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
     """config.json -> ModelConfig. RoPE comes in two spellings: top-level rope_theta + rope_scaling
     (transformers 4.x, the released checkpoints) or one rope_parameters dict (transformers 5)."""
     if hf.get("model_type") != "apertus":
-        raise CheckpointError(f"config.json has model_type {hf.get('model_type')!r}, expected 'apertus'")
+        raise CheckpointError(f"model_type is {hf.get('model_type')!r}, expected 'apertus'")
     rope = dict(hf.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", hf.get("rope_theta", 12_000_000.0))
     scaling = rope or hf.get("rope_scaling")
@@ -48,7 +48,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         if kind == "default":
             scaling = None
         elif kind != "llama3":
-            raise CheckpointError(f"config.json: unsupported RoPE type {kind!r} (only llama3 or default)")
+            raise CheckpointError(f"unsupported RoPE type {kind!r} (only llama3 or default)")
         else:
             scaling = {"rope_type": "llama3", **{k: float(scaling[k]) for k in (
                 "factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}}
@@ -64,9 +64,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
             bos_token_id=hf.get("bos_token_id", 1), eos_token_id=hf.get("eos_token_id", 2),
             pad_token_id=hf.get("pad_token_id", 3))
     except KeyError as e:
-        raise CheckpointError(f"config.json is missing the field {e.args[0]!r}") from None
+        raise CheckpointError(f"the field {e.args[0]!r} is missing") from None
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"config.json: {e}") from None
+        raise CheckpointError(str(e)) from None
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
@@ -88,13 +88,20 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 
 def read_hf_config(path) -> ModelConfig:
     cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory (a Hugging Face model directory holds config.json "
+                              f"and safetensors)")
     try:
         with open(cfg_path) as f:
             return config_from_hf(json.load(f))
     except FileNotFoundError:
         raise CheckpointError(f"{cfg_path}: not found (is {path} a Hugging Face model directory?)") from None
+    except OSError as e:
+        raise CheckpointError(f"{cfg_path}: cannot be read ({e.strerror or e})") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: malformed JSON ({e})") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
 
 
 def hf_files(path) -> list[str]:
@@ -210,8 +217,10 @@ def load_hf_into(opt, path, grid):
     reads, through get_slice, only the rows of its tensor-parallel slice that hold its ZeRO pieces, in
     the file's own precision (an fp32 file stays exact in the fp32 masters)."""
     where = hf_index(path)
-    files, read = {}, 0
-    for piece, named in opt.state()[0]:
+    files, nbytes = {}, 0
+
+    def read(piece, kind):
+        nonlocal nbytes
         name, role = piece.name, opt.roles[piece.name]
         if name not in where:
             raise CheckpointError(f"{path}: no tensor {name} in the safetensors files")
@@ -234,11 +243,10 @@ def load_hf_into(opt, path, grid):
             lo = grid.tp_rank * w + (r0 if role.tp_dim == 0 else 0)
             index[role.tp_dim] = slice(lo, lo + (r1 - r0 if role.tp_dim == 0 else w))
         block = sl[tuple(index)] if local else sl[:]
-        read += block.numel() * block.element_size()
-        named["master"].copy_(block.flatten()[piece.start - r0 * row:piece.end - r0 * row].float())
-    opt.publish()
-    opt.wait_params()
-    return read
+        nbytes += block.numel() * block.element_size()
+        return block.flatten()[piece.start - r0 * row:piece.end - r0 * row]
+    opt.load_state(opt.state()[1], read, kinds=("master",))
+    return nbytes
 
 
 # ----------------------------------------------------------------------------- writing, with a checksum
@@ -338,15 +346,19 @@ class Saver:
     def save(self, step, opt, meta) -> float:
         """Start (async) or do (sync) the save of `step`. Returns the seconds the training loop was
         blocked. meta: what meta.json records beside the layout (config, data position, ...)."""
-        self.wait()  # one save at a time
-        tmp = os.path.join(self.out_dir, f"ckpt-{step:08d}.tmp")
-        if self.grid.rank == 0:  # a .tmp left by a crash must not lend its files to this save
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        _barrier(self.grid)
         t0 = time.perf_counter()
+        self.wait()  # one save at a time: a file system slower than the interval shows as blocked time
+        tmp = os.path.join(self.out_dir, f"ckpt-{step:08d}.tmp")
+        if self.grid.rank == 0:  # what a crash or a failed save left must not lend its files to this one
+            try:
+                for old in _unfinished(self.out_dir):
+                    shutil.rmtree(old, ignore_errors=True)
+                os.makedirs(tmp)
+            except OSError as e:  # every rank's write then fails too, and says so the same way
+                self.error = _save_error(tmp, e)
+        _barrier(self.grid)
         tensors = self.snapshot(opt)
-        meta = {**meta, "step": step, "optimizer_steps": opt.optimizer.steps,
+        meta = {**meta, "step": step, "optimizer_steps": opt.state()[1],
                 "layout": dict(tp=self.grid.tp, pp=self.grid.pp, dp=self.grid.dp, world=self.grid.world,
                                bucket_size=opt.bucket_size)}
         blocked = time.perf_counter() - t0
@@ -380,8 +392,7 @@ class Saver:
                 host[k] = self.pinned[k].copy_(v.detach(), non_blocking=True)
             else:
                 host[k] = v.detach().clone()  # the step loop may change v while the writer reads it
-        if self.grid.device.type == "cuda":
-            torch.cuda.synchronize(self.grid.device)
+        parallel.wait_for_stream(self.grid.device)  # the copies are queued on the current stream
         return host
 
     def _write_and_commit(self, tmp, tensors, meta):
@@ -391,8 +402,8 @@ class Saver:
             _write_json(os.path.join(tmp, name + ".json"), info)  # complete or absent: rank 0 polls for it
             if self.grid.rank == 0:
                 self._commit(tmp, meta)
-        except OSError as e:
-            self.error = f"checkpoint {os.path.basename(tmp)[:-4]} not saved: {e.strerror or e} ({e.filename or tmp})"
+        except Exception as e:  # noqa: BLE001  any failure, not only OSError: rank 0 must not wait for this rank
+            self.error = self.error or _save_error(tmp, e)
             try:  # tell rank 0 not to wait for this rank
                 _write_json(os.path.join(tmp, name + ".failed"), self.error)
             except OSError:
@@ -416,11 +427,17 @@ class Saver:
                 time.sleep(0.05)
         meta["files"] = {f"rank-{r:05d}.safetensors": info for r, info in sorted(files.items())}
         _write_json(os.path.join(tmp, "meta.json"), meta)
+        _fsync_dir(tmp)
         final = tmp[:-4]
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(self.out_dir)
-        for old in committed_checkpoints(self.out_dir)[:-self.keep] if self.keep > 0 else []:
+        # checkpoints newer than this one belong to a timeline the run abandoned (the resume found them
+        # bad): they go, and so do the oldest beyond `keep`, never the one just committed
+        done = committed_checkpoints(self.out_dir)
+        newer = [c for c in done if c > final]
+        older = [c for c in done if c <= final]
+        for old in newer + (older[:-self.keep] if self.keep > 0 else []):
             shutil.rmtree(old, ignore_errors=True)
 
     def wait(self):
@@ -428,6 +445,18 @@ class Saver:
         if self.thread is not None:
             self.thread.join()
             self.thread = None
+
+
+def _save_error(tmp, e):
+    name = os.path.basename(tmp).removesuffix(".tmp")
+    if isinstance(e, OSError):
+        return f"checkpoint {name} not saved: {e.strerror or e} ({e.filename or tmp})"
+    return f"checkpoint {name} not saved: {type(e).__name__}: {e}"
+
+
+def _unfinished(out_dir):
+    """ckpt-N.tmp directories: saves that a crash or a failure left unfinished."""
+    return [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.startswith("ckpt-") and n.endswith(".tmp")]
 
 
 def committed_checkpoints(out_dir):
@@ -445,36 +474,45 @@ def latest_checkpoint(out_dir):
 
 
 def verify(path, grid) -> str | None:
-    """None if this rank's share of the checkpoint is whole, else why not. Every file is checked for its
-    size by every rank and for its checksum by one rank (file i by rank i mod world): together the ranks
-    read the checkpoint once."""
+    """None if this rank's share of the checkpoint is whole, else why not. File i is checked (size, then
+    CRC-32) by rank i mod world alone: together the ranks read the checkpoint once, and a bad file is
+    reported by one rank."""
     try:
         with open(os.path.join(path, "meta.json")) as f:
             files = json.load(f)["files"]
     except (OSError, ValueError, KeyError) as e:
         return f"unreadable meta.json ({e})"
     for i, (name, info) in enumerate(sorted(files.items())):
+        if i % grid.world != grid.rank:
+            continue
         file = os.path.join(path, name)
-        if not os.path.exists(file):
+        try:
+            if os.path.getsize(file) != info["bytes"]:
+                return f"{name} has {os.path.getsize(file)} bytes, meta.json says {info['bytes']} (truncated?)"
+            if file_crc32(file) != info["crc32"]:
+                return f"{name} fails its CRC-32 check (corrupt)"
+        except FileNotFoundError:
             return f"{name} is missing"
-        if os.path.getsize(file) != info["bytes"]:
-            return f"{name} has {os.path.getsize(file)} bytes, meta.json says {info['bytes']} (truncated?)"
-        if i % grid.world == grid.rank and file_crc32(file) != info["crc32"]:
-            return f"{name} fails its CRC-32 check (corrupt)"
+        except OSError as e:
+            return f"{name} cannot be read ({e.strerror or e})"
     return None
 
 
-def find_resume(out_dir, grid, log=print):
-    """The newest checkpoint that every rank finds whole; a bad one is named in one line and skipped."""
-    for path in reversed(committed_checkpoints(out_dir)):
+def find_resume(out_dir, grid):
+    """The newest checkpoint that every rank finds whole; a bad one is named in one line (by the rank
+    that checked the bad file) and skipped."""
+    candidates = committed_checkpoints(out_dir)
+    for path in reversed(candidates):
         problem = verify(path, grid)
         bad = torch.tensor([float(problem is not None)], device=grid.device)
         if grid.world > 1:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         if not bad.item():
             return path
-        if problem is not None:  # said by the rank that found it
+        if problem is not None:
             print(f"checkpoint {path} is unusable: {problem}; falling back to an older one", flush=True)
+    if candidates and grid.rank == 0:
+        print(f"no usable checkpoint in {out_dir}: starting from step 0", flush=True)
     return None
 
 
@@ -518,12 +556,14 @@ class CheckpointReader:
                 raise CheckpointError(f"{self.path}/{file}: cannot read ({e})") from None
         return self.files[file]
 
-    def read(self, kind, name, tp, tp_rank, start, end, block=1 << 22):
-        """Elements [start, end) of the flattened slice tp_rank of `name` split tp ways (tp = 1: the full
-        tensor), fp32, gathered from whichever pieces the writing layout made."""
+    def read(self, kind, name, tp, tp_rank, start, end, tp_dim=None, block=1 << 22):
+        """Elements [start, end) of the flattened slice tp_rank of `name` split tp ways along tp_dim (tp = 1:
+        the full tensor), fp32, gathered from whichever pieces the writing layout made. tp_dim comes from
+        the reader's role: a writer at tp = 1 split nothing, so its layout cannot tell the dimension."""
         if name not in self.sources:
             raise CheckpointError(f"{self.path}: no {kind} for parameter {name}")
         dim, full = self.shapes[name]
+        dim = tp_dim if tp_dim is not None else dim
         out = torch.empty(end - start, dtype=torch.float32)
         if dim is None:
             tp, tp_rank = 1, 0
@@ -584,7 +624,8 @@ def load_checkpoint(path, opt, grid, optimizer_name):
 
     def read(piece, kind):
         tp_dim = opt.roles[piece.name].tp_dim
-        return ck.read(kind, piece.name, grid.tp if tp_dim is not None else 1, grid.tp_rank, piece.start, piece.end)
+        return ck.read(kind, piece.name, grid.tp if tp_dim is not None else 1, grid.tp_rank, piece.start, piece.end,
+                       tp_dim)
     opt.load_state(ck.meta["optimizer_steps"], read)
     if ck.meta["layout"]["world"] == grid.world:  # RNG streams belong to ranks: only meaningful for the same world
         f = ck._open(f"rank-{grid.rank:05d}.safetensors")

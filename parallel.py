@@ -107,20 +107,22 @@ def env_rank():
 
 def check_layout(cfg, world, tp, dp=None, global_batch=None, micro_batch=None, seq_len=None, sp=False, pp=1):
     """Refuse a layout that does not fit, before anything is allocated, naming the numbers."""
+    if tp < 1 or pp < 1:
+        raise LayoutError(f"layout refused: tp={tp} and pp={pp} must be at least 1")
     dp = dp or world // (tp * pp)
     problems = []
-    if tp < 1 or pp < 1 or world % (tp * pp):
+    if world % (tp * pp):
         problems.append(f"world size {world} is not divisible by tp x pp = {tp} x {pp}")
     for what, n in (("KV heads", cfg.num_key_value_heads), ("query heads", cfg.num_attention_heads),
                     ("vocab size", cfg.vocab_size), ("MLP width", cfg.intermediate_size)):
-        if tp >= 1 and n % tp:
+        if n % tp:
             problems.append(f"tp={tp} does not divide the {what} ({n})")
-    if pp >= 1 and cfg.num_hidden_layers % pp:
+    if cfg.num_hidden_layers % pp:
         problems.append(f"pp={pp} does not divide the {cfg.num_hidden_layers} layers")
     if global_batch is not None and dp >= 1 and global_batch % (dp * micro_batch):
         problems.append(f"global_batch_size {global_batch} is not divisible by dp={dp} x "
                         f"micro_batch_size {micro_batch}")
-    if sp and seq_len is not None and tp >= 1 and seq_len % tp:
+    if sp and seq_len is not None and seq_len % tp:
         problems.append(f"sequence parallelism needs seq_len {seq_len} divisible by tp={tp}")
     if problems:
         raise LayoutError("layout refused: " + "; ".join(problems))
@@ -393,13 +395,13 @@ class Pipe:
                 ops.append(dist.P2POp(dist.irecv, got[key], peer))
         if not ops:
             return got
-        if self.grid.device.type == "cuda":  # time the wait, not the compute queued before it
-            torch.cuda.synchronize(self.grid.device)
+        # time the wait, not the compute queued before it (the current stream only: the parameter
+        # all-gathers running beside it are not this stage's waiting)
+        wait_for_stream(self.grid.device)
         t0 = time.perf_counter()
         for req in dist.batch_isend_irecv(ops):
             req.wait()
-        if self.grid.device.type == "cuda":
-            torch.cuda.synchronize(self.grid.device)
+        wait_for_stream(self.grid.device)
         self.wait_s += time.perf_counter() - t0
         return got
 
@@ -426,6 +428,14 @@ class Pipe:
         if self.grid.first_stage:
             return None
         return self._exchange(send_prev=grad, recv_prev=True)["prev"].requires_grad_()
+
+
+def wait_for_stream(device):
+    """Wait for the work this rank queued on its current stream, not for the parameter all-gathers
+    running beside it (a device-wide synchronize would wait for those too and undo their overlap with
+    the next forward)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _stage_backward(x, y, grad_y):
@@ -725,12 +735,14 @@ class DistributedOptimizer:
             self.optimizer.steps
 
     @torch.no_grad()
-    def load_state(self, steps, read):
-        """read(piece, kind) -> the fp32 tensor of that piece, for "master" and every moment."""
+    def load_state(self, steps, read, kinds=None):
+        """read(piece, kind) -> the fp32 tensor of that piece, for "master" and every moment (or only
+        the given kinds: a Hugging Face directory holds weights alone), then the model's weights."""
         tensors, _ = self.state()
         for pc, named in tensors:
             for kind, t in named.items():
-                t.copy_(read(pc, kind))
+                if kinds is None or kind in kinds:
+                    t.copy_(read(pc, kind))
         self.optimizer.steps = steps
         self.publish()
         self.wait_params()

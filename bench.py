@@ -95,8 +95,8 @@ def bench_ours(cfg, grid, args):
                 torch.cuda.reset_peak_memory_stats(grid.device)
             marks, hooks = activation_probe(model, grid.device)
         t0 = time.perf_counter()
-        loss, norm, _ = train.train_step(model, opt, step_batches, t.lr, t, grid)
-        sync(grid.device)
+        loss, norm, *_ = train.train_step(model, opt, step_batches, t.lr, t, grid)
+        parallel.wait_for_stream(grid.device)  # as train.py: the parameter all-gathers overlap the next step
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
         if i == args.warmup:

@@ -137,16 +137,22 @@ def load_config(path, overrides=()):
             raise ConfigError(str(e)) from None
     t = out["train"]
     if t.init_from:  # the architecture comes from the Hugging Face config.json; [model] may only agree
+        resumed = checkpoint.latest_checkpoint(t.out_dir)  # then init_from is not read: it may be gone
         try:
-            hf = checkpoint.read_hf_config(t.init_from)
+            if resumed:
+                with open(os.path.join(resumed, "meta.json")) as f:
+                    theirs, where = ModelConfig(**json.load(f)["config"]["model"]), os.path.join(resumed, "meta.json")
+            else:
+                theirs, where = checkpoint.read_hf_config(t.init_from), os.path.join(t.init_from, "config.json")
         except checkpoint.CheckpointError as e:
             raise ConfigError(f"train.init_from: {e}") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{resumed}/meta.json: unreadable ({e})") from None
         for k in raw.get("model", {}):
-            mine, theirs = getattr(out["model"], k), getattr(hf, k)
-            if mine != theirs and k not in ("init_std",):
-                raise ConfigError(f"model.{k} = {mine!r} disagrees with {theirs!r} in "
-                                  f"{os.path.join(t.init_from, 'config.json')}")
-        out["model"] = replace(hf, init_std=out["model"].init_std)
+            mine = getattr(out["model"], k)
+            if mine != getattr(theirs, k) and k not in ("init_std",):
+                raise ConfigError(f"model.{k} = {mine!r} disagrees with {getattr(theirs, k)!r} in {where}")
+        out["model"] = replace(theirs, init_std=out["model"].init_std)
     for key, allowed in (("device", ("auto", "cpu", "cuda")), ("dtype", ("bfloat16", "float32")),
                          ("optimizer", ("ademamix", "adamw")), ("decay_shape", ("1-sqrt", "linear")),
                          ("on_save_error", ("stop", "retry"))):
@@ -346,12 +352,28 @@ def peak_flops(device):
 
 
 # ----------------------------------------------------------------------------- memory plan
+def activation_bytes_per_token(m, tp, sp, wb, compiled):
+    """What autograd keeps for backward, per token and block, on one rank: tp splits the heads and the
+    MLP, sp (sequence parallelism) the norms' inputs; wb is the weights' bytes per element."""
+    d, ff = m.hidden_size, m.intermediate_size / tp
+    hq, hkv, H = m.num_attention_heads * m.head_dim / tp, m.num_key_value_heads * m.head_dim / tp, m.num_attention_heads / tp
+    if compiled:  # measured on an H100 in bf16 (bench.py, activation_bytes_per_token_layer): the inputs of
+        # the two norms and four matmul groups, q before and after norm + RoPE, k likewise, v, the
+        # attention output, the MLP's up projection and activation, and the fp32 logsumexp
+        return 4 * d / sp + 4 * d + 6 * hq + 8 * hkv + 4 * ff + 4 * H
+    # eager, tensor by tensor (tests/test_train.py checks it against autograd's saved tensors): each norm
+    # keeps its input in fp32 and its normalised output, each matmul group its input; q and k their fp32
+    # copy, normalised and rotated values, v itself; the attention output (also o_proj's input, copied)
+    # and the fp32 logsumexp; xIELU its input and intermediates (5 values and a mask per feature)
+    return (2 * (4 + wb) * d / sp + 2 * wb * d + (4 + 4 * wb) * hq + (4 + 3 * wb) * hkv + 4 * H
+            + (1 + 5 * wb) * ff)
+
+
 def memory_plan(cfg, tp, dp, stage=0):
     """Per-GPU memory of one pipeline stage of a layout (stage 0: the first), from the config alone
-    (nothing is allocated): a dict of named byte counts and the peak. Activations are what autograd
-    keeps per token and layer, counted tensor by tensor for this model's eager code; compiled blocks
-    keep less (Inductor recomputes the pointwise work), measured on an H100 (BENCHMARKS.md). Under
-    1F1B, stage s holds the activations of min(pp - s, m) micro-batches at once."""
+    (nothing is allocated): a dict of named byte counts and the peak. Activations: see
+    activation_bytes_per_token. Under 1F1B, stage s holds the activations of min(pp - s, m)
+    micro-batches at once."""
     m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
     pp = p.pp
     wb = 2 if t.dtype == "bfloat16" else 4
@@ -363,16 +385,8 @@ def memory_plan(cfg, tp, dp, stage=0):
     per_layer = (param_count(m) - 2 * embed - d) / L
     n = (per_layer * L / pp + embed * first + (embed + d) * last) / tp  # replicated norms: a rounding error
     sp = tp if p.sequence_parallel and tp > 1 else 1
-    hq, hkv = m.num_attention_heads * m.head_dim / tp, m.num_key_value_heads * m.head_dim / tp
-    ff, Vl = m.intermediate_size / tp, m.vocab_size / tp
-    if t.compile:  # measured on an H100 (bench.py, activation_bytes_per_token_layer): the inputs of the
-        # two norms and four matmul groups, q before and after norm + RoPE, k likewise, v, the attention
-        # output, the MLP's up projection and activation, and the fp32 logsumexp
-        per_tok = 4 * d / sp + 4 * d + 6 * hq + 8 * hkv + 4 * ff + 4 * m.num_attention_heads / tp
-    else:  # eager: each norm keeps its fp32 input and normalised output (6 bytes/elt), each matmul its
-        # input, attention q, k, v, out and the fp32 logsumexp, xIELU its intermediates (measured, H100)
-        per_tok = (2 * 6 * d / sp + 2 * wb * d + 6 * hq + 6 * hkv + wb * (2 * hq + 2 * hkv) + 4 * m.num_attention_heads / tp
-                   + wb * hq + 10.5 * ff)
+    Vl = m.vocab_size / tp
+    per_tok = activation_bytes_per_token(m, tp, sp, wb, t.compile)
     held = min(pp - stage, t.global_batch_size // (dp * B))  # micro-batches in flight on this stage
     if t.activation_checkpointing:  # block inputs, plus one block recomputed during backward
         activations = held * wb * d / sp * N * L / pp + per_tok * N
@@ -471,8 +485,9 @@ def micro_loss(model, x, y, mask, n_tokens, hidden=None):
 def forward_backward(model, opt, batches, t, grid, train=True):
     """One global batch on this rank: the micro-batches' losses summed and normalised by the number of
     tokens that count in the WHOLE global batch, so that the gradient does not depend on the layout or
-    the micro-batch split. Returns the global mean loss (a float: one host sync per step) and the
-    seconds this pipeline stage spent waiting for its neighbours."""
+    the micro-batch split. Returns the global mean loss (a float: one host sync per step), the seconds
+    this pipeline stage spent waiting for its neighbours, and the seconds of this rank's own work
+    (forward and backward, the waiting left out: a straggler shows there)."""
     cfg = model.config
     batches = [(b.x.to(grid.device, non_blocking=True), b.y.to(grid.device, non_blocking=True),
                 None if b.loss_mask is None else b.loss_mask.to(grid.device, non_blocking=True)) for b in batches]
@@ -481,31 +496,36 @@ def forward_backward(model, opt, batches, t, grid, train=True):
     masks = [m if packed is None else m & packed for m, (_, _, packed) in zip(masks, batches)]
     n_tokens = all_sum(sum(m.sum() for m in masks).float(), grid.dp_group)
     steps = [functools.partial(micro_loss, model, x, y, m, n_tokens) for (x, y, _), m in zip(batches, masks)]
+    t0 = time.perf_counter()
     if grid.pp > 1:  # every stage reads the same batch; the first uses the tokens, the last the targets
         B, T = batches[0][0].shape
         sp = grid.tp if grid.sequence_parallel else 1
         dtype = next(model.parameters()).dtype
         pipe = parallel.Pipe(grid, (B, T // sp, cfg.hidden_size), dtype)
         total, _ = parallel.pipeline_1f1b(steps, pipe, opt, train)
-        return all_sum(total, grid.dp_group, grid.pp_group).item(), pipe.wait_s
-    total = torch.zeros((), device=grid.device)
-    for i, step in enumerate(steps):
-        opt.sync = i == len(steps) - 1  # only the last micro-step's backward reduces the buckets
-        loss = step()
-        if train:
-            loss.backward()
-        total += loss.detach()
-    return all_sum(total, grid.dp_group).item(), 0.0
+        waited, groups = pipe.wait_s, (grid.dp_group, grid.pp_group)
+    else:
+        total, waited, groups = torch.zeros((), device=grid.device), 0.0, (grid.dp_group,)
+        for i, step in enumerate(steps):
+            opt.sync = i == len(steps) - 1  # only the last micro-step's backward reduces the buckets
+            loss = step()
+            if train:
+                loss.backward()
+            total += loss.detach()
+    parallel.wait_for_stream(grid.device)
+    busy = time.perf_counter() - t0 - waited
+    return all_sum(total, *groups).item(), waited, busy
 
 
 def train_step(model, opt, batches, lr, t, grid):
     """Forward and backward over the global batch, then the update. Returns (loss, grad_norm, seconds
-    spent waiting in the pipeline); a non-finite loss or gradient skips the update."""
-    loss, waited = forward_backward(model, opt, batches, t, grid)
+    spent waiting in the pipeline, seconds of this rank's own work); a non-finite loss or gradient
+    skips the update."""
+    loss, waited, busy = forward_backward(model, opt, batches, t, grid)
     if not math.isfinite(loss):
         opt.skip_step()
-        return loss, float("nan"), waited
-    return loss, opt.step(lr, t.grad_clip).item(), waited
+        return loss, float("nan"), waited, busy
+    return loss, opt.step(lr, t.grad_clip).item(), waited, busy
 
 
 @torch.no_grad()
@@ -519,10 +539,14 @@ def evaluate(model, loader, n_batches, t, grid, opt):
 
 
 def sample(model, tok, t, device):
+    """A few tokens from the trained model (one process). Eager, with SDPA: every new length would be a
+    new shape for the compiled blocks and the FlexAttention mask."""
     model.eval()
+    model.attn_backend = "sdpa"
     prompt = torch.tensor([[tok.bos_id] + tok.encode("def ")], device=device)
     torch.manual_seed(t.seed)
-    return tok.decode(model.generate(prompt, t.sample_tokens, temperature=0.8, top_k=50)[0].tolist())
+    with torch.compiler.set_stance("force_eager"):
+        return tok.decode(model.generate(prompt, t.sample_tokens, temperature=0.8, top_k=50)[0].tolist())
 
 
 def setup(cfg):
@@ -557,26 +581,28 @@ def resume(t, grid, opt, loader):
     path = checkpoint.find_resume(t.out_dir, grid)
     if path:
         step, meta, nbytes = checkpoint.load_checkpoint(path, opt, grid, t.optimizer)
-        mb = all_max_sum(nbytes / 1e6, grid)
-        log(grid, f"resumed from {path} at step {step} (read {mb[0]:.1f} MB per rank at most, {mb[1]:.1f} MB in all)")
+        lo, hi, total = across_ranks(nbytes / 1e6, grid)
+        log(grid, f"resumed from {path} at step {step} (read {lo:.1f} to {hi:.1f} MB per rank, {total:.1f} MB in all)")
         # the blend's position: without it (or from another [data] table) the loader recomputes it, slowly
         if meta.get("data_state") is not None and not loader.load_state(meta["data_state"]):
             log(grid, "the checkpoint's data position was made with another [data] table or batch size: recomputing it")
         return step, meta
     if t.init_from:
         nbytes = checkpoint.load_hf_into(opt, t.init_from, grid)
-        mb = all_max_sum(nbytes / 1e6, grid)
-        log(grid, f"initialised from {t.init_from} (read {mb[0]:.1f} MB per rank at most, {mb[1]:.1f} MB in all)")
+        lo, hi, total = across_ranks(nbytes / 1e6, grid)
+        log(grid, f"initialised from {t.init_from} (read {lo:.1f} to {hi:.1f} MB per rank, {total:.1f} MB in all)")
+        return 0, {"export_dtype": str(checkpoint.hf_dtype(t.init_from)).removeprefix("torch.")}
     return 0, {}
 
 
-def all_max_sum(x, grid):
-    """(max, sum) of a float over all ranks."""
-    mx, sm = (torch.tensor([x], dtype=torch.float64, device=grid.device) for _ in range(2))
+def across_ranks(x, grid):
+    """(min, max, sum) of a float over all ranks."""
+    mm = torch.tensor([-x, x], dtype=torch.float64, device=grid.device)
+    sm = torch.tensor([x], dtype=torch.float64, device=grid.device)
     if grid.world > 1:
-        torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(mm, op=torch.distributed.ReduceOp.MAX)
         torch.distributed.all_reduce(sm)
-    return mx.item(), sm.item()
+    return -mm[0].item(), mm[1].item(), sm.item()
 
 
 SIGNALLED = {"name": None}  # the signal handler's only state: the loop reads it after each step
@@ -596,40 +622,39 @@ def agree(grid, *flags):
     return [bool(x) for x in v.tolist()]
 
 
-def step_time_spread(dt, grid):
-    """The slowest and the fastest rank's step time: a straggler shows as a gap."""
-    v = torch.tensor([dt, -dt], device=grid.device)
-    if grid.world > 1:
-        torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX)
-    return round(v[0].item(), 4), round(-v[1].item(), 4)
+def watchdog(t):
+    """(Re)arm the hang watchdog: if this rank does not come back here within hang_timeout_s, every
+    thread's stack is printed and the process exits 1, so that srun or torchrun restarts the job."""
+    if t.hang_timeout_s:
+        faulthandler.dump_traceback_later(t.hang_timeout_s, exit=True)
 
 
 class SaveError(checkpoint.CheckpointError):
     pass
 
 
-def save(saver, t, step, opt, grid, config_dict, loader):
+def save(saver, t, step, opt, grid, meta, loader):
     """A checkpoint of `step` (its files in the background with async_checkpoint). Returns the seconds
     the loop was blocked."""
-    blocked = saver.save(step, opt, dict(config=config_dict, optimizer=t.optimizer, data_state=loader.state(step)))
-    log(grid, f"{'saving' if t.async_checkpoint else 'saved'} checkpoint at step {step} ({blocked:.2f} s blocked)")
+    blocked = saver.save(step, opt, dict(meta, data_state=loader.state(step)))
+    if saver.error is None:  # a failure is said once, by the loop, when every rank knows of it
+        log(grid, f"{'saving' if t.async_checkpoint else 'saved'} checkpoint at step {step} ({blocked:.2f} s blocked)")
     return blocked
 
 
-def export_hf(t, grid, saver, tok_dir):
-    """<out_dir>/hf from the newest checkpoint, in the dtype the weights came in, with the tokenizer."""
+def export_hf(t, grid, saver, dtype):
+    """<out_dir>/hf from the newest checkpoint, in the dtype the weights came in, with the tokenizer
+    files of init_from (when it is still there)."""
     saver.wait()
     if grid.rank == 0:
         latest = checkpoint.latest_checkpoint(t.out_dir)
-        dtype = checkpoint.hf_dtype(t.init_from) if t.init_from else \
-            (torch.bfloat16 if t.dtype == "bfloat16" else torch.float32)
         out = os.path.join(t.out_dir, "hf")
-        checkpoint.consolidate(latest, out, dtype)
+        checkpoint.consolidate(latest, out, getattr(torch, dtype))
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                      "chat_template.jinja"):
-            if tok_dir and os.path.exists(os.path.join(tok_dir, name)):
-                shutil.copy(os.path.join(tok_dir, name), out)
-        log(grid, f"exported {latest} to {out} ({str(dtype).removeprefix('torch.')})")
+            if t.init_from and os.path.exists(os.path.join(t.init_from, name)):
+                shutil.copy(os.path.join(t.init_from, name), out)
+        log(grid, f"exported {latest} to {out} ({dtype})")
     checkpoint._barrier(grid)
 
 
@@ -642,7 +667,9 @@ def run(cfg):
     if grid.rank == 0:
         with open(os.path.join(t.out_dir, "config.json"), "w") as f:
             json.dump(config_dict, f, indent=2)
-    step, _ = resume(t, grid, opt, loader)
+    step, meta = resume(t, grid, opt, loader)
+    # what every checkpoint records beside the weights; export_dtype: the dtype the weights came in
+    meta = dict(config=config_dict, optimizer=t.optimizer, export_dtype=meta.get("export_dtype", t.dtype))
     n_params = param_count(mcfg)
     fpt, peak = flops_per_token(mcfg, dcfg.seq_len, n_params), peak_flops(grid.device)
     log(grid, f"{n_params:,} parameters, layout tp={grid.tp} pp={grid.pp} dp={grid.dp}, device {grid.device}, "
@@ -659,18 +686,17 @@ def run(cfg):
         from tqdm import tqdm
         bar = tqdm(total=t.max_steps, initial=step, desc="train", dynamic_ncols=True)
     model.train()
+    watchdog(t)  # from the first step on: a hang in step 1 is caught too
     try:
         while step < t.max_steps:
             # ---- one step: timed alone (evaluations and saves are not training time)
             t0 = time.perf_counter()
             lr = wsd_lr(step, t.lr, t.min_lr, t.warmup_steps, decay_start, t.decay_steps, t.decay_shape)
-            loss, norm, waited = train_step(model, opt, loader.get_batch(step), lr, t, grid)
-            if grid.device.type == "cuda":
-                torch.cuda.synchronize(grid.device)
+            loss, norm, waited, busy = train_step(model, opt, loader.get_batch(step), lr, t, grid)
+            parallel.wait_for_stream(grid.device)
             dt = time.perf_counter() - t0
             step += 1
-            if t.hang_timeout_s:  # a rank that completes no step in this time prints its stacks and exits 1
-                faulthandler.dump_traceback_later(t.hang_timeout_s, exit=True)
+            watchdog(t)
             if not math.isfinite(loss) or not math.isfinite(norm):
                 log(grid, f"step {step}: {'loss' if not math.isfinite(loss) else 'gradient norm'} is not finite, "
                           f"update skipped")
@@ -683,17 +709,12 @@ def run(cfg):
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            # ---- evaluation, checkpoint, signals, metrics
             logged = step % t.log_interval == 0 or step == t.max_steps
-            if logged:
-                record["step_time_max_s"], record["step_time_min_s"] = step_time_spread(dt, grid)
+            if logged:  # the slowest and the fastest rank's own work in this step: stragglers show
+                lo, hi, _ = across_ranks(busy, grid)
+                record["step_time_max_s"], record["step_time_min_s"] = round(hi, 4), round(lo, 4)
             record.update({f"tokens/{name}": n for name, n in loader.tokens_seen(step).items()})
-            if step == t.max_steps or (t.eval_interval and step % t.eval_interval == 0):
-                losses = evaluate(model, loader, dcfg.eval_batches, t, grid, opt)
-                # val_loss: the sources' losses weighted as the stage of the last step mixes them
-                record["val_loss"] = sum(w * losses[n] for n, w in loader.stage_weights(step - 1).items())
-                record.update({f"val_loss/{name}": v for name, v in losses.items()})
-                log(grid, f"step {step}: val loss {record['val_loss']:.4f}")
+            # ---- signals and failed saves (every rank learns of them together), evaluation, checkpoint
             signalled, save_failed = agree(grid, SIGNALLED["name"] is not None, saver.error is not None)
             if save_failed:
                 say = saver.error or "a checkpoint save failed on another rank"
@@ -701,15 +722,24 @@ def run(cfg):
                 if t.on_save_error == "stop":
                     raise SaveError(f"{say}; stopping (train.on_save_error = stop), the previous checkpoints are intact")
                 log(grid, f"{say}; the previous checkpoints are intact, retrying at the next interval")
-            export = t.export_hf and t.export_hf_every and step % t.export_hf_every == 0
+            if not signalled and (step == t.max_steps or (t.eval_interval and step % t.eval_interval == 0)):
+                losses = evaluate(model, loader, dcfg.eval_batches, t, grid, opt)
+                # val_loss: the sources' losses weighted as the stage of the last step mixes them
+                record["val_loss"] = sum(w * losses[n] for n, w in loader.stage_weights(step - 1).items())
+                record.update({f"val_loss/{name}": v for name, v in losses.items()})
+                log(grid, f"step {step}: val loss {record['val_loss']:.4f}")
+                watchdog(t)
+            export = t.export_hf and t.export_hf_every and step % t.export_hf_every == 0 and step != t.max_steps
             if (step == t.max_steps or (t.checkpoint_interval and step % t.checkpoint_interval == 0)
                     or signalled or export):
                 if signalled:
                     log(grid, f"{SIGNALLED['name'] or 'a signal'} received: saving step {step}; until it is "
                               f"complete the newest checkpoint is the previous one")
-                record["checkpoint_block_s"] = round(save(saver, t, step, opt, grid, config_dict, loader), 4)
-            if export and step != t.max_steps:
-                export_hf(t, grid, saver, t.init_from)
+                record["checkpoint_block_s"] = round(save(saver, t, step, opt, grid, meta, loader), 4)
+                watchdog(t)
+            if export:
+                export_hf(t, grid, saver, meta["export_dtype"])
+                watchdog(t)
             if metrics and (logged or "val_loss" in record or "checkpoint_block_s" in record):
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
@@ -720,19 +750,23 @@ def run(cfg):
                 log(grid, f"saved checkpoint at step {step} after {SIGNALLED['name'] or 'a signal'}; exiting "
                           f"(resume with the same command)")
                 break
+        saver.wait()  # the watchdog still armed: a commit that never comes is a hang too
     finally:
         faulthandler.cancel_dump_traceback_later()
         if bar:
             bar.close()
         if metrics:
             metrics.close()
-    saver.wait()
     if saver.error:
         raise SaveError(f"{saver.error}; the previous checkpoints are intact")
     if t.export_hf and step == t.max_steps:
-        export_hf(t, grid, saver, t.init_from)
-    if t.sample_tokens and grid.world == 1 and step == t.max_steps:
-        print("sample:\n" + sample(model, tok, t, grid.device))
+        export_hf(t, grid, saver, meta["export_dtype"])
+    if t.sample_tokens and step == t.max_steps:
+        if grid.world == 1:
+            print("sample:\n" + sample(model, tok, t, grid.device))
+        else:
+            log(grid, f"no sample: the model is split over {grid.world} processes (sample from one process, "
+                      f"or from `python checkpoint.py consolidate` of the last checkpoint)")
     parallel.shutdown(grid, opt)
     return model
 

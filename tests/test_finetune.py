@@ -1,6 +1,7 @@
 """Fine-tuning the released weights: a Hugging Face directory in (any layout), the same format out."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -63,6 +64,10 @@ def test_init_from_then_a_zero_lr_step_exports_the_input_exactly(hf_dir, tmp_pat
     for k in dst:
         assert dst[k].dtype == src[k].dtype == torch.float32 and torch.equal(dst[k], src[k]), k
     assert os.path.exists(tmp_path / "hf" / "tokenizer_config.json")  # the tokenizer files come along
+    # each rank read only its tensor-parallel slices: about 1/tp of the weights
+    lo, hi, total = map(float, re.search(r"read ([\d.]+) to ([\d.]+) MB per rank, ([\d.]+) MB in all", out.stdout).groups())
+    weights = os.path.getsize(hf_dir / "model.safetensors") / 1e6
+    assert total <= 1.01 * weights and hi <= 1.01 * weights / tp + 0.1, (lo, hi, total, weights)
     ids = torch.randint(0, 131072, (2, 40))
     a = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
@@ -75,11 +80,30 @@ def test_init_from_trains_resumes_and_bad_directories_are_one_line(hf_dir, tmp_p
     assert out.returncode == 0, out.stderr[-3000:]
     out = train(tmp_path, hf_dir, "--train.lr=1e-3", "--train.max_steps=3")  # a checkpoint wins over init_from
     assert out.returncode == 0 and "resumed from" in out.stdout and "initialised from" not in out.stdout
-    for args, message in (([f"--train.init_from={tmp_path / 'nope'}"], "config.json: not found"),
+    # once out_dir holds a checkpoint, init_from is not read at all: the download may be gone
+    out = train(tmp_path, tmp_path / "moved-away", "--train.lr=1e-3", "--train.max_steps=4")
+    assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]
+    (tmp_path / "empty").mkdir()
+    for args, message in (([f"--train.init_from={tmp_path / 'nope'}"], "nope: not a directory"),
+                          ([f"--train.init_from={hf_dir / 'config.json'}"], "config.json: not a directory"),
+                          ([f"--train.init_from={tmp_path / 'empty'}"], "empty/config.json: not found"),
                           (["--model.hidden_size=128"], "model.hidden_size = 128 disagrees with 64")):
-        out = train(tmp_path / "x", hf_dir, *args)  # noqa
+        out = train(tmp_path / "x", hf_dir, *args)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_export_every_n_steps_in_the_dtype_the_weights_came_in(hf_dir, tmp_path):
+    bf16 = tmp_path / "bf16"
+    transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+    out = train(tmp_path / "run", bf16, "--train.max_steps=2", "--train.export_hf=true", "--train.export_hf_every=1",
+                "--train.checkpoint_interval=0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("exported") == 2 and "ckpt-00000001 to" in out.stdout  # after step 1, then at the end
+    t = load_file(tmp_path / "run" / "hf" / "model.safetensors")
+    assert all(v.dtype == torch.bfloat16 for v in t.values())
+    m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
+    assert m.dtype == torch.bfloat16
 
 
 def test_consolidate_in_fp32_and_bf16(hf_dir, tmp_path):

@@ -154,7 +154,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     hf_cfg = json.load(open(tmp_path / "hf" / "config.json"))
     del hf_cfg["hidden_size"]
     (tmp_path / "config.json").write_text(json.dumps(hf_cfg))
-    with pytest.raises(checkpoint.CheckpointError, match="missing the field 'hidden_size'"):
+    with pytest.raises(checkpoint.CheckpointError, match="config.json: the field 'hidden_size' is missing"):
         checkpoint.load_hf(tmp_path)
     file = tmp_path / "hf" / "model.safetensors"
     tensors = load_file(file)

@@ -456,6 +456,8 @@ def _save_error(tmp, e):
 
 def _unfinished(out_dir):
     """ckpt-N.tmp directories: saves that a crash or a failure left unfinished."""
+    if not os.path.isdir(out_dir):
+        return []
     return [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.startswith("ckpt-") and n.endswith(".tmp")]
 
 

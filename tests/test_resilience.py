@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -72,6 +74,11 @@ elif fault in ("SIGUSR1", "SIGTERM"):  # the signal arrives during step 3
     train.train_step = step_then(lambda: os.kill(os.getpid(), getattr(signal, fault)))
 elif fault == "hang":                 # step 3 never ends
     train.train_step = step_then(lambda: time.sleep(3600))
+elif fault == "hang-first":           # step 1 never ends
+    def train_step(*a, **k):
+        print(f"hang begins {time.time()}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+    train.train_step = train_step
 sys.exit(train.main(args))
 """
 
@@ -107,10 +114,29 @@ def test_kill_9_then_resume_is_bit_identical(straight, tmp_path, fault, mode):
     flag = f"--train.async_checkpoint={'true' if mode == 'async' else 'false'}"
     r = run(tmp_path, flag, fault=fault)
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
-    done = sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt-") and not n.endswith(".tmp"))
-    assert done and done[-1] <= "ckpt-00000004"
+    # killed in step 3, or in the middle of the step-4 save: nothing of step 4 was committed
+    assert committed(tmp_path) == ["ckpt-00000002"]
     r = run(tmp_path, flag)
-    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0 and "ckpt-00000002 at step 2" in r.stdout and "unusable" not in r.stdout, r.stderr[-3000:]
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # the unfinished save was cleaned up
+    assert_same(final_state(tmp_path), final_state(straight))
+
+
+def committed(out_dir):
+    return sorted(n for n in os.listdir(out_dir) if n.startswith("ckpt-") and not n.endswith(".tmp"))
+
+
+def test_a_new_checkpoint_is_kept_and_newer_bad_ones_go(straight, tmp_path):
+    """keep_checkpoints = 1 and the only checkpoint corrupt: the run starts over, and the checkpoint it
+    commits must not be pruned in favour of the newer, bad one."""
+    assert run(tmp_path, "--train.max_steps=4", "--train.keep_checkpoints=1").returncode == 0
+    file = tmp_path / "ckpt-00000004" / "rank-00000.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+    r = run(tmp_path, "--train.keep_checkpoints=1", fault="kill-step")
+    assert "no usable checkpoint" in r.stdout, r.stdout[-2000:]
+    assert committed(tmp_path) == ["ckpt-00000002"]
+    r = run(tmp_path, "--train.keep_checkpoints=1")
+    assert r.returncode == 0 and "ckpt-00000002 at step 2" in r.stdout, r.stderr[-3000:]
     assert_same(final_state(tmp_path), final_state(straight))
 
 
@@ -138,10 +164,12 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(straight, tmp
     assert r.returncode == 1, r.stderr[-3000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in r.stderr
-    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt-") and not n.endswith(".tmp")) == \
-        ["ckpt-00000002"]
+    assert "saved checkpoint at step 4" not in r.stdout  # a failed save is never called saved
+    assert committed(tmp_path) == ["ckpt-00000002"]
     r = run(tmp_path / "retry", "--train.on_save_error=retry", fault="disk-full")
     assert r.returncode == 0 and "retrying at the next interval" in r.stdout, r.stderr[-3000:]
+    assert committed(tmp_path / "retry") == ["ckpt-00000002", "ckpt-00000006"]
+    assert not [n for n in os.listdir(tmp_path / "retry") if n.endswith(".tmp")]  # the failed one was cleaned up
     assert_same(final_state(tmp_path / "retry"), final_state(straight))
 
 
@@ -156,10 +184,14 @@ def test_a_signal_saves_the_step_reached_and_exits_0(straight, tmp_path, sig):
     assert_same(final_state(tmp_path), final_state(straight))
 
 
-def test_a_hung_step_is_stopped_by_the_watchdog_with_every_stack(tmp_path):
-    r = run(tmp_path, "--train.hang_timeout_s=5", fault="hang", timeout=120)
+@pytest.mark.parametrize("fault", ["hang", "hang-first"])
+def test_a_hung_step_is_stopped_by_the_watchdog_with_every_stack(tmp_path, fault):
+    r = run(tmp_path, "--train.hang_timeout_s=5", fault=fault, timeout=120)
     assert r.returncode == 1
     assert "Timeout" in r.stderr and "most recent call first" in r.stderr and "train_step" in r.stderr
+    if fault == "hang-first":  # a hang in the very first step is caught, within the timeout
+        began = float(r.stderr.split("hang begins ")[1].split()[0])
+        assert time.time() - began < 5 + 15, time.time() - began
 
 
 def test_async_and_sync_saves_write_identical_files(straight, tmp_path):
@@ -173,3 +205,28 @@ def test_async_and_sync_saves_write_identical_files(straight, tmp_path):
         assert meta["files"]["rank-00000.safetensors"]["bytes"] == len(a)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert all(r["checkpoint_block_s"] >= 0 for r in rows if r["step"] % 2 == 0)
+
+
+def test_an_async_save_writes_its_own_step_not_what_the_loop_does_next(tmp_path, monkeypatch):
+    """The writer thread is held back while the loop changes every tensor of the optimizer state: the
+    file must still hold the state of the step that was saved, byte for byte as a synchronous save."""
+    import checkpoint
+    import parallel
+    import train
+    cfg = train.load_config(os.path.join(ROOT, TINY[0]), TINY[1:4])
+    grid = parallel.Grid()
+    model = train.build(cfg, grid, grid.device)
+    opt = parallel.DistributedOptimizer(model, grid, train.make_optimizer(cfg["train"]))
+    checkpoint.Saver(str(tmp_path / "sync"), grid).save(1, opt, {})
+    gate, real = threading.Event(), checkpoint._write_bytes
+    monkeypatch.setattr(checkpoint, "_write_bytes", lambda f, data: gate.wait(60) and real(f, data))
+    saver = checkpoint.Saver(str(tmp_path / "async"), grid, async_save=True)
+    saver.save(1, opt, {})
+    for _, named in opt.state()[0]:  # the next steps, while the writer waits
+        for t in named.values():
+            t.add_(1.0)
+    gate.set()
+    saver.wait()
+    assert saver.error is None
+    a, b = (tmp_path / d / "ckpt-00000001" / "rank-00000.safetensors" for d in ("async", "sync"))
+    assert a.read_bytes() == b.read_bytes()

@@ -10,10 +10,10 @@ Many nodes under Slurm (see configs/alps.sbatch):
          --rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT train.py configs/apertus-70b.toml --parallel.tp=4
     (or srun --ntasks-per-node=4 python train.py ..., with MASTER_ADDR / MASTER_PORT exported)
 Memory plan of a layout, without allocating anything:
-    python train.py configs/apertus-70b.toml --plan --parallel.tp=4 --parallel.dp=128
+    python train.py configs/apertus-70b.toml --plan --parallel.tp=4 --parallel.pp=8 --parallel.dp=128
 
 Every key of the config can be overridden as --section.key=value. A run directory that holds a
-checkpoint is resumed from its newest complete one, under any (tp, dp) layout.
+checkpoint is resumed from its newest good one, under any (tp, pp, dp) layout.
 """
 import faulthandler
 import functools

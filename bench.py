@@ -113,6 +113,7 @@ def bench_ours(cfg, grid, args):
     if args.profile:
         profile(model, opt, batches[-1], cfg, grid, args.profile)
     saves = bench_checkpoint(opt, grid, args.checkpoint) if args.checkpoint else {}
+    opt.wait_params()  # the last step's parameter all-gathers, before the process group goes
     return times, peak, per_layer, loss, saves
 
 
@@ -143,7 +144,7 @@ def profile(model, opt, step_batches, cfg, grid, out_dir):
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(2):
             train.train_step(model, opt, step_batches, cfg["train"].lr, cfg["train"], grid)
-            sync(grid.device)
+            parallel.wait_for_stream(grid.device)
     path = os.path.join(out_dir, f"trace-rank{grid.rank}.json")
     prof.export_chrome_trace(path)
     key = "self_cuda_time_total" if grid.device.type == "cuda" else "self_cpu_time_total"
@@ -216,7 +217,7 @@ def main(argv=None):
     try:
         _, world, _ = parallel.env_rank()
         parallel.check_layout(m, world, cfg["parallel"].tp, None, t.global_batch_size, t.micro_batch_size, T,
-                              cfg["parallel"].sequence_parallel)
+                              cfg["parallel"].sequence_parallel, cfg["parallel"].pp)
     except parallel.LayoutError as e:
         sys.exit(f"error: {e}")
     grid = parallel.init_distributed(cfg["parallel"], device_type)
@@ -231,7 +232,7 @@ def main(argv=None):
     result = dict(
         config=args.config, overrides=overrides + ([f"--per-rank-tp {args.per_rank_tp}"] if args.per_rank_tp > 1 else []),
         device=torch.cuda.get_device_name(grid.device) if grid.device.type == "cuda" else "cpu",
-        torch=torch.__version__, layout=f"tp={grid.tp} dp={grid.dp}", params=n, global_batch=t.global_batch_size,
+        torch=torch.__version__, layout=f"tp={grid.tp} pp={grid.pp} dp={grid.dp}", params=n, global_batch=t.global_batch_size,
         micro_batch=t.micro_batch_size, seq_len=T, mean_doc_len=args.doc_len, compile=t.compile,
         activation_checkpointing=t.activation_checkpointing,
         tokens_per_sec=round(tps / grid.world, 1),  # per GPU

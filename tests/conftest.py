@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONTROL = ["<|system_start|>", "<|system_end|>", "<|developer_start|>", "<|developer_end|>", "<|user_start|>",
            "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>", "<|inner_prefix|>", "<|inner_suffix|>",
-           "<|tools_prefix|>", "<|tools_suffix|>"]  # ids 61..72 (APERTUS.md section 2)
+           "<|tools_prefix|>", "<|tools_suffix|>"]  # ids 61..72 in the tokenizer.json of swiss-ai/Apertus-8B-2509
 
 
 def tekken_path():

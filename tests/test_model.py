@@ -63,19 +63,19 @@ def test_load_hf_and_save_hf_match_transformers(shape, tmp_path):
         assert rel_err(back(ids).logits, want) < 1e-5
 
 
-def test_sharded_save_roundtrip_and_transformers5_config(tmp_path):
+def test_a_save_split_into_files_roundtrips_and_transformers5_config(tmp_path):
     ref = hf_model(SHAPES["gqa-llama3"])
     ref.save_pretrained(tmp_path / "hf")
     ours = checkpoint.load_hf(tmp_path / "hf")
-    checkpoint.save_hf(ours, tmp_path / "sharded", max_file_bytes=20_000)
-    files = os.listdir(tmp_path / "sharded")
+    checkpoint.save_hf(ours, tmp_path / "split", max_file_bytes=20_000)
+    files = os.listdir(tmp_path / "split")
     assert "model.safetensors.index.json" in files and len([f for f in files if f.endswith(".safetensors")]) > 3
-    cfg = json.load(open(tmp_path / "sharded" / "config.json"))
+    cfg = json.load(open(tmp_path / "split" / "config.json"))
     assert cfg["model_type"] == "apertus" and cfg["rope_scaling"]["rope_type"] == "llama3"
     # the transformers 5 spelling: one rope_parameters dict
     cfg["rope_parameters"] = {**cfg.pop("rope_scaling"), "rope_theta": cfg.pop("rope_theta")}
-    json.dump(cfg, open(tmp_path / "sharded" / "config.json", "w"))
-    again = checkpoint.load_hf(tmp_path / "sharded")
+    json.dump(cfg, open(tmp_path / "split" / "config.json", "w"))
+    again = checkpoint.load_hf(tmp_path / "split")
     assert again.config == ours.config
     ids = torch.randint(0, 256, (1, 24))
     with torch.no_grad():

@@ -124,7 +124,8 @@ SYSTEM_DEFAULT = ("You are Apertus, a helpful assistant created by the SwissAI i
 
 
 def template_pieces(messages, date):
-    """The Apertus template (APERTUS.md section 2) as (piece, is_control, in_loss) triples."""
+    """The Apertus template (the chat_template of the released Apertus-8B-Instruct-2509, tools and
+    deliberation off) as (piece, is_control, in_loss) triples."""
     system = messages[0]["content"] if messages[0]["role"] == "system" else SYSTEM_DEFAULT + date
     pieces = [("<s>", True, False), ("<|system_start|>", True, False), (system, False, False),
               ("<|system_end|>", True, False), ("<|developer_start|>", True, False),

@@ -27,7 +27,8 @@ def cli(*args, timeout=600):
 
 # ----------------------------------------------------------------------------- Goldfish
 def goldfish_reference(labels, k=50, h=50):
-    """APERTUS.md, literally: one sequence at a time."""
+    """The Goldfish mask of the Apertus data pipeline (tech report arXiv 2509.14233; Goldfish, arXiv
+    2406.10209), literally: one sequence at a time."""
     table = torch.rand(1_000_003, generator=torch.Generator().manual_seed(2971215073))
     keys = labels.unfold(0, h, 1).prod(dim=-1) % 1_000_003
     drop_window = table[keys] < 1 / k

@@ -87,9 +87,10 @@ class DataConfig:
     tokenizer: str = "byte"  # "byte" or the path of a Mistral tekken JSON (e.g. tekken_240718.json)
     seq_len: int = 256       # tokens per training sequence
     eval_batches: int = 4    # global batches of each source's validation part in one validation pass
-    sources: list = field(default_factory=list)  # a mixture: tables {name, prefix, weight}; weights > 0, normalised
-    #                          to sum 1; a name (letters, digits, _ . -) labels the source's metrics
-    #                          (tokens/<name>, val_loss/<name>) and keys its shuffle, so renaming reshuffles
+    sources: list = field(default_factory=list)  # a mixture: tables {name, prefix, weight}; weights > 0, divided
+    #                          by their sum as Megatron does it (twice: see blend_weights); a name (letters,
+    #                          digits, _ . -) labels the source's metrics (tokens/<name>, val_loss/<name>) and
+    #                          keys its shuffle, so renaming reshuffles
     stages: list = field(default_factory=list)   # a curriculum: tables {start_step or start_tokens, sources};
     #                          the first starts at 0; a source keeps its place (samples already read) across
     #                          stages, and the same name must mean the same prefix in every stage
@@ -873,13 +874,27 @@ class Source:
                                 f"(a gap or an overlap): a plain source reads its sequences back to back")
 
 
+def blend_weights(weights: list[float]) -> list[float]:
+    """A stage's weights as Megatron-LM hands them to helpers.cpp: normalize()d (w / sum(w) in float64,
+    megatron/core/datasets/utils.py) twice, once by BlendedMegatronDatasetBuilder.build
+    (blended_megatron_dataset_builder.py) and again by BlendedDataset.__init__ (blended_dataset.py, a
+    "redundant normalization for bitwise identical comparison"). The second division is not a no-op: it
+    moves the last bit of some weights (6.4, 0.5, 7.4, 4.7 among them), and with it the order of sources
+    from sample 19 on, so once would not give Megatron's order."""
+    for _ in range(2):
+        w = np.array(weights, dtype=np.float64)
+        weights = (w / np.sum(w)).tolist()
+    return weights
+
+
 def blend(weights: list[float], taken: list[int], first: int, count: int) -> tuple[list[int], list[int]]:
     """Samples first, ..., first + count - 1 of a blend, continuing from `taken` (how many samples each
     source gave before `first`; updated in place): the source of each sample and its place within that
     source. Megatron-LM's rule (helpers.cpp, build_blending_indices), in the same float64 operations:
     sample i goes to the source with the largest error weights[s] * max(i, 1) - taken[s], the first one
-    on ties, so every prefix of the stream keeps close to the weights (which sum to 1). (A C++ build that
-    fuses the multiply and subtract into one FMA, as GCC may on aarch64, can break a rare tie otherwise.)
+    on ties, so every prefix of the stream keeps close to the weights (which sum to 1: blend_weights).
+    (A C++ build that fuses the multiply and subtract into one FMA, as GCC may on aarch64, can break a
+    rare tie otherwise.)
     The counts at an arbitrary sample g have a closed form for two sources (the blend is then a rotation
     of the circle by the weight, up to float rounding at ties) but none is known for more, so they are
     carried forward (DataLoader.state) rather than jumped to."""
@@ -916,8 +931,8 @@ class DataLoader:
 
     stages: [(start step, [(name, prefix, weight), ...]), ...], the first at step 0 (see stage_table).
     Sample g of a stage (counted from the stage's first sample) goes to the source that `blend` picks for
-    it, with the stage's weights normalised as Megatron's normalize() does (w / sum(w) in float64): each
-    stage is a fresh blend, as a new BlendedDataset would be. The sample is that source's next one: its
+    it, with the stage's weights normalised as Megatron normalises them (blend_weights): each stage is a
+    fresh blend, as a new BlendedDataset would be. The sample is that source's next one: its
     position is the number of samples the source gave before it, in this stage and all earlier ones, and
     position k is the train sample source.train_samples(k) (a new pseudo-random order every epoch).
 
@@ -944,10 +959,10 @@ class DataLoader:
         self.source_names = list(prefixes)  # in order of first appearance
         # the token dtype must hold the tokenizer's ids (token_vocab); the ids must be under the model's vocab_size
         self.sources = [Source(n, p, seq_len, val_fraction, token_vocab or vocab_size) for n, p in prefixes.items()]
-        self.stages = []  # (start step, the loader's index of each source, normalised weights)
+        self.stages = []  # (start step, the loader's index of each source, weights as Megatron normalises them)
         for start, sources in stages:
-            w = np.array([weight for _, _, weight in sources], dtype=np.float64)
-            self.stages.append((start, [self.source_names.index(n) for n, _, _ in sources], (w / np.sum(w)).tolist()))
+            self.stages.append((start, [self.source_names.index(n) for n, _, _ in sources],
+                                blend_weights([weight for _, _, weight in sources])))
         self.seq_len, self.global_batch, self.micro_batch = seq_len, global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed, self.vocab_size = dp_rank, dp_size, seed, vocab_size
         self.per_rank = global_batch // dp_size

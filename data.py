@@ -8,8 +8,9 @@ micro-batches.
     python data.py demo                     # prepare the demo corpus once, print its path prefix
     python data.py bench-index --documents 100000000   # open a 100M-document index, time the first batch
 
-A dataset is a path prefix and two files, exactly as Megatron-LM writes them (megatron/core/datasets/
-indexed_dataset.py; APERTUS.md section 4), so that Megatron's files train here and ours train there.
+A dataset is a path prefix and two files, exactly as Megatron-LM writes them (github.com/NVIDIA/Megatron-LM,
+megatron/core/datasets/indexed_dataset.py: _IndexWriter and _IndexReader; tools/preprocess_data.py makes
+them), so that Megatron's files train here and ours train there.
 PREFIX.bin holds the token ids of every sequence back to back, one numpy dtype, no header. PREFIX.idx,
 little endian:
 

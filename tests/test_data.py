@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "Grüezi mitenand! 你好, мир. <s> is text here. 🙂\n"
 
 
-# ---- an independent writer of the format: APERTUS.md section 4, with struct and numpy (not data.py's writer)
+# ---- an independent writer of the format (the layout of Megatron-LM's megatron/core/datasets/indexed_dataset.py),
+# with struct and numpy (not data.py's writer)
 
 CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6, np.float32: 7, np.uint16: 8}
 

@@ -429,8 +429,11 @@ class IndexedDataset:
         except OSError as e:
             raise DataError(f"{self.idx_path}: cannot read the index ({e.strerror}); "
                             f"run `python data.py prepare INPUT --out {prefix}`") from None
-        if len(head) < INDEX_HEADER.size or head[:9] != INDEX_MAGIC:
+        if not INDEX_MAGIC.startswith(head[:9]):
             raise DataError(f"{self.idx_path}: not a Megatron indexed dataset (no {INDEX_MAGIC!r} header)")
+        if len(head) < INDEX_HEADER.size:  # the magic, or the start of it, and then the file ends
+            raise DataError(f"{self.idx_path}: truncated index: {len(head)} bytes, shorter than the "
+                            f"{INDEX_HEADER.size}-byte header")
         _, version, code, S, D = INDEX_HEADER.unpack(head)
         if version != INDEX_VERSION:
             raise DataError(f"{self.idx_path}: unknown index version {version} (this reader knows {INDEX_VERSION})")

@@ -108,6 +108,8 @@ def corrupt(tmp_path, what):
         idx.write_bytes(b"NOTANIDX\x00" + raw[9:])
     elif what == "short idx":
         idx.write_bytes(raw[:-5])
+    elif what == "short header":  # the magic and part of the header
+        idx.write_bytes(raw[:20])
     elif what == "short bin":
         bin_.write_bytes(bin_.read_bytes()[:-10])
     elif what == "long bin":
@@ -126,6 +128,7 @@ def corrupt(tmp_path, what):
     ("narrow", "idx", "dtype uint8 cannot hold the ids of a vocabulary of 260"),
     ("magic", "idx", "not a Megatron indexed dataset"),
     ("short idx", "idx", "truncated index"),
+    ("short header", "idx", "truncated index: 20 bytes, shorter than the 34-byte header"),
     ("short bin", "bin", "truncated token file: its index says 300 bytes, the file holds 290"),
     ("long bin", "bin", "corrupt token file"),
     ("no bin", "idx", "its token file .*ds.bin is missing"),

@@ -330,6 +330,13 @@ CHAT_CONTROL = [f"<|{role}_{edge}|>" for role in ("system", "developer", "user",
                 for edge in ("start", "end")]
 
 
+def check_chat_tokenizer(tok: Tokenizer) -> None:
+    """The chat template needs a tokenizer with Apertus' control tokens (its tokenizer.json has them)."""
+    missing = [name for name in CHAT_CONTROL if name not in tok.special]
+    if missing:
+        raise DataError(f"tokenizer {tok.name} has no {missing[0]} token; chat data needs Apertus' tokenizer.json")
+
+
 def chat_tokens(tok: Tokenizer, messages, date: str = CHAT_DATE) -> tuple[list[int], list[bool]]:
     """A conversation [{"role": "system" | "user" | "assistant", "content": str}, ...] as Apertus-Instruct sees it:
 
@@ -355,6 +362,8 @@ def chat_tokens(tok: Tokenizer, messages, date: str = CHAT_DATE) -> tuple[list[i
     for k, m in enumerate(messages):
         if m.get("role") not in ("system", "user", "assistant"):
             raise DataError(f"message {k}: role {m.get('role')!r} is not system, user or assistant")
+        if "content" not in m:
+            raise DataError(f"message {k} has no content")
         if not isinstance(m.get("content"), str):
             raise DataError(f"message {k}: content must be a string, not {type(m.get('content')).__name__}")
     first = 1 if messages[0]["role"] == "system" else 0
@@ -370,9 +379,7 @@ def chat_tokens(tok: Tokenizer, messages, date: str = CHAT_DATE) -> tuple[list[i
             raise ValueError
     except (TypeError, ValueError):
         raise DataError(f"date {date!r} must be a YYYY-MM-DD string") from None
-    missing = [name for name in CHAT_CONTROL if name not in tok.special]
-    if missing:
-        raise DataError(f"tokenizer {tok.name} has no {missing[0]} token; chat data needs Apertus' tokenizer.json")
+    check_chat_tokenizer(tok)
     c = tok.special
     system = messages[0]["content"] if first else DEFAULT_SYSTEM.format(date=date)
     pieces = [([tok.bos_id, c["<|system_start|>"]], False), (tok.encode(system), False),
@@ -514,6 +521,7 @@ class IndexedDatasetWriter:
         self.prefix, self.dtype = prefix, np.dtype(dtype).newbyteorder("<")
         self.code = {np.dtype(v): k for k, v in DTYPES.items()}[np.dtype(dtype)]
         self.tmp = f".tmp-{os.getpid()}-{os.urandom(4).hex()}"  # unique: two writers of one prefix never collide
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)  # --out data/new/mine: made here
         self.bin = open(prefix + ".bin" + self.tmp, "wb")
         self.lengths = open(prefix + ".lengths" + self.tmp, "w+b")
         self.sequences, self.num_tokens = 0, 0
@@ -635,19 +643,23 @@ def _tokenize_piece(task):
     return (np.concatenate(docs) if docs else np.empty(0, token_dtype(tok.vocab_size))), [len(d) for d in docs]
 
 
+def _check_out(out: str) -> None:
+    """prepare and prepare --chat never overwrite a dataset, nor leave a stale loss mask beside a new one."""
+    for path in (out + ".idx", out + ".bin", out + ".mask.idx", out + ".mask.bin"):
+        if os.path.exists(path):
+            raise DataError(f"{path}: already exists; remove it or choose another --out")
+
+
 def prepare(inputs: list[str], out: str, tokenizer: str = "byte", workers: int = 0) -> dict:
     """Tokenize text files, directories (walked recursively) and .jsonl files (one {"text": ...} per line)
     into the dataset `out` (out.bin + out.idx), one sequence per document, in input order; the output is
     the same for any number of workers (0 = one per CPU core). Returns {"tokens": ..., "documents": ...}."""
     tok = get_tokenizer(tokenizer)  # a bad tokenizer path fails before any work
-    for path in (out + ".idx", out + ".bin"):
-        if os.path.exists(path):
-            raise DataError(f"{path}: already exists; remove it or choose another --out")
+    _check_out(out)
     pieces = _list_pieces(inputs)
     if not pieces:
         raise DataError(f"nothing to tokenize in {' '.join(inputs)}")
     workers = min(workers or os.cpu_count() or 1, len(pieces))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     bar = tqdm(total=sum(p[2] - p[1] for p in pieces), unit="B", unit_scale=True, desc="tokenizing")
     with IndexedDatasetWriter(out, token_dtype(tok.vocab_size)) as writer, \
             multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
@@ -670,8 +682,10 @@ def prepare_chat(path: str, out: str, tokenizer: str, seq_len: int, date: str = 
     conversation longer than seq_len + 1 tokens is dropped, never cut, and counted.
     Returns {"conversations", "packed", "dropped", "sequences", "tokens"}."""
     tok = get_tokenizer(tokenizer)
+    check_chat_tokenizer(tok)  # here, not at the first record: the file is not at fault
     if seq_len < 1:
         raise DataError(f"--seq-len {seq_len} must be positive")
+    _check_out(out)
     try:
         size = os.path.getsize(path)
     except OSError as e:

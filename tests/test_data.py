@@ -254,6 +254,51 @@ def test_cli(tmp_path):
     assert bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: no such file or directory"]
 
 
+def chat_tokenizer(path):
+    """A byte-level tokenizer.json with Apertus' chat control tokens and no merges: <unk> <s> </s>, the
+    eight control tokens, then the 256 bytes."""
+    spell, specials = data._gpt2_byte_spelling(), ["<unk>", "<s>", "</s>", *data.CHAT_CONTROL]
+    vocab = {t: i for i, t in enumerate(specials)} | {spell[b]: len(specials) + b for b in range(256)}
+    path.write_text(json.dumps({
+        "normalizer": None, "added_tokens": [{"id": i, "content": t, "special": True} for i, t in enumerate(specials)],
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": r"\s+|\S+"}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]},
+        "model": {"type": "BPE", "vocab": vocab, "merges": []}}))
+    return str(path)
+
+
+def test_prepare_chat_makes_its_directory_never_overwrites_and_blames_the_right_thing(tmp_path):
+    tokenizer, chats = chat_tokenizer(tmp_path / "tok.json"), tmp_path / "chats.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    chats.write_text(json.dumps(good) + "\n")
+    out = tmp_path / "new" / "dir" / "chats"  # in a directory that does not exist yet, as plain prepare allows
+    run = [sys.executable, os.path.join(ROOT, "data.py"), "prepare", "--chat", str(chats), "--tokenizer", tokenizer,
+           "--seq-len", "511", "--out", str(out)]
+    ok = subprocess.run(run, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    files = ["chats.bin", "chats.idx", "chats.mask.bin", "chats.mask.idx"]
+    assert sorted(os.listdir(out.parent)) == files
+    before = [(out.parent / n).read_bytes() for n in files]
+    again = subprocess.run(run, capture_output=True, text=True)  # refused, as plain prepare refuses
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+        f"error: {out}.idx: already exists; remove it or choose another --out"]
+    assert [(out.parent / n).read_bytes() for n in files] == before
+    (tmp_path / "a.txt").write_text("text")
+    for name in ("chats.idx", "chats.bin"):  # nor does either write a dataset beside a stale loss mask
+        os.remove(out.parent / name)
+    for make in (lambda: prepare([str(tmp_path / "a.txt")], str(out)),
+                 lambda: data.prepare_chat(str(chats), str(out), tokenizer, 511)):
+        with pytest.raises(DataError, match=f"^{re.escape(str(out))}.mask.idx: already exists"):
+            make()
+    chats.write_text(json.dumps(good) + "\n" + json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    with pytest.raises(DataError, match=f"^{re.escape(str(chats))}:2: message 0 has no content$"):
+        data.prepare_chat(str(chats), str(tmp_path / "c2"), tokenizer, 511)
+    with pytest.raises(DataError, match=r"^tokenizer byte has no <\|system_start\|> token; chat data needs Apertus'"):
+        data.prepare_chat(str(chats), str(tmp_path / "c3"), "byte", 511)  # the tokenizer's fault, not line 1's
+    assert not any(n.startswith(("c2", "c3")) for n in os.listdir(tmp_path))
+
+
 def test_demo_dataset(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOAPERTUS_CACHE", str(tmp_path))
     t0 = time.time()

@@ -8,6 +8,8 @@ import struct
 import subprocess
 import sys
 import time
+import tracemalloc
+import types
 
 import numpy as np
 import pytest
@@ -409,6 +411,24 @@ def test_permute_is_a_bijection(n):
     key = np.array([1, 2, 3, 4], dtype=np.uint64)
     p = data.permute(np.arange(n), n, key)
     assert sorted(p.tolist()) == list(range(n)) and np.array_equal(p, data.permute(np.arange(n), n, key))
+
+
+def test_the_order_of_a_trillion_samples_is_computed_in_constant_memory():
+    n = 10**12  # train samples: 4 PB of tokens at seq_len 4,096, far past Apertus' 3.7 billion sequences
+    fake = types.SimpleNamespace(name="web", num_train=n)  # all of a Source that train_samples reads
+    positions = np.concatenate([np.arange(n - 5000, n + 5000), np.arange(3 * n - 10, 3 * n)])  # epochs 0, 1, 2
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    got = data.Source.train_samples(fake, positions, seed=0)
+    seconds, (_, peak) = time.perf_counter() - t0, tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert seconds < 5 and peak < 4 << 20, (seconds, peak)  # arrays of the 10,010 positions, nothing of n
+    assert ((0 <= got) & (got < n)).all()
+    for epoch in (0, 1, 2):  # one-to-one within each epoch, a new order in each
+        at = positions // n == epoch
+        assert len(np.unique(got[at])) == at.sum()
+    assert not np.array_equal(got[:5000], got[5000:10000])
+    assert np.array_equal(got[::7], data.Source.train_samples(fake, positions[::7], seed=0))  # a pure function
 
 
 def test_resume_at_any_step_under_any_layout_across_stages(tmp_path):

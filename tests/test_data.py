@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -517,6 +518,53 @@ def test_loader_errors(tmp_path):
     gap = write_megatron(tmp_path / "gap", [[list(range(100))]] * 900, np.uint16, gap_after=450)
     with pytest.raises(DataError, match="gap.idx: sequences 450 and 451 do not follow each other in .*gap.bin"):
         DataLoader([(0, [("gap", gap, 1.0)])], 16, 8, 2)
+
+
+# ---- a staged run of train.py
+
+STAGES = [[0, [("code", 0.8), ("docs", 0.2)]], [20, [("code", 0.3), ("docs", 0.7)]]]  # the boundary inside the run
+STAGED_RUN = [  # configs/tiny-stages.toml, smaller (2 layers, 16 x 64 tokens a step) and shorter: about 15 s
+    "--data.stages=[" + ", ".join(f"{{start_step={start}, sources=[" + ", ".join(
+        f'{{name="{n}", prefix="demo:{n}", weight={w}}}' for n, w in sources) + "]}" for start, sources in STAGES) + "]",
+    "--model.num_hidden_layers=2", "--data.seq_len=64", "--train.global_batch_size=16", "--train.micro_batch_size=8",
+    "--train.eval_interval=10", "--train.log_interval=1", "--train.checkpoint_interval=15", "--train.sample_tokens=0",
+    "--train.warmup_steps=5", "--train.decay_start=30", "--train.decay_steps=10"]  # the lr not tied to max_steps
+
+
+def staged_run(out_dir, max_steps):
+    train.run(train.load_config(os.path.join(ROOT, "configs/tiny-stages.toml"),
+                                STAGED_RUN + [f"--train.max_steps={max_steps}", f"--train.out_dir={out_dir}"]))
+    return {r["step"]: r for r in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl")))}
+
+
+def test_a_staged_run_learns_every_source_counts_its_tokens_and_resumes_across_the_boundary(tmp_path, capsys):
+    G, T = 16, 64
+    straight = staged_run(tmp_path / "straight", 40)
+    # tokens/<source>: every step's samples counted, as Megatron's blend of each stage hands them out
+    assert all(straight[s]["tokens/code"] + straight[s]["tokens/docs"] == s * G * T for s in range(1, 41))
+    first, second = (build_blending_indices([w for _, w in sources], 20 * G)[0] for _, sources in STAGES)
+    assert straight[20]["tokens/code"] == first.count(0) * T == 0.8 * 20 * G * T  # the first stage, 0.8 code
+    assert straight[40]["tokens/code"] - straight[20]["tokens/code"] == second.count(0) * T == 0.3 * 20 * G * T
+    # both sources' held-out losses fall, before and after the switch
+    assert [s for s in sorted(straight) if "val_loss" in straight[s]] == [10, 20, 30, 40]
+    for name in ("code", "docs"):
+        assert straight[40][f"val_loss/{name}"] < straight[10][f"val_loss/{name}"] - 0.1, name
+    # a run stopped at step 15, before the boundary, and resumed past it with its checkpoint's data cursor; a
+    # new run from the checkpoint of step 30 without one (the cursor recomputed from step 0, through both
+    # stages): the same losses, bit for bit, and the same counts as the uninterrupted run
+    assert sorted(staged_run(tmp_path / "stopped", 15)) == list(range(1, 16))
+    ckpt = tmp_path / "from-30" / "ckpt-00000030"
+    shutil.copytree(tmp_path / "straight" / ckpt.name, ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "data_state": None}))
+    for out_dir, step in ((tmp_path / "stopped", 15), (ckpt.parent, 30)):
+        capsys.readouterr()
+        resumed = staged_run(out_dir, 40)
+        assert f"resumed from {out_dir / f'ckpt-{step:08d}'} at step {step}" in capsys.readouterr().out
+        assert sorted(resumed) == list(range(1 if step == 15 else 31, 41))
+        for s in resumed:
+            for key in ("loss", "tokens/code", "tokens/docs"):
+                assert resumed[s][key] == straight[s][key], (step, s, key)
 
 
 # ---- configuration

@@ -39,7 +39,7 @@ stage table); DP rank r takes the slice [r*G/dp, (r+1)*G/dp) of global batch `st
 sees the same samples. The blend's position at a step (how many samples each source gave so far) has
 no known cheap exact formula (see `blend`), so the loader carries it forward as a small cursor that
 checkpoints store (DataLoader.state / load_state); without one (or with one made under another stage
-table) it is recomputed from the stage's start, which gives the same order, only slower.
+table) it is recomputed from step 0, which gives the same order, only slower.
 """
 import argparse
 import base64
@@ -955,9 +955,10 @@ class DataLoader:
     position k is the train sample source.train_samples(k) (a new pseudo-random order every epoch).
 
     The blend's cursor at a step (per source, the samples given so far) needs the blend of every earlier
-    sample of the stage: the loader keeps it as it goes, and `state(step)` / `load_state(...)` carry it
-    through a checkpoint. Without one, `get_batch(step)` recomputes it from the stage's start: the same
-    order, at 1 to 2 microseconds per sample (an hour for 3.7 billion samples; a step of 1,024, 1-2 ms)."""
+    sample, in this stage and the ones before it: the loader keeps it as it goes, and `state(step)` /
+    `load_state(...)` carry it through a checkpoint. Without one, `get_batch(step)` recomputes it from
+    step 0: the same order, at about 1 microsecond per sample (an hour for 3.7 billion samples; a step of
+    1,024, about 1 ms)."""
 
     def __init__(self, stages: list, seq_len: int, global_batch: int, micro_batch: int, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, vocab_size: int | None = None, val_fraction: float = 0.01,

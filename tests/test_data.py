@@ -523,7 +523,7 @@ def test_loader_errors(tmp_path):
 # ---- a staged run of train.py
 
 STAGES = [[0, [("code", 0.8), ("docs", 0.2)]], [20, [("code", 0.3), ("docs", 0.7)]]]  # the boundary inside the run
-STAGED_RUN = [  # configs/tiny-stages.toml, smaller (2 layers, 16 x 64 tokens a step) and shorter: about 15 s
+STAGED_RUN = [  # configs/tiny-stages.toml, smaller (2 layers, 16 x 64 tokens a step) and shorter: about 20 s
     "--data.stages=[" + ", ".join(f"{{start_step={start}, sources=[" + ", ".join(
         f'{{name="{n}", prefix="demo:{n}", weight={w}}}' for n, w in sources) + "]}" for start, sources in STAGES) + "]",
     "--model.num_hidden_layers=2", "--data.seq_len=64", "--train.global_batch_size=16", "--train.micro_batch_size=8",
@@ -537,7 +537,18 @@ def staged_run(out_dir, max_steps):
     return {r["step"]: r for r in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl")))}
 
 
-def test_a_staged_run_learns_every_source_counts_its_tokens_and_resumes_across_the_boundary(tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on CPU cores that other jobs share, two threads wait for each other at every
+    barrier (the straight run took 29 s with two, 17 s with one, beside two busy processes on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_staged_run_learns_every_source_counts_its_tokens_and_resumes_across_the_boundary(tmp_path, capsys,
+                                                                                            one_thread):
     G, T = 16, 64
     straight = staged_run(tmp_path / "straight", 40)
     # tokens/<source>: every step's samples counted, as Megatron's blend of each stage hands them out

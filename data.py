@@ -8,8 +8,9 @@ micro-batches.
     python data.py demo                     # prepare the demo corpus once, print its path prefix
     python data.py bench-index --documents 100000000   # open a 100M-document index, time the first batch
 
-A dataset is a path prefix and two files, exactly as Megatron-LM writes them (megatron/core/datasets/
-indexed_dataset.py; APERTUS.md section 4), so that Megatron's files train here and ours train there.
+A dataset is a path prefix and two files, exactly as Megatron-LM writes them (github.com/NVIDIA/Megatron-LM,
+megatron/core/datasets/indexed_dataset.py: _IndexWriter and _IndexReader; tools/preprocess_data.py makes
+them), so that Megatron's files train here and ours train there.
 PREFIX.bin holds the token ids of every sequence back to back, one numpy dtype, no header. PREFIX.idx,
 little endian:
 
@@ -38,7 +39,7 @@ stage table); DP rank r takes the slice [r*G/dp, (r+1)*G/dp) of global batch `st
 sees the same samples. The blend's position at a step (how many samples each source gave so far) has
 no known cheap exact formula (see `blend`), so the loader carries it forward as a small cursor that
 checkpoints store (DataLoader.state / load_state); without one (or with one made under another stage
-table) it is recomputed from the stage's start, which gives the same order, only slower.
+table) it is recomputed from step 0, which gives the same order, only slower.
 """
 import argparse
 import base64
@@ -87,9 +88,10 @@ class DataConfig:
     tokenizer: str = "byte"  # "byte" or the path of a Mistral tekken JSON (e.g. tekken_240718.json)
     seq_len: int = 256       # tokens per training sequence
     eval_batches: int = 4    # global batches of each source's validation part in one validation pass
-    sources: list = field(default_factory=list)  # a mixture: tables {name, prefix, weight}; weights > 0, normalised
-    #                          to sum 1; a name (letters, digits, _ . -) labels the source's metrics
-    #                          (tokens/<name>, val_loss/<name>) and keys its shuffle, so renaming reshuffles
+    sources: list = field(default_factory=list)  # a mixture: tables {name, prefix, weight}; weights > 0, divided
+    #                          by their sum as Megatron does it (twice: see blend_weights); a name (letters,
+    #                          digits, _ . -) labels the source's metrics (tokens/<name>, val_loss/<name>) and
+    #                          keys its shuffle, so renaming reshuffles
     stages: list = field(default_factory=list)   # a curriculum: tables {start_step or start_tokens, sources};
     #                          the first starts at 0; a source keeps its place (samples already read) across
     #                          stages, and the same name must mean the same prefix in every stage
@@ -328,6 +330,13 @@ CHAT_CONTROL = [f"<|{role}_{edge}|>" for role in ("system", "developer", "user",
                 for edge in ("start", "end")]
 
 
+def check_chat_tokenizer(tok: Tokenizer) -> None:
+    """The chat template needs a tokenizer with Apertus' control tokens (its tokenizer.json has them)."""
+    missing = [name for name in CHAT_CONTROL if name not in tok.special]
+    if missing:
+        raise DataError(f"tokenizer {tok.name} has no {missing[0]} token; chat data needs Apertus' tokenizer.json")
+
+
 def chat_tokens(tok: Tokenizer, messages, date: str = CHAT_DATE) -> tuple[list[int], list[bool]]:
     """A conversation [{"role": "system" | "user" | "assistant", "content": str}, ...] as Apertus-Instruct sees it:
 
@@ -353,6 +362,8 @@ def chat_tokens(tok: Tokenizer, messages, date: str = CHAT_DATE) -> tuple[list[i
     for k, m in enumerate(messages):
         if m.get("role") not in ("system", "user", "assistant"):
             raise DataError(f"message {k}: role {m.get('role')!r} is not system, user or assistant")
+        if "content" not in m:
+            raise DataError(f"message {k} has no content")
         if not isinstance(m.get("content"), str):
             raise DataError(f"message {k}: content must be a string, not {type(m.get('content')).__name__}")
     first = 1 if messages[0]["role"] == "system" else 0
@@ -368,9 +379,7 @@ def chat_tokens(tok: Tokenizer, messages, date: str = CHAT_DATE) -> tuple[list[i
             raise ValueError
     except (TypeError, ValueError):
         raise DataError(f"date {date!r} must be a YYYY-MM-DD string") from None
-    missing = [name for name in CHAT_CONTROL if name not in tok.special]
-    if missing:
-        raise DataError(f"tokenizer {tok.name} has no {missing[0]} token; chat data needs Apertus' tokenizer.json")
+    check_chat_tokenizer(tok)
     c = tok.special
     system = messages[0]["content"] if first else DEFAULT_SYSTEM.format(date=date)
     pieces = [([tok.bos_id, c["<|system_start|>"]], False), (tok.encode(system), False),
@@ -427,8 +436,11 @@ class IndexedDataset:
         except OSError as e:
             raise DataError(f"{self.idx_path}: cannot read the index ({e.strerror}); "
                             f"run `python data.py prepare INPUT --out {prefix}`") from None
-        if len(head) < INDEX_HEADER.size or head[:9] != INDEX_MAGIC:
+        if not INDEX_MAGIC.startswith(head[:9]):
             raise DataError(f"{self.idx_path}: not a Megatron indexed dataset (no {INDEX_MAGIC!r} header)")
+        if len(head) < INDEX_HEADER.size:  # the magic, or the start of it, and then the file ends
+            raise DataError(f"{self.idx_path}: truncated index: {len(head)} bytes, shorter than the "
+                            f"{INDEX_HEADER.size}-byte header")
         _, version, code, S, D = INDEX_HEADER.unpack(head)
         if version != INDEX_VERSION:
             raise DataError(f"{self.idx_path}: unknown index version {version} (this reader knows {INDEX_VERSION})")
@@ -509,6 +521,7 @@ class IndexedDatasetWriter:
         self.prefix, self.dtype = prefix, np.dtype(dtype).newbyteorder("<")
         self.code = {np.dtype(v): k for k, v in DTYPES.items()}[np.dtype(dtype)]
         self.tmp = f".tmp-{os.getpid()}-{os.urandom(4).hex()}"  # unique: two writers of one prefix never collide
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)  # --out data/new/mine: made here
         self.bin = open(prefix + ".bin" + self.tmp, "wb")
         self.lengths = open(prefix + ".lengths" + self.tmp, "w+b")
         self.sequences, self.num_tokens = 0, 0
@@ -630,19 +643,23 @@ def _tokenize_piece(task):
     return (np.concatenate(docs) if docs else np.empty(0, token_dtype(tok.vocab_size))), [len(d) for d in docs]
 
 
+def _check_out(out: str) -> None:
+    """prepare and prepare --chat never overwrite a dataset, nor leave a stale loss mask beside a new one."""
+    for path in (out + ".idx", out + ".bin", out + ".mask.idx", out + ".mask.bin"):
+        if os.path.exists(path):
+            raise DataError(f"{path}: already exists; remove it or choose another --out")
+
+
 def prepare(inputs: list[str], out: str, tokenizer: str = "byte", workers: int = 0) -> dict:
     """Tokenize text files, directories (walked recursively) and .jsonl files (one {"text": ...} per line)
     into the dataset `out` (out.bin + out.idx), one sequence per document, in input order; the output is
     the same for any number of workers (0 = one per CPU core). Returns {"tokens": ..., "documents": ...}."""
     tok = get_tokenizer(tokenizer)  # a bad tokenizer path fails before any work
-    for path in (out + ".idx", out + ".bin"):
-        if os.path.exists(path):
-            raise DataError(f"{path}: already exists; remove it or choose another --out")
+    _check_out(out)
     pieces = _list_pieces(inputs)
     if not pieces:
         raise DataError(f"nothing to tokenize in {' '.join(inputs)}")
     workers = min(workers or os.cpu_count() or 1, len(pieces))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     bar = tqdm(total=sum(p[2] - p[1] for p in pieces), unit="B", unit_scale=True, desc="tokenizing")
     with IndexedDatasetWriter(out, token_dtype(tok.vocab_size)) as writer, \
             multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
@@ -665,8 +682,10 @@ def prepare_chat(path: str, out: str, tokenizer: str, seq_len: int, date: str = 
     conversation longer than seq_len + 1 tokens is dropped, never cut, and counted.
     Returns {"conversations", "packed", "dropped", "sequences", "tokens"}."""
     tok = get_tokenizer(tokenizer)
+    check_chat_tokenizer(tok)  # here, not at the first record: the file is not at fault
     if seq_len < 1:
         raise DataError(f"--seq-len {seq_len} must be positive")
+    _check_out(out)
     try:
         size = os.path.getsize(path)
     except OSError as e:
@@ -873,13 +892,27 @@ class Source:
                                 f"(a gap or an overlap): a plain source reads its sequences back to back")
 
 
+def blend_weights(weights: list[float]) -> list[float]:
+    """A stage's weights as Megatron-LM hands them to helpers.cpp: normalize()d (w / sum(w) in float64,
+    megatron/core/datasets/utils.py) twice, once by BlendedMegatronDatasetBuilder.build
+    (blended_megatron_dataset_builder.py) and again by BlendedDataset.__init__ (blended_dataset.py, a
+    "redundant normalization for bitwise identical comparison"). The second division is not a no-op: it
+    moves the last bit of some weights (6.4, 0.5, 7.4, 4.7 among them), and with it the order of sources
+    from sample 19 on, so once would not give Megatron's order."""
+    for _ in range(2):
+        w = np.array(weights, dtype=np.float64)
+        weights = (w / np.sum(w)).tolist()
+    return weights
+
+
 def blend(weights: list[float], taken: list[int], first: int, count: int) -> tuple[list[int], list[int]]:
     """Samples first, ..., first + count - 1 of a blend, continuing from `taken` (how many samples each
     source gave before `first`; updated in place): the source of each sample and its place within that
     source. Megatron-LM's rule (helpers.cpp, build_blending_indices), in the same float64 operations:
     sample i goes to the source with the largest error weights[s] * max(i, 1) - taken[s], the first one
-    on ties, so every prefix of the stream keeps close to the weights (which sum to 1). (A C++ build that
-    fuses the multiply and subtract into one FMA, as GCC may on aarch64, can break a rare tie otherwise.)
+    on ties, so every prefix of the stream keeps close to the weights (which sum to 1: blend_weights).
+    (A C++ build that fuses the multiply and subtract into one FMA, as GCC may on aarch64, can break a
+    rare tie otherwise.)
     The counts at an arbitrary sample g have a closed form for two sources (the blend is then a rotation
     of the circle by the weight, up to float rounding at ties) but none is known for more, so they are
     carried forward (DataLoader.state) rather than jumped to."""
@@ -916,15 +949,16 @@ class DataLoader:
 
     stages: [(start step, [(name, prefix, weight), ...]), ...], the first at step 0 (see stage_table).
     Sample g of a stage (counted from the stage's first sample) goes to the source that `blend` picks for
-    it, with the stage's weights normalised as Megatron's normalize() does (w / sum(w) in float64): each
-    stage is a fresh blend, as a new BlendedDataset would be. The sample is that source's next one: its
+    it, with the stage's weights normalised as Megatron normalises them (blend_weights): each stage is a
+    fresh blend, as a new BlendedDataset would be. The sample is that source's next one: its
     position is the number of samples the source gave before it, in this stage and all earlier ones, and
     position k is the train sample source.train_samples(k) (a new pseudo-random order every epoch).
 
     The blend's cursor at a step (per source, the samples given so far) needs the blend of every earlier
-    sample of the stage: the loader keeps it as it goes, and `state(step)` / `load_state(...)` carry it
-    through a checkpoint. Without one, `get_batch(step)` recomputes it from the stage's start: the same
-    order, at 1 to 2 microseconds per sample (an hour for 3.7 billion samples; a step of 1,024, 1-2 ms)."""
+    sample, in this stage and the ones before it: the loader keeps it as it goes, and `state(step)` /
+    `load_state(...)` carry it through a checkpoint. Without one, `get_batch(step)` recomputes it from
+    step 0: the same order, at about 1 microsecond per sample (an hour for 3.7 billion samples; a step of
+    1,024, about 1 ms)."""
 
     def __init__(self, stages: list, seq_len: int, global_batch: int, micro_batch: int, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, vocab_size: int | None = None, val_fraction: float = 0.01,
@@ -944,10 +978,10 @@ class DataLoader:
         self.source_names = list(prefixes)  # in order of first appearance
         # the token dtype must hold the tokenizer's ids (token_vocab); the ids must be under the model's vocab_size
         self.sources = [Source(n, p, seq_len, val_fraction, token_vocab or vocab_size) for n, p in prefixes.items()]
-        self.stages = []  # (start step, the loader's index of each source, normalised weights)
+        self.stages = []  # (start step, the loader's index of each source, weights as Megatron normalises them)
         for start, sources in stages:
-            w = np.array([weight for _, _, weight in sources], dtype=np.float64)
-            self.stages.append((start, [self.source_names.index(n) for n, _, _ in sources], (w / np.sum(w)).tolist()))
+            self.stages.append((start, [self.source_names.index(n) for n, _, _ in sources],
+                                blend_weights([weight for _, _, weight in sources])))
         self.seq_len, self.global_batch, self.micro_batch = seq_len, global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed, self.vocab_size = dp_rank, dp_size, seed, vocab_size
         self.per_rank = global_batch // dp_size

@@ -1220,6 +1220,9 @@ def main(argv=None) -> None:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a directory that cannot be made or written (permission, full disk)
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -394,6 +394,7 @@ def memory_plan(cfg, tp, dp, stage=0):
         activations = held * per_tok * N * L / pp
     chunk = model_py.LOSS_CHUNK_ELEMENTS
     chunk = chunk if isinstance(chunk, int) else chunk["cpu" if t.device == "cpu" else "cuda"]
+    chunk = min(max(1, chunk // Vl), N) * Vl  # whole rows of logits, at most the micro-batch's (model.lm_head_loss)
     # fp32 head gradient and input gradient, and one chunk: its logits and gradient (and, eager, fp32 temporaries)
     loss = (4 * Vl * d + 4 * N * d + chunk * (2 * wb + (0 if t.compile else 12))) if last else 0
     rows = {
@@ -407,7 +408,8 @@ def memory_plan(cfg, tp, dp, stage=0):
     }
     static = sum(v for k, v in rows.items() if k in ("weights", "gradient buffer (fp32)", "fp32 master + optimizer moments",
                                                         "gradient partition (fp32, dp > 1)"))
-    peak = static + max(activations + loss + rows["head gradient handed to autograd"], 2 * 4 * OPT_CHUNK)
+    # the update's fp32 temporaries (two per foreach batch of OPT_CHUNK elements) come after backward
+    peak = static + max(activations + loss + rows["head gradient handed to autograd"], 2 * 4 * min(OPT_CHUNK, n / dp))
     return rows, peak
 
 

@@ -181,6 +181,18 @@ def _foreach_batches(tensors, lists, max_elements=OPT_CHUNK):
     return batches
 
 
+def _moments_and_groups(params, weight_decay, names):
+    """The optimizer state, {moment name: [a zero tensor per parameter]}, and the update's work list,
+    {weight decay: foreach batches of (param, grad, *moments) views}."""
+    state = {k: [torch.zeros_like(p) for p in params] for k in names}
+    groups = {}
+    for wd in sorted(set(weight_decay)):
+        idx = [i for i, w in enumerate(weight_decay) if w == wd]
+        lists = [[params[i] for i in idx], [params[i].grad for i in idx], *([state[k][i] for i in idx] for k in names)]
+        groups[wd] = _foreach_batches(lists[0], lists)
+    return state, groups
+
+
 class AdEMAMix:
     """AdEMAMix (Pagliardini et al. 2024, arXiv 2409.03137), as apple/ml-ademamix (pytorch/ademamix.py):
         m1 = b1 m1 + (1-b1) g;  m2 = b3(t) m2 + (1-b3(t)) g;  v = b2 v + (1-b2) g^2
@@ -197,13 +209,7 @@ class AdEMAMix:
         self.params, self.betas, self.alpha, self.warmup, self.eps, self.lr = params, betas, alpha, warmup, eps, lr
         self.steps = 0
         names = ("exp_avg", "exp_avg_slow", "exp_avg_sq") if betas[0] != 0 else ("exp_avg_slow", "exp_avg_sq")
-        self.state = {k: [torch.zeros_like(p) for p in params] for k in names}
-        self.groups = {}  # weight decay -> foreach batches of (param, grad, *moments) views
-        for wd in sorted(set(weight_decay)):
-            idx = [i for i, w in enumerate(weight_decay) if w == wd]
-            lists = [[params[i] for i in idx], [params[i].grad for i in idx],
-                     *([self.state[k][i] for i in idx] for k in names)]
-            self.groups[wd] = _foreach_batches(lists[0], lists)
+        self.state, self.groups = _moments_and_groups(params, weight_decay, names)
 
     def moments(self, i):
         return {k: v[i] for k, v in self.state.items()}
@@ -253,13 +259,7 @@ class AdamW:
 
     def __init__(self, params, weight_decay, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
         self.params, self.betas, self.eps, self.lr, self.steps = params, betas, eps, lr, 0
-        self.state = {k: [torch.zeros_like(p) for p in params] for k in ("exp_avg", "exp_avg_sq")}
-        self.groups = {}
-        for wd in sorted(set(weight_decay)):
-            idx = [i for i, w in enumerate(weight_decay) if w == wd]
-            lists = [[params[i] for i in idx], [params[i].grad for i in idx],
-                     *([self.state[k][i] for i in idx] for k in self.state)]
-            self.groups[wd] = _foreach_batches(lists[0], lists)
+        self.state, self.groups = _moments_and_groups(params, weight_decay, ("exp_avg", "exp_avg_sq"))
 
     def moments(self, i):
         return {k: v[i] for k, v in self.state.items()}

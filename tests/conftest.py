@@ -1,17 +1,40 @@
 import base64
+import contextlib
 import importlib.util
+import io
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 
 # the top-level modules are scripts in the nanoGPT way: make them importable from the tests
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 CONTROL = ["<|system_start|>", "<|system_end|>", "<|developer_start|>", "<|developer_end|>", "<|user_start|>",
            "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>", "<|inner_prefix|>", "<|inner_suffix|>",
            "<|tools_prefix|>", "<|tools_suffix|>"]  # ids 61..72 in the tokenizer.json of swiss-ai/Apertus-8B-2509
+
+
+def train_in_process(*args, threads=None):
+    """`python train.py ARGS`, run by train.main in this process (a new interpreter would spend most of a
+    short run importing torch): a CompletedProcess with its exit status and what it printed. threads:
+    torch's intra-op threads for the run (results are bit-identical only between runs with as many
+    threads as each other: the sums are split differently)."""
+    import torch
+    import train
+    out, err, cwd, before = io.StringIO(), io.StringIO(), os.getcwd(), torch.get_num_threads()
+    os.chdir(ROOT)
+    torch.set_num_threads(threads or before)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = train.main(list(map(str, args)))
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(before)
+    return subprocess.CompletedProcess(["train.py", *args], rc, out.getvalue(), err.getvalue())
 
 
 def tekken_path():

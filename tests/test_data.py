@@ -1,6 +1,5 @@
 """data.py: Megatron's indexed dataset (against an independent writer), prepare, the tokenizers, the blend
 (against helpers.cpp), the loader's order, stages, resume and data-parallel property."""
-import importlib.util
 import json
 import os
 import re
@@ -18,6 +17,7 @@ import torch
 
 import data
 import train
+from conftest import tekken_path
 from data import DataConfig, DataError, DataLoader, IndexedDataset, get_tokenizer, prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,14 +145,6 @@ def test_a_bad_dataset_is_one_line_of_error_naming_the_file(tmp_path, what, file
 
 
 # ---- tokenizers
-
-
-def tekken_path():
-    spec = importlib.util.find_spec("mistral_common")
-    path = spec and os.path.join(spec.submodule_search_locations[0], "data", "tekken_240718.json")
-    if not path or not os.path.exists(path):
-        pytest.skip("mistral-common (which ships tekken_240718.json) is not installed")
-    return path
 
 
 def test_byte_tokenizer():

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from conftest import train_in_process
 from safetensors import safe_open
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,6 +85,8 @@ sys.exit(train.main(args))
 
 
 def run(out_dir, *args, fault="none", timeout=300):
+    if fault == "none":  # nothing planted: train.main in this process, one thread as the subprocesses
+        return train_in_process(*TINY, f"--train.out_dir={out_dir}", *args, threads=1)
     return subprocess.run([sys.executable, "-c", HARNESS, fault, *TINY, f"--train.out_dir={out_dir}", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

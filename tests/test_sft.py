@@ -38,16 +38,28 @@ def sft_setup(apertus_json, tmp_path_factory):
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(base / "hf")
     shutil.copy(apertus_json, base / "hf" / "tokenizer.json")
+    # the conversations, packed once by the command line, for both tests
+    out = subprocess.run([sys.executable, "data.py", "prepare", "--chat", str(base / "chats.jsonl"),
+                          "--tokenizer", str(base / "hf"), "--out", str(base / "chats"), "--seq-len", "127"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
     return base
 
 
-def test_prepare_chat_packs_whole_conversations_with_their_masks(sft_setup, tmp_path):
-    out = subprocess.run([sys.executable, "data.py", "prepare", "--chat", str(sft_setup / "chats.jsonl"),
-                          "--tokenizer", str(sft_setup / "hf"), "--out", str(tmp_path / "chats"), "--seq-len", "127"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+def prepare_chat(capsys, *args):
+    """data.py prepare --chat in this process: (exit status, stdout, stderr)."""
+    try:
+        data.main(["prepare", "--chat", *map(str, args)])
+        rc = 0
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_prepare_chat_packs_whole_conversations_with_their_masks(sft_setup, tmp_path, capsys):
     tok = data.get_tokenizer(str(sft_setup / "hf"))
-    ids_ds, mask_ds = data.IndexedDataset(str(tmp_path / "chats")), data.IndexedDataset(str(tmp_path / "chats.mask"))
+    ids_ds, mask_ds = data.IndexedDataset(str(sft_setup / "chats")), data.IndexedDataset(str(sft_setup / "chats.mask"))
     rng, k = random.Random(0), 0
     want = [data.chat_tokens(tok, conversation(i, rng)["messages"]) for i in range(400)]
     for s in range(len(ids_ds)):
@@ -64,18 +76,15 @@ def test_prepare_chat_packs_whole_conversations_with_their_masks(sft_setup, tmp_
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps(conversation(1, rng)) + "\n" + json.dumps(
         {"messages": [{"role": "user", "content": "x " * 500}, {"role": "assistant", "content": "y"}]}) + "\n")
-    out = subprocess.run([sys.executable, "data.py", "prepare", "--chat", str(long), "--tokenizer",
-                          str(sft_setup / "hf"), "--out", str(tmp_path / "long"), "--seq-len", "127"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "1 longer than that dropped" in out.stdout
+    rc, out, _ = prepare_chat(capsys, long, "--tokenizer", sft_setup / "hf", "--out", tmp_path / "long", "--seq-len", 127)
+    assert rc == 0 and "1 longer than that dropped" in out
     for bad, message in (('{"messages": [{"role": "bot", "content": "hi"}]}', "bad.jsonl:2:"),
                          ("{not json", "bad.jsonl:2: not valid JSON"),
-                         ('{"messages": [{"role": "user"}]}', "bad.jsonl:2:")):
+                         ('{"messages": [{"role": "user"}]}', "bad.jsonl:2: message 0 has no content")):
         (tmp_path / "bad.jsonl").write_text(json.dumps(conversation(1, rng)) + "\n" + bad + "\n")
-        out = subprocess.run([sys.executable, "data.py", "prepare", "--chat", str(tmp_path / "bad.jsonl"),
-                              "--tokenizer", str(sft_setup / "hf"), "--out", str(tmp_path / "bad")],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+        rc, _, err = prepare_chat(capsys, tmp_path / "bad.jsonl", "--tokenizer", sft_setup / "hf", "--out", tmp_path / "bad")
+        errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
         assert not os.path.exists(tmp_path / "bad.bin")
 
 
@@ -100,14 +109,10 @@ def role_losses(model_dir, tok, rng_seed=1, n=40):
 
 def test_sft_learns_the_assistant_and_not_the_user(sft_setup, tmp_path):
     hf = sft_setup / "hf"
-    prep = subprocess.run([sys.executable, "data.py", "prepare", "--chat", str(sft_setup / "chats.jsonl"),
-                           "--tokenizer", str(hf), "--out", str(tmp_path / "chats"), "--seq-len", "127"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert prep.returncode == 0, prep.stderr
     text = open(os.path.join(ROOT, "configs/apertus-8b-sft.toml")).read()
     (tmp_path / "sft.toml").write_text(text)
     out = subprocess.run([sys.executable, "train.py", str(tmp_path / "sft.toml"), f"--train.init_from={hf}",
-                          f"--data.dataset={tmp_path / 'chats'}", f"--data.tokenizer={hf}", "--data.seq_len=127",
+                          f"--data.dataset={sft_setup / 'chats'}", f"--data.tokenizer={hf}", "--data.seq_len=127",
                           "--data.val_fraction=0.05", "--train.device=cpu", "--train.compile=false",
                           "--train.activation_checkpointing=false", "--train.global_batch_size=4",
                           "--train.micro_batch_size=4", "--train.max_steps=30", "--train.warmup_steps=3",

@@ -14,15 +14,15 @@ import data
 import model as model_py
 import parallel
 import train
+from conftest import train_in_process
 from model import Apertus, ModelConfig, document_ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--train.log_interval=1", "--train.sample_tokens=0", "--train.eval_interval=0"]
 
 
-def cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "2"})
+def cli(*args):
+    return train_in_process(*args)
 
 
 # ----------------------------------------------------------------------------- Goldfish
@@ -162,11 +162,11 @@ def test_no_weight_decay_on_norms_and_xielu():
     (["configs/tiny.toml", "--data.dataset=/no/such/dir"], "/no/such/dir"),
     (["configs/tiny.toml", "--train.device=tpu"], "train.device must be one of auto, cpu, cuda"),
 ])
-def test_bad_config_is_one_clear_line(args, message, tmp_path):
-    out = cli(*args, f"--train.out_dir={tmp_path}", timeout=120)
-    assert out.returncode == 2
-    assert message in out.stderr and "Traceback" not in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+def test_bad_config_is_one_clear_line(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert train.main([*args, f"--train.out_dir={tmp_path}"]) == 2  # in this process: main catches, never raises
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -176,7 +176,8 @@ def metrics(out_dir):
 
 
 def test_resume_is_bit_identical(tmp_path):
-    args = ["configs/tiny.toml", *FAST, "--train.checkpoint_interval=3"]
+    args = ["configs/tiny.toml", *FAST, "--train.checkpoint_interval=3", "--model.num_hidden_layers=2",
+            "--data.seq_len=64", "--train.global_batch_size=8", "--train.micro_batch_size=4"]
     assert cli(*args, "--train.max_steps=12", f"--train.out_dir={tmp_path / 'straight'}").returncode == 0
     assert cli(*args, "--train.max_steps=6", f"--train.out_dir={tmp_path / 'resumed'}").returncode == 0
     out = cli(*args, "--train.max_steps=12", f"--train.out_dir={tmp_path / 'resumed'}")
@@ -355,26 +356,31 @@ def test_checkpoint_never_stores_an_optimizer_step_as_a_tensor(tmp_path):
     assert json.load(open(ck / "meta.json"))["optimizer_steps"] == 2
 
 
-def test_compiled_run_writes_the_same_checkpoint_names_resumes_eager_and_consolidates(tmp_path):
-    """train.compile on CPU with a one-layer model: no _orig_mod. anywhere, and the checkpoint is
-    interchangeable with an eager run's."""
+def test_compiled_run_writes_the_same_checkpoint_names_resumes_eager_and_consolidates(tmp_path, monkeypatch):
+    """train.compile with a one-layer model: no _orig_mod. anywhere, and the checkpoint is interchangeable
+    with an eager run's. In this process, with TorchDynamo's eager backend: the names depend on how the
+    blocks are wrapped, not on the code Inductor would generate (which takes minutes on 2 cores)."""
+    import functools
     from safetensors import safe_open
-    small = [*FAST, "--model.num_hidden_layers=1", "--train.max_steps=2", "--train.global_batch_size=4",
-             "--train.micro_batch_size=4"]
-    out = cli("configs/tiny.toml", *small, "--train.compile=true", f"--train.out_dir={tmp_path / 'c'}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert cli("configs/tiny.toml", *small, f"--train.out_dir={tmp_path / 'e'}").returncode == 0
+    import checkpoint
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    small = [*FAST, "--model.num_hidden_layers=1", "--train.global_batch_size=4", "--train.micro_batch_size=4",
+             "--data.seq_len=64"]
+
+    def run(name, *args):
+        cfg = train.load_config(os.path.join(ROOT, "configs/tiny.toml"), [*small, *args, f"--train.out_dir={tmp_path / name}"])
+        return train.run(cfg)
+    model = run("c", "--train.compile=true", "--train.max_steps=2")
+    assert all(hasattr(b.forward, "_torchdynamo_orig_callable") for b in model.model.layers.values())  # compiled
+    run("e", "--train.max_steps=2")
     names = []
-    for run in ("c", "e"):
-        with safe_open(tmp_path / run / "ckpt-00000002" / "rank-00000.safetensors", "pt") as f:
+    for name in ("c", "e"):
+        with safe_open(tmp_path / name / "ckpt-00000002" / "rank-00000.safetensors", "pt") as f:
             names.append(sorted(f.keys()))
     assert names[0] == names[1] and not any("_orig_mod" in n for n in names[0])
-    out = cli("configs/tiny.toml", *small[:-3], "--train.max_steps=3", "--train.global_batch_size=4",
-              "--train.micro_batch_size=4", f"--train.out_dir={tmp_path / 'c'}")
-    assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]
-    out = subprocess.run([sys.executable, "checkpoint.py", "consolidate", str(tmp_path / "c" / "ckpt-00000003"),
-                          str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    run("c", "--train.max_steps=3")  # the compiled run's checkpoint, resumed eager
+    assert metrics(tmp_path / "c")[3]["step"] == 3
+    checkpoint.consolidate(str(tmp_path / "c" / "ckpt-00000003"), str(tmp_path / "hf"))
     assert os.path.exists(tmp_path / "hf" / "model.safetensors")
 
 

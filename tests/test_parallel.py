@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import train_in_process
 
 import model as model_py
 import parallel
@@ -211,8 +212,7 @@ LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "tp4": (4, 1), "pp2": (1, 2), "tp2pp2":
 def runs(tmp_path_factory):
     """The tiny config for 8 steps on one process and on 4 processes under every layout."""
     base = tmp_path_factory.mktemp("runs")
-    out = subprocess.run([sys.executable, "train.py", *RUN, f"--train.out_dir={base / 'single'}"], cwd=ROOT,
-                         env=ENV, capture_output=True, text=True, timeout=600)
+    out = train_in_process(*RUN, f"--train.out_dir={base / 'single'}")
     assert out.returncode == 0, out.stderr[-3000:]
     for name, (tp, pp) in LAYOUTS.items():
         out = torchrun(4, base / name, f"--parallel.tp={tp}", f"--parallel.pp={pp}")
@@ -235,8 +235,7 @@ def test_4_processes_give_the_single_process_losses(runs, layout):
 def test_a_checkpoint_resumes_under_another_layout(runs, tmp_path, source, tp, pp):
     subprocess.run(["cp", "-r", str(runs / source / "ckpt-00000004"), str(tmp_path)], check=True)
     if tp is None:  # one process
-        out = subprocess.run([sys.executable, "train.py", *RUN, f"--train.out_dir={tmp_path}"], cwd=ROOT, env=ENV,
-                             capture_output=True, text=True, timeout=600)
+        out = train_in_process(*RUN, f"--train.out_dir={tmp_path}")
     else:
         out = torchrun(4, tmp_path, f"--parallel.tp={tp}", f"--parallel.pp={pp}")
     assert out.returncode == 0, out.stderr[-3000:]

@@ -348,6 +348,7 @@ class Saver:
         blocked. meta: what meta.json records beside the layout (config, data position, ...)."""
         t0 = time.perf_counter()
         self.wait()  # one save at a time: a file system slower than the interval shows as blocked time
+        _barrier(self.grid)  # ... on every rank: no rank is still writing into an older .tmp
         tmp = os.path.join(self.out_dir, f"ckpt-{step:08d}.tmp")
         if self.grid.rank == 0:  # what a crash or a failed save left must not lend its files to this one
             try:
@@ -432,12 +433,10 @@ class Saver:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(self.out_dir)
-        # checkpoints newer than this one belong to a timeline the run abandoned (the resume found them
-        # bad): they go, and so do the oldest beyond `keep`, never the one just committed
-        done = committed_checkpoints(self.out_dir)
-        newer = [c for c in done if c > final]
-        older = [c for c in done if c <= final]
-        for old in newer + (older[:-self.keep] if self.keep > 0 else []):
+        # the oldest beyond `keep` go, counted up to this one: a newer checkpoint the resume could not use
+        # (corrupt, or only unreadable for a moment) stays until the run reaches its step and rewrites it
+        older = [c for c in committed_checkpoints(self.out_dir) if c <= final]
+        for old in older[:-self.keep] if self.keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
 
     def wait(self):
@@ -519,6 +518,17 @@ def find_resume(out_dir, grid):
 
 
 # ----------------------------------------------------------------------------- reading, under any layout
+def read_meta(path):
+    """A checkpoint's meta.json and the model config it was written with."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        meta["layout"]["tp"], meta["layout"]["pp"], meta["layout"]["dp"]
+        return meta, ModelConfig(**meta["config"]["model"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable meta.json ({type(e).__name__}: {e})") from None
+
+
 class CheckpointReader:
     """Reads pieces of a checkpoint for any layout. The layout that wrote it (tp, pp, dp, bucket_size in
     meta.json) determines, by the same pure function as the optimizer (parallel.zero_layout), which
@@ -527,13 +537,8 @@ class CheckpointReader:
 
     def __init__(self, path):
         self.path = path
-        try:
-            with open(os.path.join(path, "meta.json")) as f:
-                self.meta = json.load(f)
-            lay = self.meta["layout"]
-            self.cfg = ModelConfig(**self.meta["config"]["model"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: unreadable meta.json ({type(e).__name__}: {e})") from None
+        self.meta, self.cfg = read_meta(path)
+        lay = self.meta["layout"]
         self.tp, self.pp, self.dp = lay["tp"], lay["pp"], lay["dp"]
         self.sources, self.shapes = {}, {}  # name -> [(tp_rank, start, end, file)], name -> (tp_dim, full shape)
         for pp_rank in range(self.pp):

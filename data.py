@@ -1221,7 +1221,7 @@ def main(argv=None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # a directory that cannot be made or written (permission, full disk)
-        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: {e.filename or getattr(args, 'out', '') or 'writing'}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -47,7 +47,7 @@ class TrainConfig:
     log_interval: int = 10              # steps between lines in metrics.jsonl
     eval_interval: int = 100            # steps between validation passes (0 = only at the end)
     checkpoint_interval: int = 250      # steps between checkpoints (0 = only at the end)
-    keep_checkpoints: int = 3           # older checkpoints are deleted
+    keep_checkpoints: int = 3           # the newest this many are kept, older ones deleted after each save
     device: str = "auto"                # auto, cpu or cuda
     dtype: str = "bfloat16"             # weights and compute on CUDA: bfloat16 or float32 (CPU: float32)
     compile: bool = False               # torch.compile each transformer block (and the loss chunks)
@@ -137,17 +137,17 @@ def load_config(path, overrides=()):
             raise ConfigError(str(e)) from None
     t = out["train"]
     if t.init_from:  # the architecture comes from the Hugging Face config.json; [model] may only agree
-        resumed = checkpoint.latest_checkpoint(t.out_dir)  # then init_from is not read: it may be gone
-        try:
-            if resumed:
-                with open(os.path.join(resumed, "meta.json")) as f:
-                    theirs, where = ModelConfig(**json.load(f)["config"]["model"]), os.path.join(resumed, "meta.json")
-            else:
+        theirs, where = None, checkpoint.latest_checkpoint(t.out_dir)  # a resume does not read init_from: it may be gone
+        if where:
+            try:
+                theirs, where = checkpoint.read_meta(where)[1], os.path.join(where, "meta.json")
+            except checkpoint.CheckpointError:
+                pass  # the resume will say so and fall back
+        if theirs is None:
+            try:
                 theirs, where = checkpoint.read_hf_config(t.init_from), os.path.join(t.init_from, "config.json")
-        except checkpoint.CheckpointError as e:
-            raise ConfigError(f"train.init_from: {e}") from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{resumed}/meta.json: unreadable ({e})") from None
+            except checkpoint.CheckpointError as e:
+                raise ConfigError(f"train.init_from: {e}") from None
         for k in raw.get("model", {}):
             mine = getattr(out["model"], k)
             if mine != getattr(theirs, k) and k not in ("init_std",):
@@ -544,11 +544,14 @@ def sample(model, tok, t, device):
     """A few tokens from the trained model (one process). Eager, with SDPA: every new length would be a
     new shape for the compiled blocks and the FlexAttention mask."""
     model.eval()
-    model.attn_backend = "sdpa"
+    backend, model.attn_backend = model.attn_backend, "sdpa"
     prompt = torch.tensor([[tok.bos_id] + tok.encode("def ")], device=device)
     torch.manual_seed(t.seed)
-    with torch.compiler.set_stance("force_eager"):
-        return tok.decode(model.generate(prompt, t.sample_tokens, temperature=0.8, top_k=50)[0].tolist())
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            return tok.decode(model.generate(prompt, t.sample_tokens, temperature=0.8, top_k=50)[0].tolist())
+    finally:
+        model.attn_backend = backend
 
 
 def setup(cfg):
@@ -644,20 +647,35 @@ def save(saver, t, step, opt, grid, meta, loader):
     return blocked
 
 
+def wait_for_save(grid, saver):
+    """Wait for the save in flight; if it failed on any rank, why (every rank learns of it, so that they
+    all stop together), else None."""
+    saver.wait()
+    if agree(grid, saver.error is not None)[0]:
+        return saver.error or "a checkpoint save failed on another rank"
+    return None
+
+
 def export_hf(t, grid, saver, dtype):
     """<out_dir>/hf from the newest checkpoint, in the dtype the weights came in, with the tokenizer
-    files of init_from (when it is still there)."""
-    saver.wait()
+    files of init_from (when it is still there). Nothing is exported when that checkpoint's save
+    failed (the loop says so)."""
+    if wait_for_save(grid, saver):
+        return
+    error, out = None, os.path.join(t.out_dir, "hf")
     if grid.rank == 0:
-        latest = checkpoint.latest_checkpoint(t.out_dir)
-        out = os.path.join(t.out_dir, "hf")
-        checkpoint.consolidate(latest, out, getattr(torch, dtype))
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                     "chat_template.jinja"):
-            if t.init_from and os.path.exists(os.path.join(t.init_from, name)):
-                shutil.copy(os.path.join(t.init_from, name), out)
-        log(grid, f"exported {latest} to {out} ({dtype})")
-    checkpoint._barrier(grid)
+        try:
+            latest = checkpoint.latest_checkpoint(t.out_dir)
+            checkpoint.consolidate(latest, out, getattr(torch, dtype))
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                         "generation_config.json", "chat_template.jinja"):
+                if t.init_from and os.path.exists(os.path.join(t.init_from, name)):
+                    shutil.copy(os.path.join(t.init_from, name), out)
+            log(grid, f"exported {latest} to {out} ({dtype})")
+        except (OSError, checkpoint.CheckpointError) as e:
+            error = f"export to {out} failed: {e}"
+    if agree(grid, error is not None)[0]:
+        raise SaveError(error or "the export failed on rank 0")
 
 
 def run(cfg):
@@ -680,8 +698,8 @@ def run(cfg):
     decay_start = t.decay_start if t.decay_start >= 0 else t.max_steps - t.decay_steps
     tokens_per_step = t.global_batch_size * dcfg.seq_len
     saver = checkpoint.Saver(t.out_dir, grid, t.keep_checkpoints, t.async_checkpoint)
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    SIGNALLED["name"], signalled = None, False
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     metrics = open(os.path.join(t.out_dir, "metrics.jsonl"), "a") if grid.rank == 0 else None
     bar = None
     if grid.rank == 0:
@@ -746,27 +764,27 @@ def run(cfg):
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             if signalled:
-                saver.wait()
-                if saver.error:
-                    raise SaveError(f"{saver.error}; the previous checkpoints are intact")
-                log(grid, f"saved checkpoint at step {step} after {SIGNALLED['name'] or 'a signal'}; exiting "
-                          f"(resume with the same command)")
                 break
-        saver.wait()  # the watchdog still armed: a commit that never comes is a hang too
+        failed = wait_for_save(grid, saver)  # the watchdog still armed: a commit that never comes is a hang too
     finally:
         faulthandler.cancel_dump_traceback_later()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if bar:
             bar.close()
         if metrics:
             metrics.close()
-    if saver.error:
-        raise SaveError(f"{saver.error}; the previous checkpoints are intact")
-    if t.export_hf and step == t.max_steps:
-        export_hf(t, grid, saver, meta["export_dtype"])
-    if t.sample_tokens and step == t.max_steps:
-        if grid.world == 1:
+    if failed:
+        raise SaveError(f"{failed}; the previous checkpoints are intact")
+    if signalled:  # the last line says which checkpoint there is; nothing else runs within the grace
+        log(grid, f"saved checkpoint at step {step} after {SIGNALLED['name'] or 'a signal'}; exiting "
+                  f"(resume with the same command)")
+    elif step == t.max_steps:
+        if t.export_hf:
+            export_hf(t, grid, saver, meta["export_dtype"])
+        if t.sample_tokens and grid.world == 1:
             print("sample:\n" + sample(model, tok, t, grid.device))
-        else:
+        elif t.sample_tokens:
             log(grid, f"no sample: the model is split over {grid.world} processes (sample from one process, "
                       f"or from `python checkpoint.py consolidate` of the last checkpoint)")
     parallel.shutdown(grid, opt)

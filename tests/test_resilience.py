@@ -129,17 +129,19 @@ def committed(out_dir):
     return sorted(n for n in os.listdir(out_dir) if n.startswith("ckpt-") and not n.endswith(".tmp"))
 
 
-def test_a_new_checkpoint_is_kept_and_newer_bad_ones_go(straight, tmp_path):
+def test_a_new_checkpoint_is_kept_beside_a_newer_bad_one(straight, tmp_path):
     """keep_checkpoints = 1 and the only checkpoint corrupt: the run starts over, and the checkpoint it
-    commits must not be pruned in favour of the newer, bad one."""
+    commits must not be pruned in favour of the newer, bad one (which stays until the run rewrites it:
+    a checkpoint that was only unreadable for a moment is never deleted)."""
     assert run(tmp_path, "--train.max_steps=4", "--train.keep_checkpoints=1").returncode == 0
     file = tmp_path / "ckpt-00000004" / "rank-00000.safetensors"
     file.write_bytes(file.read_bytes()[:-100])
     r = run(tmp_path, "--train.keep_checkpoints=1", fault="kill-step")
     assert "no usable checkpoint" in r.stdout, r.stdout[-2000:]
-    assert committed(tmp_path) == ["ckpt-00000002"]
+    assert committed(tmp_path) == ["ckpt-00000002", "ckpt-00000004"]
     r = run(tmp_path, "--train.keep_checkpoints=1")
     assert r.returncode == 0 and "ckpt-00000002 at step 2" in r.stdout, r.stderr[-3000:]
+    assert committed(tmp_path) == ["ckpt-00000006"]  # ckpt-4 rewritten at step 4, then pruned
     assert_same(final_state(tmp_path), final_state(straight))
 
 

@@ -198,7 +198,11 @@ def test_optimizer_steps_match_single_process_and_replicas_agree(tp, sp, opt):
 def torchrun(nproc, out_dir, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "train.py", *RUN, f"--train.out_dir={out_dir}", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    # the whole output beside the run's directory: a worker's last words are often past the tail an assert shows
+    with open(f"{out_dir}.log", "w") as f:
+        f.write(f"$ {' '.join(map(str, cmd))}\nexit status {out.returncode}\n{out.stdout}\n{out.stderr}")
+    return out
 
 
 def losses(out_dir, key="loss"):
@@ -216,7 +220,7 @@ def runs(tmp_path_factory):
     assert out.returncode == 0, out.stderr[-3000:]
     for name, (tp, pp) in LAYOUTS.items():
         out = torchrun(4, base / name, f"--parallel.tp={tp}", f"--parallel.pp={pp}")
-        assert out.returncode == 0, (name, out.stderr[-3000:])
+        assert out.returncode == 0, (name, f"whole output in {base / name}.log", out.stderr[-3000:])
     return base
 
 

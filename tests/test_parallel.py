@@ -242,7 +242,7 @@ def test_a_checkpoint_resumes_under_another_layout(runs, tmp_path, source, tp, p
         out = train_in_process(*RUN, f"--train.out_dir={tmp_path}")
     else:
         out = torchrun(4, tmp_path, f"--parallel.tp={tp}", f"--parallel.pp={pp}")
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, (f"whole output in {tmp_path}.log", out.stderr[-3000:])
     assert "resumed from" in out.stdout
     # each rank reads its share of the checkpoint, not every full tensor: at most 1/world of it (plus the
     # small tensors replicated over TP, which every TP rank reads whole)

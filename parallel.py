@@ -38,11 +38,13 @@ each gradient bucket, and its *pieces* are the parts of parameters that fall in 
 Debugging: start with check_replicas(model), which says which replicated tensor differs across ranks.
 """
 import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  now, before any group exists: see shutdown
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -156,13 +158,43 @@ def init_distributed(pcfg: ParallelConfig, device_type: str) -> Grid:
 
 
 def shutdown(grid: Grid, opt=None):
-    """Leave cleanly: finish this rank's outstanding collectives, then wait until every rank has, so
-    that no rank tears its process group down while another is still talking to it."""
+    """Leave cleanly: finish this rank's outstanding collectives, wait until every rank has (no rank
+    tears its process group down while another is still talking to it), then destroy the groups and
+    drop the grid's references to them, the last ones (the layers read the groups from the grid), so
+    that freeing the groups joins their backends' threads here, while the interpreter is whole. An
+    autograd graph through a parallel layer holds its group too: a caller that keeps one drops it first.
+
+    Why: a gloo worker thread frees a finished collective's tensors a moment after wait() returned.
+    If the interpreter has begun to exit by then, that needs a GIL that is gone, the thread is ended
+    and the C++ runtime aborts a run that succeeded ("terminate called without an active exception").
+    torch.distributed.nn would hold the world group to the end too: it binds the group as its
+    functions' default argument when imported, and torch imports it lazily (with dynamo), so this
+    module imports it before any group exists."""
     if opt is not None:
         opt.wait_params()
     if grid.world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        grid.tp_group = grid.pp_group = grid.dp_group = None
+        if left := gloo_threads():
+            print(f"warning: rank {grid.rank}: {len(left)} gloo threads outlive the process groups (a reference "
+                  f"to a group is left somewhere); the exit may abort after the run", file=sys.stderr)
+
+
+def gloo_threads():
+    """The names of this process's gloo threads (Linux; [] elsewhere)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return [n for n in names if "gloo" in n]
 
 
 def _size(group):
@@ -262,10 +294,11 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, old: nn.Linear, grid: Grid, gather_input=True):
         super().__init__()
         self.weight = _sliced(old.weight, "weight", 0, grid)
-        self.group, self.sp, self.gather_input = grid.tp_group, grid.sequence_parallel, gather_input
+        self.grid, self.gather_input = grid, gather_input  # the grid, not its group: see shutdown
 
     def forward(self, x):
-        return F.linear(_f(x, self.group, self.sp) if self.gather_input else x, self.weight)
+        g = self.grid
+        return F.linear(_f(x, g.tp_group, g.sequence_parallel) if self.gather_input else x, self.weight)
 
 
 class RowParallelLinear(nn.Module):
@@ -274,10 +307,10 @@ class RowParallelLinear(nn.Module):
     def __init__(self, old: nn.Linear, grid: Grid):
         super().__init__()
         self.weight = _sliced(old.weight, "weight", 1, grid)
-        self.group, self.sp = grid.tp_group, grid.sequence_parallel
+        self.grid = grid
 
     def forward(self, x):
-        return _g(F.linear(x, self.weight), self.group, self.sp)
+        return _g(F.linear(x, self.weight), self.grid.tp_group, self.grid.sequence_parallel)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -287,13 +320,13 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.weight = _sliced(old.weight, "weight", 0, grid)
         self.start = grid.tp_rank * self.weight.shape[0]
-        self.group, self.sp = grid.tp_group, grid.sequence_parallel
+        self.grid = grid
 
     def forward(self, ids):
         local = ids - self.start
         outside = (local < 0) | (local >= self.weight.shape[0])
         x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)
-        return _g(x, self.group, self.sp)
+        return _g(x, self.grid.tp_group, self.grid.sequence_parallel)
 
 
 def prepare_input(module: nn.Module, grid: Grid):

@@ -38,6 +38,14 @@ def _init(rank, world, port):
     torch.set_num_threads(1)
 
 
+def _shutdown(grid, opt=None):
+    """parallel.shutdown and what it promises: no gloo thread outlives it. One left running can free a
+    collective's tensors while the interpreter exits, and that aborts the process at random."""
+    assert parallel.gloo_threads() != [] or sys.platform != "linux"
+    parallel.shutdown(grid, opt)
+    assert parallel.gloo_threads() == []
+
+
 # ----------------------------------------------------------------------------- layers
 def _layers_worker(rank, world, port, sp):
     _init(rank, world, port)
@@ -78,7 +86,8 @@ def _layers_worker(rank, world, port, sp):
     # the embedding matrix is used twice in the reference (tied here for the test): sum both slices
     assert torch.allclose(emb.weight.grad + head.weight.grad, parallel.tp_slice(ref[2].grad, emb.weight.role, grid),
                           atol=1e-4, rtol=1e-4)
-    parallel.shutdown(grid)
+    del h, y, got  # their autograd graphs hold the tensor-parallel group
+    _shutdown(grid)
 
 
 @pytest.mark.parametrize("world,sp", [(2, False), (4, False), (4, True)])
@@ -152,7 +161,8 @@ def _model_worker(rank, world, port, tp, sp, opt_name):
         want = parallel.tp_slice(full[name], p.role, grid)
         assert torch.allclose(p, want, atol=atol, rtol=0), (name, (p - want).abs().max())
     assert parallel.check_replicas(model, grid) == []
-    parallel.shutdown(grid, opt)
+    del loss  # its autograd graph holds the tensor-parallel group
+    _shutdown(grid, opt)
 
 
 def _collectives_worker(rank, world, port, sp):
@@ -180,7 +190,7 @@ def _collectives_worker(rank, world, port, sp):
     # Megatron-LM's count: one collective per sublayer forward and one backward
     want = {"all_gather_into_tensor": 4, "reduce_scatter_tensor": 4} if sp else {"all_reduce": 4}
     assert counts == want, counts
-    parallel.shutdown(grid)
+    _shutdown(grid)
 
 
 @pytest.mark.parametrize("sp", [False, True])
@@ -202,6 +212,7 @@ def torchrun(nproc, out_dir, *args):
     # the whole output beside the run's directory: a worker's last words are often past the tail an assert shows
     with open(f"{out_dir}.log", "w") as f:
         f.write(f"$ {' '.join(map(str, cmd))}\nexit status {out.returncode}\n{out.stdout}\n{out.stderr}")
+    assert "threads outlive the process groups" not in out.stderr, out.stderr[-3000:]
     return out
 
 
@@ -406,7 +417,7 @@ def _stage_worker(rank, world, port):
         assert held == planned and alive["peak"] == planned * one, (m, grid.pp_rank, alive["peak"] / one, planned)
         assert alive["now"] == 0
         opt.step(1e-3)
-    parallel.shutdown(grid, opt)
+    _shutdown(grid, opt)
 
 
 def test_a_stage_holds_its_layers_and_no_more_activations_than_planned():

@@ -27,6 +27,7 @@ import torch
 import data
 import model as model_py
 import parallel
+import plan
 import train
 from model import flops_per_token, param_count
 
@@ -228,7 +229,7 @@ def main(argv=None):
     fpt = flops_per_token(m, T, n)
     gpu_peak = train.peak_flops(grid.device)
     tps = tokens / step_s
-    plan_bytes = train.peak_memory(cfg, grid.tp, grid.dp)
+    plan_bytes = plan.peak_memory(cfg, grid.tp, grid.dp)
     result = dict(
         config=args.config, overrides=overrides + ([f"--per-rank-tp {args.per_rank_tp}"] if args.per_rank_tp > 1 else []),
         device=torch.cuda.get_device_name(grid.device) if grid.device.type == "cuda" else "cpu",

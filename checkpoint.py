@@ -1,17 +1,22 @@
-"""Bytes on disk: Hugging Face safetensors in and out, and training checkpoints that survive crashes,
-bad files and changes of layout.
+"""Bytes on disk: training checkpoints that survive crashes, bad files and changes of layout, and Hugging
+Face safetensors in and out. The two halves share the slicing: whatever layout wrote a tensor, each rank
+reads only the byte ranges of its own slice.
 
+    Saver / find_resume / load_checkpoint
+                                       training checkpoints: each rank writes what it owns, synchronously
+                                       or in the background; a resume verifies, falls back, and reads
+                                       only its share under any (tp, pp, dp) layout (slice_runs)
     load_hf(path) -> Apertus           a Hugging Face Apertus directory (config.json + safetensors)
     save_hf(model, path)               the same format back (transformers' from_pretrained loads it)
     load_hf_into(opt, path, grid)      HF weights straight into a training run of any layout, each rank
                                        reading only its slices (safetensors get_slice)
-    Saver / find_resume / load_checkpoint
-                                       training checkpoints: each rank writes what it owns, synchronously
-                                       or in the background; a resume verifies, falls back, and reads
-                                       only its share under any (tp, pp, dp) layout
+    init_from_config / load_init_from / export_hf
+                                       what train.init_from means: its architecture, weights, dtype and
+                                       tokenizer files
 
     python checkpoint.py consolidate RUN_DIR/ckpt-00001000 OUT_DIR   # training checkpoint -> HF, no GPU
 """
+import bisect
 import json
 import math
 import os
@@ -21,6 +26,7 @@ import sys
 import threading
 import time
 import zlib
+from dataclasses import replace
 
 import torch
 from safetensors import safe_open
@@ -32,221 +38,6 @@ from model import Apertus, ModelConfig, XIELU, full_shape
 
 class CheckpointError(Exception):
     """A checkpoint or HF directory that cannot be used; the message says which file and why."""
-
-
-# ----------------------------------------------------------------------------- Hugging Face format
-def config_from_hf(hf: dict) -> ModelConfig:
-    """config.json -> ModelConfig. RoPE comes in two spellings: top-level rope_theta + rope_scaling
-    (transformers 4.x, the released checkpoints) or one rope_parameters dict (transformers 5)."""
-    if hf.get("model_type") != "apertus":
-        raise CheckpointError(f"model_type is {hf.get('model_type')!r}, expected 'apertus'")
-    rope = dict(hf.get("rope_parameters") or {})
-    theta = rope.pop("rope_theta", hf.get("rope_theta", 12_000_000.0))
-    scaling = rope or hf.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind == "default":
-            scaling = None
-        elif kind != "llama3":
-            raise CheckpointError(f"unsupported RoPE type {kind!r} (only llama3 or default)")
-        else:
-            scaling = {"rope_type": "llama3", **{k: float(scaling[k]) for k in (
-                "factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}}
-    try:
-        heads = hf["num_attention_heads"]
-        return ModelConfig(
-            hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, vocab_size=hf["vocab_size"],
-            max_position_embeddings=hf.get("max_position_embeddings", 65536), rope_theta=float(theta),
-            rope_scaling=scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-            bos_token_id=hf.get("bos_token_id", 1), eos_token_id=hf.get("eos_token_id", 2),
-            pad_token_id=hf.get("pad_token_id", 3))
-    except KeyError as e:
-        raise CheckpointError(f"the field {e.args[0]!r} is missing") from None
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(str(e)) from None
-
-
-def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
-    # the transformers 4.x spelling of RoPE, which the released checkpoints use and transformers 5 reads
-    return {
-        "architectures": ["ApertusForCausalLM"], "model_type": "apertus",
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
-        "rope_theta": cfg.rope_theta,
-        # spelled out even when off: transformers 5 would otherwise fill in Apertus' llama3 default
-        "rope_scaling": cfg.rope_scaling or {"rope_type": "default"}, "rms_norm_eps": cfg.rms_norm_eps,
-        "hidden_act": "xielu", "tie_word_embeddings": False, "attention_bias": False,
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id, "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-def read_hf_config(path) -> ModelConfig:
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a directory (a Hugging Face model directory holds config.json "
-                              f"and safetensors)")
-    try:
-        with open(cfg_path) as f:
-            return config_from_hf(json.load(f))
-    except FileNotFoundError:
-        raise CheckpointError(f"{cfg_path}: not found (is {path} a Hugging Face model directory?)") from None
-    except OSError as e:
-        raise CheckpointError(f"{cfg_path}: cannot be read ({e.strerror or e})") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: malformed JSON ({e})") from None
-    except CheckpointError as e:
-        raise CheckpointError(f"{cfg_path}: {e}") from None
-
-
-def hf_files(path) -> list[str]:
-    """The safetensors files of an HF directory: the ones its index names, or the single file."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
-    files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no .safetensors files")
-    return files
-
-
-@torch.no_grad()
-def load_hf(path, device="cpu", dtype=torch.float32) -> Apertus:
-    """Build the model from a Hugging Face Apertus directory, streaming tensor by tensor: the model is
-    allocated once (empty) and each tensor is copied into place as it is read."""
-    cfg = read_hf_config(path)
-    with torch.device("meta"):
-        model = Apertus(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    for m in model.modules():  # buffers the file may lack (beta, eps): their defined values
-        if isinstance(m, XIELU):
-            m.reset_parameters()
-    expected = dict(model.state_dict(keep_vars=True))
-    params = {n for n, _ in model.named_parameters()}
-    for file in hf_files(path):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue  # recomputed from the config
-                if name not in expected:
-                    raise CheckpointError(f"{file}: unexpected tensor {name} (not an Apertus weight)")
-                t = f.get_tensor(name)
-                if tuple(t.shape) != tuple(expected[name].shape):
-                    raise CheckpointError(f"{file}: tensor {name} has shape {tuple(t.shape)}, the config "
-                                          f"implies {tuple(expected[name].shape)}")
-                expected[name].copy_(t)
-                params.discard(name)
-    if params:
-        raise CheckpointError(f"{path}: missing tensor {sorted(params)[0]}"
-                              + (f" and {len(params) - 1} more" if len(params) > 1 else ""))
-    return model
-
-
-def save_hf(model: Apertus, path, dtype=None, max_file_bytes=5 * 2**30):
-    """Write config.json and safetensors that transformers.AutoModelForCausalLM loads."""
-    state = model.state_dict()
-    dtype = dtype or next(iter(state.values())).dtype
-    write_hf(model.config, ((n, t.to(dtype)) for n, t in state.items()), path, dtype, max_file_bytes)
-
-
-def write_hf(cfg: ModelConfig, tensors, path, dtype, max_file_bytes=5 * 2**30):
-    """tensors: an iterator of (HF name, tensor), consumed one at a time; at most one file's worth is
-    held in memory. Above max_file_bytes the weights are split into model-0000i-of-0000n.safetensors
-    plus model.safetensors.index.json, as transformers writes them."""
-    os.makedirs(path, exist_ok=True)
-    files, current, size = [], {}, 0
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_file_bytes:
-            files.append(_write_hf_file(path, len(files), current))
-            current, size = {}, 0
-        current[name] = t.detach().contiguous().cpu()
-        size += nbytes
-    files.append(_write_hf_file(path, len(files), current))
-    n = len(files)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map, total = {}, 0
-    for (tmp, keys, nbytes), name in zip(files, names):
-        os.replace(tmp, os.path.join(path, name))
-        weight_map.update({k: name for k in keys})
-        total += nbytes
-    if n > 1:
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(cfg, dtype), f, indent=2)
-
-
-def _write_hf_file(path, i, tensors):
-    tmp = os.path.join(path, f".file-{i}.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    return tmp, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-# ----------------------------------------------------------------------------- HF weights into a training run
-def hf_index(path) -> dict:
-    """tensor name -> the safetensors file of an HF directory that holds it (headers only are read)."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
-    where = {}
-    for file in hf_files(path):
-        with safe_open(file, framework="pt") as f:
-            where.update({k: file for k in f.keys()})
-    return where
-
-
-def hf_dtype(path) -> torch.dtype:
-    """The dtype of an HF directory's weights (read off one tensor's header)."""
-    where = hf_index(path)
-    name = next(k for k in where if k.endswith("q_proj.weight"))
-    with safe_open(where[name], framework="pt") as f:
-        return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[f.get_slice(name).get_dtype()]
-
-
-@torch.no_grad()
-def load_hf_into(opt, path, grid):
-    """Fill a training run's master weights (and so its model) from a Hugging Face directory. Each rank
-    reads, through get_slice, only the rows of its tensor-parallel slice that hold its ZeRO pieces, in
-    the file's own precision (an fp32 file stays exact in the fp32 masters)."""
-    where = hf_index(path)
-    files, nbytes = {}, 0
-
-    def read(piece, kind):
-        nonlocal nbytes
-        name, role = piece.name, opt.roles[piece.name]
-        if name not in where:
-            raise CheckpointError(f"{path}: no tensor {name} in the safetensors files")
-        if where[name] not in files:
-            files[where[name]] = safe_open(where[name], framework="pt")
-        sl = files[where[name]].get_slice(name)
-        p = opt.model.get_parameter(name)
-        want = full_shape(name, p)
-        if tuple(sl.get_shape()) != tuple(want):
-            raise CheckpointError(f"{where[name]}: tensor {name} has shape {tuple(sl.get_shape())}, the config "
-                                  f"implies {tuple(want)}")
-        local = list(p.shape)
-        row = math.prod(local[1:])  # elements per row of this rank's slice
-        r0, r1 = piece.start // max(row, 1), -(-piece.end // max(row, 1))  # the rows holding the piece
-        index = [slice(None)] * len(local)
-        if local:
-            index[0] = slice(r0, r1)
-        if role.tp_dim is not None:
-            w = local[role.tp_dim]
-            lo = grid.tp_rank * w + (r0 if role.tp_dim == 0 else 0)
-            index[role.tp_dim] = slice(lo, lo + (r1 - r0 if role.tp_dim == 0 else w))
-        block = sl[tuple(index)] if local else sl[:]
-        nbytes += block.numel() * block.element_size()
-        return block.flatten()[piece.start - r0 * row:piece.end - r0 * row]
-    opt.load_state(opt.state()[1], read, kinds=("master",))
-    return nbytes
 
 
 # ----------------------------------------------------------------------------- writing, with a checksum
@@ -529,6 +320,43 @@ def read_meta(path):
         raise CheckpointError(f"{path}: unreadable meta.json ({type(e).__name__}: {e})") from None
 
 
+def slice_runs(shape, dim, tp, tp_rank, src_tp, start, end):
+    """Where elements [start, end) of a tensor-parallel slice lie in the slices of another split: the
+    resharding arithmetic of a resume under another tp, as a pure function.
+
+    The full tensor of `shape` is seen as [outer, D, inner] around the split dimension (D = shape[dim]):
+    split tp ways, rank r holds the middle rows [r*D/tp, (r+1)*D/tp), a slice [outer, D/tp, inner] stored
+    flattened. For elements [start, end) of reader slice tp_rank this yields runs (src_rank, src_start,
+    length, at): `length` elements that lie at [src_start, src_start + length) of the flattened slice
+    src_rank of a split src_tp ways, and at [at, at + length) of the request. The runs cover the request
+    once, in order, each as long as it can be. dim None: a tensor that is not split (tp = src_tp = 1)."""
+    if dim is None or start >= end:
+        if start < end:
+            yield 0, start, end - start, 0
+        return
+    inner = math.prod(shape[dim + 1:])
+    rows, src_rows = shape[dim] // tp, shape[dim] // src_tp  # middle rows per slice, reader and writer
+    per_outer = rows * inner            # elements of one outer index in the reader's slice
+    first = tp_rank * rows              # the reader's first middle row, in the full tensor
+    run = None                          # the run being extended: [src_rank, src_start, length, at]
+    pos = start
+    while pos < end:
+        outer, within = divmod(pos, per_outer)
+        row = first + within // inner                        # middle row in the full tensor
+        src = row // src_rows                                # the writer's slice that holds it
+        rows_left = min((src + 1) * src_rows, first + rows) - row  # up to its end or the reader's
+        stop = min(pos + rows_left * inner - within % inner, end)
+        src_start = (outer * src_rows + row - src * src_rows) * inner + within % inner
+        if run and run[0] == src and run[1] + run[2] == src_start:  # continues the previous run
+            run[2] += stop - pos
+        else:
+            if run:
+                yield tuple(run)
+            run = [src, src_start, stop - pos, pos - start]
+        pos = stop
+    yield tuple(run)
+
+
 class CheckpointReader:
     """Reads pieces of a checkpoint for any layout. The layout that wrote it (tp, pp, dp, bucket_size in
     meta.json) determines, by the same pure function as the optimizer (parallel.zero_layout), which
@@ -563,46 +391,30 @@ class CheckpointReader:
                 raise CheckpointError(f"{self.path}/{file}: cannot read ({e})") from None
         return self.files[file]
 
-    def read(self, kind, name, tp, tp_rank, start, end, tp_dim=None, block=1 << 22):
+    def read(self, kind, name, tp, tp_rank, start, end, tp_dim=None):
         """Elements [start, end) of the flattened slice tp_rank of `name` split tp ways along tp_dim (tp = 1:
         the full tensor), fp32, gathered from whichever pieces the writing layout made. tp_dim comes from
         the reader's role: a writer at tp = 1 split nothing, so its layout cannot tell the dimension."""
         if name not in self.sources:
             raise CheckpointError(f"{self.path}: no {kind} for parameter {name}")
-        dim, full = self.shapes[name]
+        dim, shape = self.shapes[name]
         dim = tp_dim if tp_dim is not None else dim
+        split = (tp, tp_rank, self.tp) if dim is not None else (1, 0, 1)
         out = torch.empty(end - start, dtype=torch.float32)
-        if dim is None:
-            tp, tp_rank = 1, 0
-        D = full[dim] if dim is not None else 1
-        inner = math.prod(full[dim + 1:]) if dim is not None else 1
-        src_tp = self.tp if dim is not None else 1
-        Dt, Ds = D // tp, D // src_tp
-        pieces = {}
-        for t, s, e, file in self.sources[name]:
+        pieces = {}  # the writer's tp rank -> its pieces (start, end, file), in order
+        for t, s, e, file in sorted(self.sources[name]):
             pieces.setdefault(t, []).append((s, e, file))
-        for b0 in range(start, end, block):  # target elements -> (writer's tp rank, its flat index)
-            i = torch.arange(b0, min(b0 + block, end), dtype=torch.int64)
-            if dim is None:
-                rs, j = torch.zeros_like(i), i
-            else:
-                o, rem = i // (Dt * inner), i % (Dt * inner)
-                kf = tp_rank * Dt + rem // inner
-                rs, j = kf // Ds, (o * Ds + kf % Ds) * inner + rem % inner
-            pos = i - start
-            # runs: consecutive target elements that are consecutive in one writer's slice
-            cut = torch.ones(len(i), dtype=torch.bool)
-            cut[1:] = (rs[1:] != rs[:-1]) | (j[1:] != j[:-1] + 1)
-            starts = cut.nonzero()[:, 0].tolist() + [len(i)]
-            for a, b in zip(starts[:-1], starts[1:]):
-                r, ja, jb, pa = int(rs[a]), int(j[a]), int(j[b - 1]) + 1, int(pos[a])
-                for s, e, file in pieces.get(r, []):
-                    lo, hi = max(ja, s), min(jb, e)
-                    if lo < hi:
-                        key = f"{kind}|{name}|{r}|{s}|{e}"
-                        f = self._open(file)
-                        out[pa + lo - ja:pa + hi - ja] = f.get_slice(key)[lo - s:hi - s]
-                        self.bytes_read += (hi - lo) * 4
+        starts = {t: [s for s, _, _ in p] for t, p in pieces.items()}
+        for src, src_start, length, at in slice_runs(shape, dim, *split, start, end):
+            k = max(bisect.bisect_right(starts.get(src, []), src_start) - 1, 0)
+            for s, e, file in pieces.get(src, [])[k:]:  # the pieces that overlap the run
+                if s >= src_start + length:
+                    break
+                lo, hi = max(src_start, s), min(src_start + length, e)
+                if lo < hi:
+                    piece = self._open(file).get_slice(f"{kind}|{name}|{src}|{s}|{e}")
+                    out[at + lo - src_start:at + hi - src_start] = piece[lo - s:hi - s]
+                    self.bytes_read += (hi - lo) * 4
         return out
 
     def full(self, kind, name):
@@ -642,6 +454,223 @@ def load_checkpoint(path, opt, grid, optimizer_name):
     return ck.meta["step"], ck.meta, ck.bytes_read
 
 
+
+# ============================================================================= Hugging Face
+# ----------------------------------------------------------------------------- Hugging Face format
+def config_from_hf(hf: dict) -> ModelConfig:
+    """config.json -> ModelConfig. RoPE comes in two spellings: top-level rope_theta + rope_scaling
+    (transformers 4.x, the released checkpoints) or one rope_parameters dict (transformers 5)."""
+    if hf.get("model_type") != "apertus":
+        raise CheckpointError(f"model_type is {hf.get('model_type')!r}, expected 'apertus'")
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 12_000_000.0))
+    scaling = rope or hf.get("rope_scaling")
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "default":
+            scaling = None
+        elif kind != "llama3":
+            raise CheckpointError(f"unsupported RoPE type {kind!r} (only llama3 or default)")
+        else:
+            scaling = {"rope_type": "llama3", **{k: float(scaling[k]) for k in (
+                "factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}}
+    try:
+        heads = hf["num_attention_heads"]
+        return ModelConfig(
+            hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, vocab_size=hf["vocab_size"],
+            max_position_embeddings=hf.get("max_position_embeddings", 65536), rope_theta=float(theta),
+            rope_scaling=scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+            bos_token_id=hf.get("bos_token_id", 1), eos_token_id=hf.get("eos_token_id", 2),
+            pad_token_id=hf.get("pad_token_id", 3))
+    except KeyError as e:
+        raise CheckpointError(f"the field {e.args[0]!r} is missing") from None
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(str(e)) from None
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    # the transformers 4.x spelling of RoPE, which the released checkpoints use and transformers 5 reads
+    return {
+        "architectures": ["ApertusForCausalLM"], "model_type": "apertus",
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        # spelled out even when off: transformers 5 would otherwise fill in Apertus' llama3 default
+        "rope_scaling": cfg.rope_scaling or {"rope_type": "default"}, "rms_norm_eps": cfg.rms_norm_eps,
+        "hidden_act": "xielu", "tie_word_embeddings": False, "attention_bias": False,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id, "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def read_hf_config(path) -> ModelConfig:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory (a Hugging Face model directory holds config.json "
+                              f"and safetensors)")
+    try:
+        with open(cfg_path) as f:
+            return config_from_hf(json.load(f))
+    except FileNotFoundError:
+        raise CheckpointError(f"{cfg_path}: not found (is {path} a Hugging Face model directory?)") from None
+    except OSError as e:
+        raise CheckpointError(f"{cfg_path}: cannot be read ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: malformed JSON ({e})") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+
+
+def hf_files(path) -> list[str]:
+    """The safetensors files of an HF directory: the ones its index names, or the single file."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+    files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors files")
+    return files
+
+
+@torch.no_grad()
+def load_hf(path, device="cpu", dtype=torch.float32) -> Apertus:
+    """Build the model from a Hugging Face Apertus directory, streaming tensor by tensor: the model is
+    allocated once (empty) and each tensor is copied into place as it is read."""
+    cfg = read_hf_config(path)
+    with torch.device("meta"):
+        model = Apertus(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    for m in model.modules():  # buffers the file may lack (beta, eps): their defined values
+        if isinstance(m, XIELU):
+            m.reset_parameters()
+    expected = dict(model.state_dict(keep_vars=True))
+    params = {n for n, _ in model.named_parameters()}
+    for file in hf_files(path):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # recomputed from the config
+                if name not in expected:
+                    raise CheckpointError(f"{file}: unexpected tensor {name} (not an Apertus weight)")
+                t = f.get_tensor(name)
+                if tuple(t.shape) != tuple(expected[name].shape):
+                    raise CheckpointError(f"{file}: tensor {name} has shape {tuple(t.shape)}, the config "
+                                          f"implies {tuple(expected[name].shape)}")
+                expected[name].copy_(t)
+                params.discard(name)
+    if params:
+        raise CheckpointError(f"{path}: missing tensor {sorted(params)[0]}"
+                              + (f" and {len(params) - 1} more" if len(params) > 1 else ""))
+    return model
+
+
+def save_hf(model: Apertus, path, dtype=None, max_file_bytes=5 * 2**30):
+    """Write config.json and safetensors that transformers.AutoModelForCausalLM loads."""
+    state = model.state_dict()
+    dtype = dtype or next(iter(state.values())).dtype
+    write_hf(model.config, ((n, t.to(dtype)) for n, t in state.items()), path, dtype, max_file_bytes)
+
+
+def write_hf(cfg: ModelConfig, tensors, path, dtype, max_file_bytes=5 * 2**30):
+    """tensors: an iterator of (HF name, tensor), consumed one at a time; at most one file's worth is
+    held in memory. Above max_file_bytes the weights are split into model-0000i-of-0000n.safetensors
+    plus model.safetensors.index.json, as transformers writes them."""
+    os.makedirs(path, exist_ok=True)
+    files, current, size = [], {}, 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_file_bytes:
+            files.append(_write_hf_file(path, len(files), current))
+            current, size = {}, 0
+        current[name] = t.detach().contiguous().cpu()
+        size += nbytes
+    files.append(_write_hf_file(path, len(files), current))
+    n = len(files)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map, total = {}, 0
+    for (tmp, keys, nbytes), name in zip(files, names):
+        os.replace(tmp, os.path.join(path, name))
+        weight_map.update({k: name for k in keys})
+        total += nbytes
+    if n > 1:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_to_hf(cfg, dtype), f, indent=2)
+
+
+def _write_hf_file(path, i, tensors):
+    tmp = os.path.join(path, f".file-{i}.tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    return tmp, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# ----------------------------------------------------------------------------- HF weights into a training run
+def hf_index(path) -> dict:
+    """tensor name -> the safetensors file of an HF directory that holds it (headers only are read)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    where = {}
+    for file in hf_files(path):
+        with safe_open(file, framework="pt") as f:
+            where.update({k: file for k in f.keys()})
+    return where
+
+
+def hf_dtype(path) -> torch.dtype:
+    """The dtype of an HF directory's weights (read off one tensor's header)."""
+    where = hf_index(path)
+    name = next(k for k in where if k.endswith("q_proj.weight"))
+    with safe_open(where[name], framework="pt") as f:
+        return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[f.get_slice(name).get_dtype()]
+
+
+@torch.no_grad()
+def load_hf_into(opt, path, grid):
+    """Fill a training run's master weights (and so its model) from a Hugging Face directory. Each rank
+    reads, through get_slice, only the rows of its tensor-parallel slice that hold its ZeRO pieces, in
+    the file's own precision (an fp32 file stays exact in the fp32 masters)."""
+    where = hf_index(path)
+    files, nbytes = {}, 0
+
+    def read(piece, kind):
+        nonlocal nbytes
+        name, role = piece.name, opt.roles[piece.name]
+        if name not in where:
+            raise CheckpointError(f"{path}: no tensor {name} in the safetensors files")
+        if where[name] not in files:
+            files[where[name]] = safe_open(where[name], framework="pt")
+        sl = files[where[name]].get_slice(name)
+        p = opt.model.get_parameter(name)
+        want = full_shape(name, p)
+        if tuple(sl.get_shape()) != tuple(want):
+            raise CheckpointError(f"{where[name]}: tensor {name} has shape {tuple(sl.get_shape())}, the config "
+                                  f"implies {tuple(want)}")
+        local = list(p.shape)
+        row = math.prod(local[1:])  # elements per row of this rank's slice
+        r0, r1 = piece.start // max(row, 1), -(-piece.end // max(row, 1))  # the rows holding the piece
+        index = [slice(None)] * len(local)
+        if local:
+            index[0] = slice(r0, r1)
+        if role.tp_dim is not None:
+            w = local[role.tp_dim]
+            lo = grid.tp_rank * w + (r0 if role.tp_dim == 0 else 0)
+            index[role.tp_dim] = slice(lo, lo + (r1 - r0 if role.tp_dim == 0 else w))
+        block = sl[tuple(index)] if local else sl[:]
+        nbytes += block.numel() * block.element_size()
+        return block.flatten()[piece.start - r0 * row:piece.end - r0 * row]
+    opt.load_state(opt.state()[1], read, kinds=("master",))
+    return nbytes
+
+
 def consolidate(ckpt_path, out_dir, dtype=torch.bfloat16):
     """A training checkpoint (any layout) -> a Hugging Face directory, one tensor at a time, on CPU."""
     ck = CheckpointReader(ckpt_path)
@@ -656,6 +685,48 @@ def consolidate(ckpt_path, out_dir, dtype=torch.bfloat16):
             else:
                 yield name, ck.full("master", name).to(dtype)
     write_hf(ck.cfg, tensors(), out_dir, dtype)
+
+
+# ----------------------------------------------------------------------------- train.init_from
+# What a run that starts from a Hugging Face directory takes from it, all here: the architecture (its
+# config.json), the weights (load_hf_into), the dtype to export in, and the tokenizer files to export.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
+
+
+def init_from_config(init_from, out_dir, mine: ModelConfig, keys) -> ModelConfig:
+    """The architecture of a run with train.init_from: that directory's config.json, or, once out_dir holds
+    a checkpoint, the checkpoint's (a resume does not read init_from: it may be gone). `keys`: the [model]
+    keys the config file sets; each must agree with it (init_std apart: a config.json has none)."""
+    theirs, where = None, latest_checkpoint(out_dir)
+    if where:
+        try:
+            theirs, where = read_meta(where)[1], os.path.join(where, "meta.json")
+        except CheckpointError:
+            pass  # the resume will say so and fall back
+    if theirs is None:
+        try:
+            theirs, where = read_hf_config(init_from), os.path.join(init_from, "config.json")
+        except CheckpointError as e:
+            raise CheckpointError(f"train.init_from: {e}") from None
+    for k in keys:
+        if getattr(mine, k) != getattr(theirs, k) and k != "init_std":
+            raise CheckpointError(f"model.{k} = {getattr(mine, k)!r} disagrees with {getattr(theirs, k)!r} in {where}")
+    return replace(theirs, init_std=mine.init_std)
+
+
+def load_init_from(opt, init_from, grid):
+    """init_from's weights into a run of any layout. Returns (bytes this rank read, the dtype to export in)."""
+    return load_hf_into(opt, init_from, grid), str(hf_dtype(init_from)).removeprefix("torch.")
+
+
+def export_hf(ckpt_path, out_dir, dtype, init_from=""):
+    """A checkpoint -> a Hugging Face directory in `dtype` (a name: "bfloat16"), with the tokenizer files of
+    init_from when it is still there."""
+    consolidate(ckpt_path, out_dir, getattr(torch, dtype))
+    for name in TOKENIZER_FILES:
+        if init_from and os.path.exists(os.path.join(init_from, name)):
+            shutil.copy(os.path.join(init_from, name), out_dir)
 
 
 if __name__ == "__main__":

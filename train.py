@@ -9,31 +9,32 @@ Many nodes under Slurm (see configs/alps.sbatch):
     srun torchrun --nnodes=$SLURM_NNODES --nproc_per_node=4 --rdzv_backend=c10d \\
          --rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT train.py configs/apertus-70b.toml --parallel.tp=4
     (or srun --ntasks-per-node=4 python train.py ..., with MASTER_ADDR / MASTER_PORT exported)
-Memory plan of a layout, without allocating anything:
-    python train.py configs/apertus-70b.toml --plan --parallel.tp=4 --parallel.pp=8 --parallel.dp=128
+Memory plan of a layout, without allocating anything (plan.py; `train.py CONFIG --plan` is the same):
+    python plan.py configs/apertus-70b.toml --parallel.tp=4 --parallel.pp=8 --parallel.dp=128
 
 Every key of the config can be overridden as --section.key=value. A run directory that holds a
 checkpoint is resumed from its newest good one, under any (tp, pp, dp) layout.
 """
+import contextlib
 import faulthandler
 import functools
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 import tomllib
 import typing
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 import torch
+from tqdm import tqdm
 
 import checkpoint
 import data
-import model as model_py
 import parallel
+import prepare  # the tokenizer of the sample and the demo corpus of `demo:` sources
 from model import Apertus, ModelConfig, document_ids, flops_per_token, param_count
 
 
@@ -79,6 +80,13 @@ class TrainConfig:
     export_hf: bool = False             # write <out_dir>/hf (Hugging Face format) at the end
     export_hf_every: int = 0            # ... and every this many steps (0 = only at the end)
 
+    def __post_init__(self):
+        for key, allowed in (("device", ("auto", "cpu", "cuda")), ("dtype", ("bfloat16", "float32")),
+                             ("optimizer", ("ademamix", "adamw")), ("decay_shape", ("1-sqrt", "linear")),
+                             ("on_save_error", ("stop", "retry"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"train.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+
 
 SECTIONS = {"model": ModelConfig, "data": data.DataConfig, "train": TrainConfig,
             "parallel": parallel.ParallelConfig}
@@ -102,7 +110,9 @@ def _check_type(key, value, typ):
 
 
 def load_config(path, overrides=()):
-    """TOML file + --section.key=value overrides -> {section: dataclass}. Errors name the key."""
+    """TOML file + --section.key=value overrides -> {section: dataclass}, and "model_keys": the [model]
+    keys given (with train.init_from they may only agree with its architecture, which
+    checkpoint.init_from_config resolves). Errors name the key. Only the config file is read."""
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -120,10 +130,10 @@ def load_config(path, overrides=()):
         except tomllib.TOMLDecodeError:
             pass  # a bare string
         raw.setdefault(section, {})[name] = value
-    out = {}
-    for section, raw_section in raw.items():
+    for section in raw:
         if section not in SECTIONS:
             raise ConfigError(f"unknown section [{section}] (known: {', '.join(SECTIONS)})")
+    out = {}
     for section, cls in SECTIONS.items():
         types = {f.name: f.type for f in fields(cls)}
         values = {}
@@ -135,29 +145,7 @@ def load_config(path, overrides=()):
             out[section] = cls(**values)
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from None
-    t = out["train"]
-    if t.init_from:  # the architecture comes from the Hugging Face config.json; [model] may only agree
-        theirs, where = None, checkpoint.latest_checkpoint(t.out_dir)  # a resume does not read init_from: it may be gone
-        if where:
-            try:
-                theirs, where = checkpoint.read_meta(where)[1], os.path.join(where, "meta.json")
-            except checkpoint.CheckpointError:
-                pass  # the resume will say so and fall back
-        if theirs is None:
-            try:
-                theirs, where = checkpoint.read_hf_config(t.init_from), os.path.join(t.init_from, "config.json")
-            except checkpoint.CheckpointError as e:
-                raise ConfigError(f"train.init_from: {e}") from None
-        for k in raw.get("model", {}):
-            mine = getattr(out["model"], k)
-            if mine != getattr(theirs, k) and k not in ("init_std",):
-                raise ConfigError(f"model.{k} = {mine!r} disagrees with {getattr(theirs, k)!r} in {where}")
-        out["model"] = replace(theirs, init_std=out["model"].init_std)
-    for key, allowed in (("device", ("auto", "cpu", "cuda")), ("dtype", ("bfloat16", "float32")),
-                         ("optimizer", ("ademamix", "adamw")), ("decay_shape", ("1-sqrt", "linear")),
-                         ("on_save_error", ("stop", "retry"))):
-        if getattr(t, key) not in allowed:
-            raise ConfigError(f"train.{key} must be one of {', '.join(allowed)}, got {getattr(t, key)!r}")
+    out["model_keys"] = sorted(raw.get("model", {}))
     return out
 
 
@@ -351,96 +339,6 @@ def peak_flops(device):
     return None
 
 
-# ----------------------------------------------------------------------------- memory plan
-def activation_bytes_per_token(m, tp, sp, wb, compiled):
-    """What autograd keeps for backward, per token and block, on one rank: tp splits the heads and the
-    MLP, sp (sequence parallelism) the norms' inputs; wb is the weights' bytes per element."""
-    d, ff = m.hidden_size, m.intermediate_size / tp
-    hq, hkv, H = m.num_attention_heads * m.head_dim / tp, m.num_key_value_heads * m.head_dim / tp, m.num_attention_heads / tp
-    if compiled:  # measured on an H100 in bf16 (bench.py, activation_bytes_per_token_layer): the inputs of
-        # the two norms and four matmul groups, q before and after norm + RoPE, k likewise, v, the
-        # attention output, the MLP's up projection and activation, and the fp32 logsumexp
-        return 4 * d / sp + 4 * d + 6 * hq + 8 * hkv + 4 * ff + 4 * H
-    # eager, tensor by tensor (tests/test_train.py checks it against autograd's saved tensors): each norm
-    # keeps its input in fp32 and its normalised output, each matmul group its input; q and k their fp32
-    # copy, normalised and rotated values, v itself; the attention output (also o_proj's input, copied)
-    # and the fp32 logsumexp; xIELU its input and intermediates (5 values and a mask per feature)
-    return (2 * (4 + wb) * d / sp + 2 * wb * d + (4 + 4 * wb) * hq + (4 + 3 * wb) * hkv + 4 * H
-            + (1 + 5 * wb) * ff)
-
-
-def memory_plan(cfg, tp, dp, stage=0):
-    """Per-GPU memory of one pipeline stage of a layout (stage 0: the first), from the config alone
-    (nothing is allocated): a dict of named byte counts and the peak. Activations: see
-    activation_bytes_per_token. Under 1F1B, stage s holds the activations of min(pp - s, m)
-    micro-batches at once."""
-    m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
-    pp = p.pp
-    wb = 2 if t.dtype == "bfloat16" else 4
-    moments = {"ademamix": 3 if t.beta1 != 0 else 2, "adamw": 2}[t.optimizer]
-    B, T, d, L = t.micro_batch_size, cfg["data"].seq_len, m.hidden_size, m.num_hidden_layers
-    N = B * T  # tokens of one micro-batch
-    first, last = stage == 0, stage == pp - 1
-    embed = m.vocab_size * d
-    per_layer = (param_count(m) - 2 * embed - d) / L
-    n = (per_layer * L / pp + embed * first + (embed + d) * last) / tp  # replicated norms: a rounding error
-    sp = tp if p.sequence_parallel and tp > 1 else 1
-    Vl = m.vocab_size / tp
-    per_tok = activation_bytes_per_token(m, tp, sp, wb, t.compile)
-    held = min(pp - stage, t.global_batch_size // (dp * B))  # micro-batches in flight on this stage
-    if t.activation_checkpointing:  # block inputs, plus one block recomputed during backward
-        activations = held * wb * d / sp * N * L / pp + per_tok * N
-    else:
-        activations = held * per_tok * N * L / pp
-    chunk = model_py.LOSS_CHUNK_ELEMENTS
-    chunk = chunk if isinstance(chunk, int) else chunk["cpu" if t.device == "cpu" else "cuda"]
-    chunk = min(max(1, chunk // Vl), N) * Vl  # whole rows of logits, at most the micro-batch's (model.lm_head_loss)
-    # fp32 head gradient and input gradient, and one chunk: its logits and gradient (and, eager, fp32 temporaries)
-    loss = (4 * Vl * d + 4 * N * d + chunk * (2 * wb + (0 if t.compile else 12))) if last else 0
-    rows = {
-        "weights": n * wb,
-        "gradient buffer (fp32)": n * 4,
-        "gradient partition (fp32, dp > 1)": n * 4 / dp if dp > 1 else 0,
-        "fp32 master + optimizer moments": n * 4 * (1 + moments) / dp,
-        f"activations ({held} micro-batch{'es' if held > 1 else ''} in flight)": activations,
-        "loss buffers (chunked head + cross-entropy)": loss,
-        "head gradient handed to autograd": (4 + wb) * Vl * d if last else 0,  # at the start of backward
-    }
-    static = sum(v for k, v in rows.items() if k in ("weights", "gradient buffer (fp32)", "fp32 master + optimizer moments",
-                                                        "gradient partition (fp32, dp > 1)"))
-    # the update's fp32 temporaries (two per foreach batch of OPT_CHUNK elements) come after backward
-    peak = static + max(activations + loss + rows["head gradient handed to autograd"], 2 * 4 * min(OPT_CHUNK, n / dp))
-    return rows, peak
-
-
-def plan(cfg, tp, dp):
-    """The memory plan as text: every stage that can be the largest (the first holds the most
-    activations, the last the head and the loss)."""
-    m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
-    parallel.check_layout(m, tp * p.pp * dp, tp, dp, t.global_batch_size, t.micro_batch_size,
-                          cfg["data"].seq_len, p.sequence_parallel, p.pp)
-    lines = [f"layout tp={tp} pp={p.pp} dp={dp} ({tp * p.pp * dp} GPUs), micro_batch {t.micro_batch_size} x seq_len "
-             f"{cfg['data'].seq_len}, {t.global_batch_size // (dp * t.micro_batch_size)} micro-batches per step, "
-             f"{t.dtype} weights, {t.optimizer}, sequence_parallel={p.sequence_parallel}, compile={t.compile}"]
-    for ckpt in (False, True):
-        c = {**cfg, "train": type(t)(**{**asdict(t), "activation_checkpointing": ckpt})}
-        lines.append(f" {'with' if ckpt else 'without'} activation checkpointing:")
-        for stage in sorted({0, p.pp - 1}):
-            rows, peak = memory_plan(c, tp, dp, stage)
-            name = "" if p.pp == 1 else f" (stage {stage}, the {'first' if stage == 0 else 'last'})"
-            lines += [f"  {k:<50}{v / 1e9:>9.1f} GB" for k, v in rows.items() if v]
-            fits = ", ".join(f"{'fits' if peak < cap * 0.9 else 'does NOT fit'} {gpu}"
-                             for gpu, cap in (("GH200 96 GB", 96e9), ("H100 80 GB", 80e9)))
-            lines.append(f"  peak{name} {peak / 1e9:.1f} GB -> {fits}")
-    lines.append("  (fits = under 90% of the GPU's memory, leaving room for the allocator's fragmentation)")
-    return "\n".join(lines)
-
-
-def peak_memory(cfg, tp, dp):
-    """The largest stage's planned peak, in bytes."""
-    return max(memory_plan(cfg, tp, dp, s)[1] for s in {0, cfg["parallel"].pp - 1})
-
-
 # ----------------------------------------------------------------------------- the run
 def build(cfg, grid, device):
     """The model, on the meta device first, cut to this pipeline stage, tensor-parallelised, then
@@ -527,7 +425,9 @@ def train_step(model, opt, batches, lr, t, grid):
     if not math.isfinite(loss):
         opt.skip_step()
         return loss, float("nan"), waited, busy
-    return loss, opt.step(lr, t.grad_clip).item(), waited, busy
+    norm = opt.step(lr, t.grad_clip).item()
+    parallel.wait_for_stream(grid.device)  # the step's own work, not the parameter all-gathers beside it
+    return loss, norm, waited, busy
 
 
 @torch.no_grad()
@@ -555,49 +455,63 @@ def sample(model, tok, t, device):
 
 
 def setup(cfg):
-    """Everything a run needs before its first step: the grid, data, model and optimizer."""
-    t, dcfg, mcfg = cfg["train"], cfg["data"], cfg["model"]
+    """Everything a run needs before its first step: the architecture (train.init_from's, if set), the grid,
+    data, model and optimizer."""
+    t, dcfg, p = cfg["train"], cfg["data"], cfg["parallel"]
+    if t.init_from:
+        cfg["model"] = checkpoint.init_from_config(t.init_from, t.out_dir, cfg["model"], cfg["model_keys"])
+    mcfg = cfg["model"]
     device_type = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     _, world, _ = parallel.env_rank()
-    p = cfg["parallel"]
     parallel.check_layout(mcfg, world, p.tp, None, t.global_batch_size, t.micro_batch_size, dcfg.seq_len,
                           p.sequence_parallel, p.pp)
-    grid = parallel.init_distributed(cfg["parallel"], device_type)
+    grid = parallel.init_distributed(p, device_type)
     torch.manual_seed(t.seed * 1_000_003 + grid.rank)  # each rank's own stream, the same in every run
-    tok = data.get_tokenizer(dcfg.tokenizer)
+    tok = prepare.get_tokenizer(dcfg.tokenizer)
     if tok.vocab_size > mcfg.vocab_size:
         raise ConfigError(f"tokenizer {dcfg.tokenizer} has {tok.vocab_size} ids, model.vocab_size is {mcfg.vocab_size}")
     # rank 0 first: a demo corpus ("demo:..." prefixes, or no dataset at all) is prepared once, by it
     if grid.rank != 0:
         torch.distributed.barrier()
-    stages = data.stage_table(dcfg, t.global_batch_size)
+    stages = data.stage_table(dcfg, t.global_batch_size, lambda prefix: prepare.resolve_prefix(prefix, dcfg.tokenizer))
     if grid.rank == 0 and grid.world > 1:
         torch.distributed.barrier()
     loader = data.DataLoader(stages, dcfg.seq_len, t.global_batch_size, t.micro_batch_size, grid.dp_rank, grid.dp,
                              t.seed, mcfg.vocab_size, dcfg.val_fraction, token_vocab=tok.vocab_size)
     model = build(cfg, grid, grid.device)
-    opt = parallel.DistributedOptimizer(model, grid, make_optimizer(t), cfg["parallel"].bucket_size)
+    opt = parallel.DistributedOptimizer(model, grid, make_optimizer(t), p.bucket_size)
     return grid, tok, loader, model, opt
 
 
-def resume(t, grid, opt, loader):
-    """The newest good checkpoint in out_dir (verified; a bad one is skipped), else the Hugging Face
-    weights of init_from, else nothing (the seeded init). Returns (step, the checkpoint's meta.json)."""
-    path = checkpoint.find_resume(t.out_dir, grid)
+def start(cfg, grid, opt, loader):
+    """Where the run begins: the newest good checkpoint in out_dir (verified; a bad one is skipped), else the
+    weights of init_from, else the seeded init. The resolved config is printed and saved as config.json.
+    Returns (step, meta): what every checkpoint records beside the weights (export_dtype: the dtype the
+    weights came in)."""
+    t = cfg["train"]
+    config = {s: asdict(cfg[s]) for s in SECTIONS}
+    log(grid, f"config:\n{json.dumps(config, indent=2)}")
+    os.makedirs(t.out_dir, exist_ok=True)
+    if grid.rank == 0:
+        with open(os.path.join(t.out_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+    step, export_dtype, path = 0, t.dtype, checkpoint.find_resume(t.out_dir, grid)
     if path:
         step, meta, nbytes = checkpoint.load_checkpoint(path, opt, grid, t.optimizer)
-        lo, hi, total = across_ranks(nbytes / 1e6, grid)
-        log(grid, f"resumed from {path} at step {step} (read {lo:.1f} to {hi:.1f} MB per rank, {total:.1f} MB in all)")
+        say, export_dtype = f"resumed from {path} at step {step}", meta.get("export_dtype", t.dtype)
         # the blend's position: without it (or from another [data] table) the loader recomputes it, slowly
         if meta.get("data_state") is not None and not loader.load_state(meta["data_state"]):
             log(grid, "the checkpoint's data position was made with another [data] table or batch size: recomputing it")
-        return step, meta
-    if t.init_from:
-        nbytes = checkpoint.load_hf_into(opt, t.init_from, grid)
+    elif t.init_from:
+        nbytes, export_dtype = checkpoint.load_init_from(opt, t.init_from, grid)
+        say = f"initialised from {t.init_from}"
+    if path or t.init_from:
         lo, hi, total = across_ranks(nbytes / 1e6, grid)
-        log(grid, f"initialised from {t.init_from} (read {lo:.1f} to {hi:.1f} MB per rank, {total:.1f} MB in all)")
-        return 0, {"export_dtype": str(checkpoint.hf_dtype(t.init_from)).removeprefix("torch.")}
-    return 0, {}
+        log(grid, f"{say} (read {lo:.1f} to {hi:.1f} MB per rank, {total:.1f} MB in all)")
+    log(grid, f"{param_count(cfg['model']):,} parameters, layout tp={grid.tp} pp={grid.pp} dp={grid.dp}, device "
+              f"{grid.device}, {t.global_batch_size // (grid.dp * t.micro_batch_size)} micro-batches of "
+              f"{t.micro_batch_size} per rank per step")
+    return step, dict(config=config, optimizer=t.optimizer, export_dtype=export_dtype)
 
 
 def across_ranks(x, grid):
@@ -610,6 +524,54 @@ def across_ranks(x, grid):
     return -mm[0].item(), mm[1].item(), sm.item()
 
 
+class Metrics:
+    """metrics.jsonl (rank 0, appended, one line per logged step and per step that evaluates or saves) and
+    the progress bar. tokens/s and MFU time the step alone, never an evaluation or a save."""
+
+    def __init__(self, cfg, grid, loader, step):
+        t, mcfg, seq_len = cfg["train"], cfg["model"], cfg["data"].seq_len
+        self.t, self.grid, self.loader = t, grid, loader
+        self.tokens, self.flops, self.peak = t.global_batch_size * seq_len, flops_per_token(mcfg, seq_len), peak_flops(grid.device)
+        self.file = open(os.path.join(t.out_dir, "metrics.jsonl"), "a") if grid.rank == 0 else None
+        self.bar = tqdm(total=t.max_steps, initial=step, desc="train", dynamic_ncols=True) if grid.rank == 0 else None
+
+    def step(self, step, loss, norm, lr, seconds, waited, busy):
+        """The record of a step that has just ended (a non-finite one is said: its update was skipped)."""
+        grid = self.grid
+        if not math.isfinite(loss) or not math.isfinite(norm):
+            log(grid, f"step {step}: {'loss' if not math.isfinite(loss) else 'gradient norm'} is not finite, update skipped")
+        record = dict(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_sec=round(self.tokens / seconds, 1),
+                      mfu=round(self.flops * self.tokens / seconds / (self.peak * grid.world), 4) if self.peak else None)
+        if grid.device.type == "cuda":
+            record["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(grid.device) / 1e9, 2)
+        if grid.pp > 1:  # the fraction of the step this stage sat waiting (rank 0: the first stage)
+            record["bubble"] = round(waited / seconds, 4)
+        if self.logged(step):  # the slowest and the fastest rank's own work in this step: stragglers show
+            lo, hi, _ = across_ranks(busy, grid)
+            record["step_time_max_s"], record["step_time_min_s"] = round(hi, 4), round(lo, 4)
+        record.update({f"tokens/{name}": n for name, n in self.loader.tokens_seen(step).items()})
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        return record
+
+    def logged(self, step):
+        return step % self.t.log_interval == 0 or step == self.t.max_steps
+
+    def write(self, record):
+        if self.file and (self.logged(record["step"]) or "val_loss" in record or "checkpoint_block_s" in record):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for closing in (self.bar, self.file):
+            if closing:
+                closing.close()
+
+
 SIGNALLED = {"name": None}  # the signal handler's only state: the loop reads it after each step
 
 
@@ -617,6 +579,29 @@ def on_signal(signum, frame):
     """SIGUSR1 (Slurm's warning before the time limit) or SIGTERM (torchrun stopping, or scancel):
     finish the step, save, exit."""
     SIGNALLED["name"] = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def guarded(t):
+    """The loop's guards, set up for a run and undone after it, crash or not: SIGUSR1 and SIGTERM caught
+    (on_signal) and the hang watchdog armed from the first step on (a hang in step 1 is caught too)."""
+    SIGNALLED["name"] = None
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    watchdog(t)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def watchdog(t):
+    """(Re)arm the hang watchdog: if this rank does not come back here within hang_timeout_s, every
+    thread's stack is printed and the process exits 1, so that srun or torchrun restarts the job. The
+    loop re-arms it after each step, evaluation, save and export."""
+    if t.hang_timeout_s:
+        faulthandler.dump_traceback_later(t.hang_timeout_s, exit=True)
 
 
 def agree(grid, *flags):
@@ -627,24 +612,45 @@ def agree(grid, *flags):
     return [bool(x) for x in v.tolist()]
 
 
-def watchdog(t):
-    """(Re)arm the hang watchdog: if this rank does not come back here within hang_timeout_s, every
-    thread's stack is printed and the process exits 1, so that srun or torchrun restarts the job."""
-    if t.hang_timeout_s:
-        faulthandler.dump_traceback_later(t.hang_timeout_s, exit=True)
+def signalled(grid, saver, t):
+    """Whether a signal reached any rank, which every rank then knows. A save that failed on any rank is
+    said here, by every rank together: the run stops (train.on_save_error = stop) or retries."""
+    signal_seen, save_failed = agree(grid, SIGNALLED["name"] is not None, saver.error is not None)
+    if save_failed:
+        say = saver.error or "a checkpoint save failed on another rank"
+        saver.error = None
+        if t.on_save_error == "stop":
+            raise SaveError(f"{say}; stopping (train.on_save_error = stop), the previous checkpoints are intact")
+        log(grid, f"{say}; the previous checkpoints are intact, retrying at the next interval")
+    return signal_seen
+
+
+def validate(model, loader, step, n_batches, t, grid, opt):
+    """The validation part of a step's record: val_loss (the sources weighted as the stage of the last
+    step mixes them) and val_loss/<source>."""
+    losses = evaluate(model, loader, n_batches, t, grid, opt)
+    record = {"val_loss": sum(w * losses[n] for n, w in loader.stage_weights(step - 1).items())}
+    record.update({f"val_loss/{name}": v for name, v in losses.items()})
+    log(grid, f"step {step}: val loss {record['val_loss']:.4f}")
+    watchdog(t)
+    return record
 
 
 class SaveError(checkpoint.CheckpointError):
     pass
 
 
-def save(saver, t, step, opt, grid, meta, loader):
+def save(saver, t, step, opt, grid, meta, loader, signal_seen):
     """A checkpoint of `step` (its files in the background with async_checkpoint). Returns the seconds
     the loop was blocked."""
+    if signal_seen:
+        log(grid, f"{SIGNALLED['name'] or 'a signal'} received: saving step {step}; until it is complete the newest "
+                  f"checkpoint is the previous one")
     blocked = saver.save(step, opt, dict(meta, data_state=loader.state(step)))
     if saver.error is None:  # a failure is said once, by the loop, when every rank knows of it
         log(grid, f"{'saving' if t.async_checkpoint else 'saved'} checkpoint at step {step} ({blocked:.2f} s blocked)")
-    return blocked
+    watchdog(t)
+    return round(blocked, 4)
 
 
 def wait_for_save(grid, saver):
@@ -666,117 +672,21 @@ def export_hf(t, grid, saver, dtype):
     if grid.rank == 0:
         try:
             latest = checkpoint.latest_checkpoint(t.out_dir)
-            checkpoint.consolidate(latest, out, getattr(torch, dtype))
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                         "generation_config.json", "chat_template.jinja"):
-                if t.init_from and os.path.exists(os.path.join(t.init_from, name)):
-                    shutil.copy(os.path.join(t.init_from, name), out)
+            checkpoint.export_hf(latest, out, dtype, t.init_from)
             log(grid, f"exported {latest} to {out} ({dtype})")
         except (OSError, checkpoint.CheckpointError) as e:
             error = f"export to {out} failed: {e}"
     if agree(grid, error is not None)[0]:
         raise SaveError(error or "the export failed on rank 0")
+    watchdog(t)
 
 
-def run(cfg):
-    t, dcfg, mcfg = cfg["train"], cfg["data"], cfg["model"]
-    grid, tok, loader, model, opt = setup(cfg)
-    config_dict = {s: asdict(c) for s, c in cfg.items()}
-    log(grid, f"config:\n{json.dumps(config_dict, indent=2)}")
-    os.makedirs(t.out_dir, exist_ok=True)
-    if grid.rank == 0:
-        with open(os.path.join(t.out_dir, "config.json"), "w") as f:
-            json.dump(config_dict, f, indent=2)
-    step, meta = resume(t, grid, opt, loader)
-    # what every checkpoint records beside the weights; export_dtype: the dtype the weights came in
-    meta = dict(config=config_dict, optimizer=t.optimizer, export_dtype=meta.get("export_dtype", t.dtype))
-    n_params = param_count(mcfg)
-    fpt, peak = flops_per_token(mcfg, dcfg.seq_len, n_params), peak_flops(grid.device)
-    log(grid, f"{n_params:,} parameters, layout tp={grid.tp} pp={grid.pp} dp={grid.dp}, device {grid.device}, "
-              f"{t.global_batch_size // (grid.dp * t.micro_batch_size)} micro-batches of {t.micro_batch_size} "
-              f"per rank per step")
-    decay_start = t.decay_start if t.decay_start >= 0 else t.max_steps - t.decay_steps
-    tokens_per_step = t.global_batch_size * dcfg.seq_len
-    saver = checkpoint.Saver(t.out_dir, grid, t.keep_checkpoints, t.async_checkpoint)
-    SIGNALLED["name"], signalled = None, False
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-    metrics = open(os.path.join(t.out_dir, "metrics.jsonl"), "a") if grid.rank == 0 else None
-    bar = None
-    if grid.rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=t.max_steps, initial=step, desc="train", dynamic_ncols=True)
-    model.train()
-    watchdog(t)  # from the first step on: a hang in step 1 is caught too
-    try:
-        while step < t.max_steps:
-            # ---- one step: timed alone (evaluations and saves are not training time)
-            t0 = time.perf_counter()
-            lr = wsd_lr(step, t.lr, t.min_lr, t.warmup_steps, decay_start, t.decay_steps, t.decay_shape)
-            loss, norm, waited, busy = train_step(model, opt, loader.get_batch(step), lr, t, grid)
-            parallel.wait_for_stream(grid.device)
-            dt = time.perf_counter() - t0
-            step += 1
-            watchdog(t)
-            if not math.isfinite(loss) or not math.isfinite(norm):
-                log(grid, f"step {step}: {'loss' if not math.isfinite(loss) else 'gradient norm'} is not finite, "
-                          f"update skipped")
-            record = dict(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_sec=round(tokens_per_step / dt, 1),
-                          mfu=round(fpt * tokens_per_step / dt / (peak * grid.world), 4) if peak else None)
-            if grid.device.type == "cuda":
-                record["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(grid.device) / 1e9, 2)
-            if grid.pp > 1:  # the fraction of the step this stage sat waiting (rank 0: the first stage)
-                record["bubble"] = round(waited / dt, 4)
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            logged = step % t.log_interval == 0 or step == t.max_steps
-            if logged:  # the slowest and the fastest rank's own work in this step: stragglers show
-                lo, hi, _ = across_ranks(busy, grid)
-                record["step_time_max_s"], record["step_time_min_s"] = round(hi, 4), round(lo, 4)
-            record.update({f"tokens/{name}": n for name, n in loader.tokens_seen(step).items()})
-            # ---- signals and failed saves (every rank learns of them together), evaluation, checkpoint
-            signalled, save_failed = agree(grid, SIGNALLED["name"] is not None, saver.error is not None)
-            if save_failed:
-                say = saver.error or "a checkpoint save failed on another rank"
-                saver.error = None
-                if t.on_save_error == "stop":
-                    raise SaveError(f"{say}; stopping (train.on_save_error = stop), the previous checkpoints are intact")
-                log(grid, f"{say}; the previous checkpoints are intact, retrying at the next interval")
-            if not signalled and (step == t.max_steps or (t.eval_interval and step % t.eval_interval == 0)):
-                losses = evaluate(model, loader, dcfg.eval_batches, t, grid, opt)
-                # val_loss: the sources' losses weighted as the stage of the last step mixes them
-                record["val_loss"] = sum(w * losses[n] for n, w in loader.stage_weights(step - 1).items())
-                record.update({f"val_loss/{name}": v for name, v in losses.items()})
-                log(grid, f"step {step}: val loss {record['val_loss']:.4f}")
-                watchdog(t)
-            export = t.export_hf and t.export_hf_every and step % t.export_hf_every == 0 and step != t.max_steps
-            if (step == t.max_steps or (t.checkpoint_interval and step % t.checkpoint_interval == 0)
-                    or signalled or export):
-                if signalled:
-                    log(grid, f"{SIGNALLED['name'] or 'a signal'} received: saving step {step}; until it is "
-                              f"complete the newest checkpoint is the previous one")
-                record["checkpoint_block_s"] = round(save(saver, t, step, opt, grid, meta, loader), 4)
-                watchdog(t)
-            if export:
-                export_hf(t, grid, saver, meta["export_dtype"])
-                watchdog(t)
-            if metrics and (logged or "val_loss" in record or "checkpoint_block_s" in record):
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            if signalled:
-                break
-        failed = wait_for_save(grid, saver)  # the watchdog still armed: a commit that never comes is a hang too
-    finally:
-        faulthandler.cancel_dump_traceback_later()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if bar:
-            bar.close()
-        if metrics:
-            metrics.close()
+def finish(model, tok, t, grid, saver, meta, step, signal_seen, failed):
+    """After the loop: a failed last save stops here; else the last line after a signal, or the export and
+    the sample after the last step."""
     if failed:
         raise SaveError(f"{failed}; the previous checkpoints are intact")
-    if signalled:  # the last line says which checkpoint there is; nothing else runs within the grace
+    if signal_seen:  # the last line says which checkpoint there is; nothing else runs within the grace
         log(grid, f"saved checkpoint at step {step} after {SIGNALLED['name'] or 'a signal'}; exiting "
                   f"(resume with the same command)")
     elif step == t.max_steps:
@@ -787,21 +697,57 @@ def run(cfg):
         elif t.sample_tokens:
             log(grid, f"no sample: the model is split over {grid.world} processes (sample from one process, "
                       f"or from `python checkpoint.py consolidate` of the last checkpoint)")
+
+
+def due(step, every, t):
+    """The last step, or every `every` steps (0: only the last)."""
+    return step == t.max_steps or bool(every and step % every == 0)
+
+
+def run(cfg):
+    """The training loop: a batch, a step, its metrics; then, when due, evaluation, a checkpoint and an
+    export. Signals and failed saves are agreed on by every rank after each step."""
+    t, dcfg = cfg["train"], cfg["data"]
+    grid, tok, loader, model, opt = setup(cfg)
+    step, meta = start(cfg, grid, opt, loader)
+    saver = checkpoint.Saver(t.out_dir, grid, t.keep_checkpoints, t.async_checkpoint)
+    decay_start = t.decay_start if t.decay_start >= 0 else t.max_steps - t.decay_steps
+    signal_seen = False
+    model.train()
+    with guarded(t), Metrics(cfg, grid, loader, step) as metrics:
+        while step < t.max_steps:
+            t0 = time.perf_counter()
+            lr = wsd_lr(step, t.lr, t.min_lr, t.warmup_steps, decay_start, t.decay_steps, t.decay_shape)
+            loss, norm, waited, busy = train_step(model, opt, loader.get_batch(step), lr, t, grid)
+            step += 1
+            watchdog(t)
+            record = metrics.step(step, loss, norm, lr, time.perf_counter() - t0, waited, busy)
+            signal_seen = signalled(grid, saver, t)
+            if not signal_seen and due(step, t.eval_interval, t):
+                record.update(validate(model, loader, step, dcfg.eval_batches, t, grid, opt))
+            export = t.export_hf and t.export_hf_every and step % t.export_hf_every == 0 and step != t.max_steps
+            if due(step, t.checkpoint_interval, t) or signal_seen or export:
+                record["checkpoint_block_s"] = save(saver, t, step, opt, grid, meta, loader, signal_seen)
+            if export:
+                export_hf(t, grid, saver, meta["export_dtype"])
+            metrics.write(record)
+            if signal_seen:
+                break
+        failed = wait_for_save(grid, saver)  # the watchdog still armed: a commit that never comes is a hang too
+    finish(model, tok, t, grid, saver, meta, step, signal_seen, failed)
     parallel.shutdown(grid, opt)
     return model
 
 
 def main(argv):
-    args = [a for a in argv if a != "--plan"]
-    if not args or args[0].startswith("--"):
+    if "--plan" in argv:  # the memory plan of a layout is plan.py's; this is the same command
+        import plan
+        return plan.main(argv)
+    if not argv or argv[0].startswith("--"):
         print(__doc__)
         return 2
     try:
-        cfg = load_config(args[0], args[1:])
-        if "--plan" in argv:
-            print(plan(cfg, cfg["parallel"].tp, cfg["parallel"].dp or 1))
-            return 0
-        run(cfg)
+        run(load_config(argv[0], argv[1:]))
     except parallel.LaunchError as e:  # this rank's own environment: every rank says it
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""data.py: Megatron's indexed dataset (against an independent writer), prepare, the tokenizers, the blend
+"""data.py and prepare.py: Megatron's indexed dataset (against an independent writer), prepare, the tokenizers, the blend
 (against helpers.cpp), the loader's order, stages, resume and data-parallel property."""
 import json
 import os
@@ -16,9 +16,11 @@ import pytest
 import torch
 
 import data
+import prepare as prepare_py
 import train
 from conftest import tekken_path
-from data import DataConfig, DataError, DataLoader, IndexedDataset, get_tokenizer, prepare
+from data import DataConfig, DataError, DataLoader, IndexedDataset
+from prepare import get_tokenizer, prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "Grüezi mitenand! 你好, мир. <s> is text here. 🙂\n"
@@ -135,7 +137,7 @@ def corrupt(tmp_path, what):
     ("short bin", "bin", "truncated token file: its index says 300 bytes, the file holds 290"),
     ("long bin", "bin", "corrupt token file"),
     ("no bin", "idx", "its token file .*ds.bin is missing"),
-    ("no idx", "idx", "cannot read the index .*python data.py prepare"),
+    ("no idx", "idx", "cannot read the index .*python prepare.py"),
 ])
 def test_a_bad_dataset_is_one_line_of_error_naming_the_file(tmp_path, what, file, message):
     prefix = corrupt(tmp_path, what)
@@ -204,7 +206,7 @@ def test_prepare(tmp_path, monkeypatch):
     out.mkdir()
     counts = prepare(inputs, str(out / "w1"), workers=1)
     prepare(inputs, str(out / "w2"), workers=2)
-    monkeypatch.setattr(data, "PIECE_BYTES", 100)  # the .jsonl file in many pieces: line numbers must still match
+    monkeypatch.setattr(prepare_py, "PIECE_BYTES", 100)  # the .jsonl file in many pieces: line numbers must still match
     prepare(inputs, str(out / "w3"), workers=2)
     for ext in (".idx", ".bin"):  # the same bytes for any number of workers and pieces
         assert (out / f"w1{ext}").read_bytes() == (out / f"w2{ext}").read_bytes() == (out / f"w3{ext}").read_bytes()
@@ -214,7 +216,7 @@ def test_prepare(tmp_path, monkeypatch):
     assert ds.num_tokens == counts["tokens"]
     tok = get_tokenizer("byte")
     docs = [ds.document(d) for d in range(ds.num_documents)]
-    assert all(d[0] == data.BOS_ID and d[-1] == data.EOS_ID and (d[1:-1] >= 4).all() for d in docs)
+    assert all(d[0] == tok.bos_id and d[-1] == tok.eos_id and (d[1:-1] >= 4).all() for d in docs)
     assert sorted(tok.decode(d) for d in docs) == sorted(texts)
     assert tok.decode(docs[-1]) == texts[-1]  # input order: the .jsonl file came last
     assert sorted(os.listdir(out)) == ["w1.bin", "w1.idx", "w2.bin", "w2.idx", "w3.bin", "w3.idx"]
@@ -240,7 +242,7 @@ def test_prepare_errors(tmp_path):
 
 def test_cli(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
-    run = [sys.executable, os.path.join(ROOT, "data.py"), "prepare"]
+    run = [sys.executable, os.path.join(ROOT, "prepare.py")]
     ok = subprocess.run(run + [str(tmp_path / "a.txt"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert ok.returncode == 0 and ok.stdout.strip() == f"{tmp_path / 'out'}: 7 tokens, 1 documents", ok.stderr
     bad = subprocess.run(run + [str(tmp_path / "missing"), "--out", str(tmp_path / "x")], capture_output=True,
@@ -252,7 +254,7 @@ def test_cli(tmp_path):
 def chat_tokenizer(path):
     """A byte-level tokenizer.json with Apertus' chat control tokens and no merges: <unk> <s> </s>, the
     eight control tokens, then the 256 bytes."""
-    spell, specials = data._gpt2_byte_spelling(), ["<unk>", "<s>", "</s>", *data.CHAT_CONTROL]
+    spell, specials = prepare_py._gpt2_byte_spelling(), ["<unk>", "<s>", "</s>", *prepare_py.CHAT_CONTROL]
     vocab = {t: i for i, t in enumerate(specials)} | {spell[b]: len(specials) + b for b in range(256)}
     path.write_text(json.dumps({
         "normalizer": None, "added_tokens": [{"id": i, "content": t, "special": True} for i, t in enumerate(specials)],
@@ -268,7 +270,7 @@ def test_prepare_chat_makes_its_directory_never_overwrites_and_blames_the_right_
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     chats.write_text(json.dumps(good) + "\n")
     out = tmp_path / "new" / "dir" / "chats"  # in a directory that does not exist yet, as plain prepare allows
-    run = [sys.executable, os.path.join(ROOT, "data.py"), "prepare", "--chat", str(chats), "--tokenizer", tokenizer,
+    run = [sys.executable, os.path.join(ROOT, "prepare.py"), "--chat", str(chats), "--tokenizer", tokenizer,
            "--seq-len", "511", "--out", str(out)]
     ok = subprocess.run(run, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
@@ -283,30 +285,30 @@ def test_prepare_chat_makes_its_directory_never_overwrites_and_blames_the_right_
     for name in ("chats.idx", "chats.bin"):  # nor does either write a dataset beside a stale loss mask
         os.remove(out.parent / name)
     for make in (lambda: prepare([str(tmp_path / "a.txt")], str(out)),
-                 lambda: data.prepare_chat(str(chats), str(out), tokenizer, 511)):
+                 lambda: prepare_py.prepare_chat(str(chats), str(out), tokenizer, 511)):
         with pytest.raises(DataError, match=f"^{re.escape(str(out))}.mask.idx: already exists"):
             make()
     chats.write_text(json.dumps(good) + "\n" + json.dumps({"messages": [{"role": "user"}]}) + "\n")
     with pytest.raises(DataError, match=f"^{re.escape(str(chats))}:2: message 0 has no content$"):
-        data.prepare_chat(str(chats), str(tmp_path / "c2"), tokenizer, 511)
+        prepare_py.prepare_chat(str(chats), str(tmp_path / "c2"), tokenizer, 511)
     with pytest.raises(DataError, match=r"^tokenizer byte has no <\|system_start\|> token; chat data needs Apertus'"):
-        data.prepare_chat(str(chats), str(tmp_path / "c3"), "byte", 511)  # the tokenizer's fault, not line 1's
+        prepare_py.prepare_chat(str(chats), str(tmp_path / "c3"), "byte", 511)  # the tokenizer's fault, not line 1's
     assert not any(n.startswith(("c2", "c3")) for n in os.listdir(tmp_path))
 
 
 def test_demo_dataset(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOAPERTUS_CACHE", str(tmp_path))
     t0 = time.time()
-    prefix = data.demo_dataset()
+    prefix = prepare_py.demo_dataset()
     assert prefix == str(tmp_path / "demo-byte") and time.time() - t0 < 60
     assert sorted(os.listdir(tmp_path)) == ["demo-byte.bin", "demo-byte.idx"]  # the temporary corpus is gone
     ds = IndexedDataset(prefix, vocab_size=260)
     assert 5e6 < ds.num_tokens < 25e6 and ds.num_documents > 500
-    loader = DataLoader(data.stage_table(DataConfig(), 8, prefix), 256, 8, 4, vocab_size=260)
+    loader = DataLoader(data.stage_table(DataConfig(dataset=prefix), 8), 256, 8, 4, vocab_size=260)
     b = loader.val_batches(0, 0)[0]
     assert torch.equal(b.x[:, 1:], b.y[:, :-1]) and b.loss_mask is None and loader.sources[0].num_val > 100
     t0 = time.time()
-    assert data.demo_dataset() == prefix and time.time() - t0 < 1  # cached
+    assert prepare_py.demo_dataset() == prefix and time.time() - t0 < 1  # cached
 
 
 # ---- the blend against Megatron-LM
@@ -503,7 +505,7 @@ def test_loader_errors(tmp_path):
         DataLoader(stages, 2000, 1, 1)
     with pytest.raises(DataError, match="global_batch 8 must divide by dp_size 3 x micro_batch 2"):
         DataLoader(stages, 16, 8, 2, dp_rank=0, dp_size=3)
-    with pytest.raises(DataError, match="nowhere.idx: cannot read the index .*python data.py prepare"):
+    with pytest.raises(DataError, match="nowhere.idx: cannot read the index .*python prepare.py"):
         DataLoader([(0, [("x", str(tmp_path / "nowhere"), 1.0)])], 16, 8, 2)
     with pytest.raises(DataError, match="stages must start at step 0"):
         DataLoader([(3, [("a", prefix, 1.0)])], 16, 8, 2)

@@ -14,6 +14,7 @@ from conftest import train_in_process
 
 import model as model_py
 import parallel
+import plan
 from model import Apertus, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -355,7 +356,7 @@ def test_a_layout_that_does_not_fit_is_refused(monkeypatch, capsys):
 
 
 def test_plan_70b_at_apertus_layout_fits_gh200_and_h100():
-    out = subprocess.run([sys.executable, "train.py", "configs/apertus-70b.toml", "--plan", "--parallel.tp=4",
+    out = subprocess.run([sys.executable, "plan.py", "configs/apertus-70b.toml", "--parallel.tp=4",
                           "--parallel.pp=8", "--parallel.dp=128", "--train.activation_checkpointing=true"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -413,7 +414,7 @@ def _stage_worker(rank, world, port):
         planned = min(4 - grid.pp_rank, m)
         cfg_m = train.load_config(os.path.join(ROOT, "configs/tiny.toml"), [
             "--parallel.pp=4", f"--train.global_batch_size={m}", "--train.micro_batch_size=1"])
-        assert any(k.startswith("activations (%d micro-batch" % planned) for k in train.memory_plan(cfg_m, 1, 1, grid.pp_rank)[0])
+        assert any(k.startswith("activations (%d micro-batch" % planned) for k in plan.memory_plan(cfg_m, 1, 1, grid.pp_rank)[0])
         assert held == planned and alive["peak"] == planned * one, (m, grid.pp_rank, alive["peak"] / one, planned)
         assert alive["now"] == 0
         opt.step(1e-3)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 transformers = pytest.importorskip("transformers")
@@ -39,7 +40,7 @@ def sft_setup(apertus_json, tmp_path_factory):
     transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(base / "hf")
     shutil.copy(apertus_json, base / "hf" / "tokenizer.json")
     # the conversations, packed once by the command line, for both tests
-    out = subprocess.run([sys.executable, "data.py", "prepare", "--chat", str(base / "chats.jsonl"),
+    out = subprocess.run([sys.executable, "prepare.py", "--chat", str(base / "chats.jsonl"),
                           "--tokenizer", str(base / "hf"), "--out", str(base / "chats"), "--seq-len", "127"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -47,21 +48,17 @@ def sft_setup(apertus_json, tmp_path_factory):
 
 
 def prepare_chat(capsys, *args):
-    """data.py prepare --chat in this process: (exit status, stdout, stderr)."""
-    try:
-        data.main(["prepare", "--chat", *map(str, args)])
-        rc = 0
-    except SystemExit as e:
-        rc = e.code
+    """prepare.py --chat in this process: (exit status, stdout, stderr)."""
+    rc = prepare.main(["--chat", *map(str, args)])
     out = capsys.readouterr()
     return rc, out.out, out.err
 
 
 def test_prepare_chat_packs_whole_conversations_with_their_masks(sft_setup, tmp_path, capsys):
-    tok = data.get_tokenizer(str(sft_setup / "hf"))
+    tok = prepare.get_tokenizer(str(sft_setup / "hf"))
     ids_ds, mask_ds = data.IndexedDataset(str(sft_setup / "chats")), data.IndexedDataset(str(sft_setup / "chats.mask"))
     rng, k = random.Random(0), 0
-    want = [data.chat_tokens(tok, conversation(i, rng)["messages"]) for i in range(400)]
+    want = [prepare.chat_tokens(tok, conversation(i, rng)["messages"]) for i in range(400)]
     for s in range(len(ids_ds)):
         seq, m = ids_ds.sequence(s), mask_ds.sequence(s)
         assert len(seq) == 128
@@ -94,7 +91,7 @@ def role_losses(model_dir, tok, rng_seed=1, n=40):
     rng, sums = random.Random(rng_seed), {"assistant": [], "user": []}
     for i in range(10_000, 10_000 + n):
         conv = conversation(i, rng)
-        ids, mask = data.chat_tokens(tok, conv["messages"])
+        ids, mask = prepare.chat_tokens(tok, conv["messages"])
         user = tok.encode(conv["messages"][0]["content"])
         start = ids.index(tok.special["<|user_start|>"]) + 1
         user_mask = [False] * len(ids)
@@ -120,7 +117,7 @@ def test_sft_learns_the_assistant_and_not_the_user(sft_setup, tmp_path):
                           "--train.log_interval=1", "--train.checkpoint_interval=0", f"--train.out_dir={tmp_path / 'run'}",
                           "--parallel.tp=1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    tok = data.get_tokenizer(str(hf))
+    tok = prepare.get_tokenizer(str(hf))
     before, after = role_losses(hf, tok), role_losses(tmp_path / "run" / "hf", tok)
     assert after["assistant"] < 0.5 * before["assistant"], (before, after)  # learned the answers
     assert after["user"] > 0.8 * before["user"], (before, after)            # not the random questions

@@ -1,9 +1,9 @@
-"""data.py: Apertus' Hugging Face tokenizer.json read into tiktoken, and the chat template (chat_tokens).
+"""prepare.py: Apertus' Hugging Face tokenizer.json read into tiktoken, and the chat template (chat_tokens).
 
 The reference tokenizer.json is built here from the tekken file that mistral-common ships, the way an
 independent party would (and the way transformers converts tekken files): the `tokenizers` library's BPE with
 the GPT-2 byte-level spelling, merges derived from the tekken ranks, Apertus' special and control tokens at ids
-0..999. transformers then encodes with it, and data.py must give the same ids. About 6 s, once per session.
+0..999. transformers then encodes with it, and prepare.py must give the same ids. About 6 s, once per session.
 """
 import json
 import os
@@ -11,7 +11,8 @@ import os
 import pytest
 
 from conftest import CONTROL, tekken_path
-from data import DataError, chat_tokens, get_tokenizer
+from data import DataError
+from prepare import chat_tokens, get_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")

@@ -152,7 +152,7 @@ class Saver:
         tensors = self.snapshot(opt)
         meta = {**meta, "step": step, "optimizer_steps": opt.state()[1],
                 "layout": dict(tp=self.grid.tp, pp=self.grid.pp, dp=self.grid.dp, world=self.grid.world,
-                               bucket_size=opt.bucket_size)}
+                               virtual_stages=self.grid.virtual_stages, bucket_size=opt.bucket_size)}
         blocked = time.perf_counter() - t0
         if self.async_save:
             self.thread = threading.Thread(target=self._write_and_commit, args=(tmp, tensors, meta),
@@ -370,7 +370,7 @@ class CheckpointReader:
         self.tp, self.pp, self.dp = lay["tp"], lay["pp"], lay["dp"]
         self.sources, self.shapes = {}, {}  # name -> [(tp_rank, start, end, file)], name -> (tp_dim, full shape)
         for pp_rank in range(self.pp):
-            named = _stage_parameters(self.cfg, self.tp, self.pp, pp_rank)
+            named = _stage_parameters(self.cfg, self.tp, self.pp, pp_rank, lay.get("virtual_stages", 1))
             index, buckets = parallel.zero_layout([(n, p.numel()) for n, p in named], self.dp, lay["bucket_size"])
             numels = {n: p.numel() for n, p in named}
             for n, p in named:
@@ -422,10 +422,10 @@ class CheckpointReader:
         return self.read(kind, name, 1, 0, 0, math.prod(shape)).view(shape)
 
 
-def _stage_parameters(cfg, tp, pp, pp_rank):
+def _stage_parameters(cfg, tp, pp, pp_rank, vp=1):
     """(name, meta tensor) of one pipeline stage's TP-local parameters in model order: what the writer's
     DistributedOptimizer laid out."""
-    grid = parallel.Grid(tp=tp, pp=pp, pp_rank=pp_rank)
+    grid = parallel.Grid(tp=tp, pp=pp, pp_rank=pp_rank, virtual_stages=vp)
     with torch.device("meta"):
         m = Apertus(cfg)
     parallel.keep_stage(m, grid)

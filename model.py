@@ -448,14 +448,15 @@ class Apertus(nn.Module):
                 p.role = roles[n]
         return self
 
-    def forward(self, input_ids, targets=None, loss_mask=None, doc_ids=None, reduction="mean", hidden=None):
+    def forward(self, input_ids, targets=None, loss_mask=None, doc_ids=None, reduction="mean", hidden=None, chunk=None):
         """input_ids [B, T] -> logits [B, T, V] (V/tp under tensor parallelism); with targets, the loss:
         the mean (or sum) over the tokens that count (loss_mask True and target != -100).
         doc_ids [B, T] (see document_ids) masks attention per document and restarts positions.
         A pipeline stage (parallel.keep_stage) lacks the embedding or the head: a later stage takes
-        the previous stage's output as `hidden`, and a stage without the head returns its output."""
+        the previous stage's output as `hidden`, and a stage without the head returns its output. chunk
+        (c, V): only the c-th of V equal runs of this stage's layers, the head after the last (interleaved)."""
         B, T = input_ids.shape
-        x = self.model.embed_tokens(input_ids) if self.model.embed_tokens is not None else hidden
+        x = self.model.embed_tokens(input_ids) if hidden is None else hidden
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
         pos = torch.arange(T, device=x.device).expand(B, T) if doc_ids is None else document_positions(doc_ids)
@@ -464,12 +465,14 @@ class Apertus(nn.Module):
             mask = make_block_mask(torch.zeros_like(input_ids)) if self.attn_backend == "flex" else None
         else:  # built once here, shared by every layer
             mask = make_block_mask(doc_ids) if self.attn_backend == "flex" else sdpa_mask(doc_ids)
-        for block in self.model.layers.values():
+        blocks = list(self.model.layers.values())
+        c, V = chunk or (0, 1)
+        for block in blocks[c * len(blocks) // V:(c + 1) * len(blocks) // V]:
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask)
-        if self.lm_head is None:
+        if self.lm_head is None or c < V - 1:
             return x
         h = self.model.norm(x)
         if targets is None:

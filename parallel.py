@@ -58,6 +58,7 @@ class ParallelConfig:
     pp: int = 1                      # pipeline stages (the layers split evenly over them)
     dp: int = 0                      # data-parallel degree, for --plan only; at run time world / (tp x pp)
     sequence_parallel: bool = False  # norms and residuals on sequence slices (saves activations)
+    virtual_stages: int = 1          # model chunks per pipeline rank: > 1 is the interleaved 1F1B schedule
     bucket_size: int = 25_000_000    # gradient elements per reduce-scatter bucket
 
 
@@ -85,6 +86,7 @@ class Grid:
     pp: int = 1
     pp_rank: int = 0
     pp_group: object = None
+    virtual_stages: int = 1
 
     @property
     def first_stage(self):
@@ -107,10 +109,10 @@ def env_rank():
     return 0, 1, 0
 
 
-def check_layout(cfg, world, tp, dp=None, global_batch=None, micro_batch=None, seq_len=None, sp=False, pp=1):
+def check_layout(cfg, world, tp, dp=None, global_batch=None, micro_batch=None, seq_len=None, sp=False, pp=1, vp=1):
     """Refuse a layout that does not fit, before anything is allocated, naming the numbers."""
-    if tp < 1 or pp < 1:
-        raise LayoutError(f"layout refused: tp={tp} and pp={pp} must be at least 1")
+    if min(tp, pp, vp) < 1 or (vp > 1 and pp == 1):
+        raise LayoutError(f"layout refused: tp={tp}, pp={pp}, virtual_stages={vp} must be at least 1 (pp > 1 with V > 1)")
     dp = dp or world // (tp * pp)
     problems = []
     if world % (tp * pp):
@@ -119,8 +121,11 @@ def check_layout(cfg, world, tp, dp=None, global_batch=None, micro_batch=None, s
                     ("vocab size", cfg.vocab_size), ("MLP width", cfg.intermediate_size)):
         if n % tp:
             problems.append(f"tp={tp} does not divide the {what} ({n})")
-    if cfg.num_hidden_layers % pp:
-        problems.append(f"pp={pp} does not divide the {cfg.num_hidden_layers} layers")
+    if cfg.num_hidden_layers % (pp * vp):
+        problems.append(f"pp={pp} x virtual_stages={vp} does not divide the {cfg.num_hidden_layers} layers")
+    if vp > 1 and global_batch is not None and dp >= 1 and global_batch // (dp * micro_batch) % pp:
+        problems.append(f"the interleaved schedule needs the micro-batches ({global_batch // (dp * micro_batch)}) "
+                        f"to be a multiple of pp={pp}")
     if global_batch is not None and dp >= 1 and global_batch % (dp * micro_batch):
         problems.append(f"global_batch_size {global_batch} is not divisible by dp={dp} x "
                         f"micro_batch_size {micro_batch}")
@@ -145,7 +150,7 @@ def init_distributed(pcfg: ParallelConfig, device_type: str) -> Grid:
     tp, pp = pcfg.tp, pcfg.pp
     dp = world // (tp * pp)
     g = Grid(rank, world, local_rank, tp, dp, rank % tp, rank // (tp * pp), None, None, device,
-             pcfg.sequence_parallel and tp > 1, pp, (rank // tp) % pp, None)
+             pcfg.sequence_parallel and tp > 1, pp, (rank // tp) % pp, None, pcfg.virtual_stages)
     if world > 1:  # one call each, made by every rank with the same lists: the groups all ranks agree on
         at = lambda d, p, t: d * tp * pp + p * tp + t  # noqa: E731  the rank at (dp, pp, tp) coordinates
         g.tp_group, _ = dist.new_subgroups_by_enumeration(
@@ -392,11 +397,11 @@ def parallelize(model, grid: Grid):
 def keep_stage(model, grid: Grid):
     """Keep this stage's share of the model (call it on the meta device, before anything is allocated):
     layers [s L/pp, (s+1) L/pp) under their global names, the embedding on the first stage, the final
-    norm and the head on the last."""
+    norm and the head on the last; with V virtual stages, chunks s, s + pp, ... of pp V (pipeline_interleaved)."""
     if grid.pp == 1:
         return model
-    per = model.config.num_hidden_layers // grid.pp
-    mine = {str(i) for i in range(grid.pp_rank * per, (grid.pp_rank + 1) * per)}
+    per = model.config.num_hidden_layers // (grid.pp * grid.virtual_stages)
+    mine = {str(i) for i in range(model.config.num_hidden_layers) if i // per % grid.pp == grid.pp_rank}
     for name in [n for n in model.model.layers if n not in mine]:
         del model.model.layers[name]
     if not grid.first_stage:
@@ -414,7 +419,8 @@ class Pipe:
 
     def __init__(self, grid: Grid, shape, dtype):
         self.grid, self.shape, self.dtype, self.wait_s = grid, shape, dtype, 0.0
-        self.next, self.prev = grid.rank + grid.tp, grid.rank - grid.tp  # same tp_rank and dp_rank
+        ring = grid.rank - grid.pp_rank * grid.tp  # same tp_rank and dp_rank; the last stage's next is the first
+        self.next, self.prev = ring + (grid.pp_rank + 1) % grid.pp * grid.tp, ring + (grid.pp_rank - 1) % grid.pp * grid.tp
 
     def _exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
         ops, got = [], {}
@@ -530,6 +536,52 @@ def pipeline_1f1b(micro_steps, pipe: Pipe, opt, train=True):
         pipe.send_backward(_stage_backward(inputs.pop(0), outputs.pop(0), grad_y))
     return total, held
 
+
+def pipeline_interleaved(micro_steps, pipe: Pipe, opt, train=True):
+    """Megatron-LM's interleaved 1F1B (Narayanan et al. 2021, arXiv 2104.04473, section 2.2): rank s
+    holds V chunks of layers, chunk c being virtual stage c pp + s of pp V (keep_stage), so a micro-batch
+    goes V times round the ring of ranks and the bubble shrinks V-fold, to (pp-1)/(V m) of the work.
+    Micro-batches go in groups of pp; a rank runs its m V forward units in the order (group, chunk,
+    micro-batch), its backward units likewise with the chunks reversed. Rank s runs forward unit k in
+    round s + k and backward unit k in round (V+1) pp - s - 2 + k; a round ends in one exchange with
+    both neighbours, and what arrives in it is used in the next round. pp = 2, V = 2, m = 4 (F/B: forward /
+    backward, a/b: chunk 0/1, then the micro-batch; rank 1's chunk b is the last stage, with the loss):
+
+        round:  0   1   2   3       4       5       6       7       8       9       10  11
+        rank 0: Fa0 Fa1 Fb0 Fb1     Fa2 Bb0 Fa3 Bb1 Fb2 Ba0 Fb3 Ba1 Bb2     Bb3     Ba2 Ba3
+        rank 1: .   Fa0 Fa1 Fb0 Bb0 Fb1 Bb1 Fa2 Ba0 Fa3 Ba1 Fb2 Bb2 Fb3 Bb3 Ba2     Ba3 .
+
+    Rank s holds at most (V+1) pp - 2s - 1 units' activations. Returns what pipeline_1f1b returns."""
+    grid, m, V = pipe.grid, len(micro_steps), pipe.grid.virtual_stages
+    pp, s, n = grid.pp, grid.pp_rank, len(micro_steps) * V
+
+    def unit(k, backward=False):  # a rank's k-th forward (backward) unit -> (micro-batch, chunk)
+        group, j = divmod(k, pp * V)
+        return group * pp + j % pp, V - 1 - j // pp if backward else j // pp
+    first_b = lambda rank: (V + 1) * pp - rank - 2  # noqa: E731  the round of a rank's first backward
+    # whether a rank sends in round r: a forward's output on (not the loss), a backward's input gradient back
+    sends_fwd = lambda r, rank: 0 <= r - rank < n and (rank, unit(r - rank)[1]) != (pp - 1, V - 1)  # noqa: E731
+    sends_bwd = lambda r, rank: (train and 0 <= r - first_b(rank) < n  # noqa: E731
+                                 and (rank, unit(r - first_b(rank), True)[1]) != (0, 0))
+    total, held, most, x, grad_y = torch.zeros((), device=grid.device), {}, 0, None, None
+    for r in range(first_b(0) + n if train else pp - 1 + n):
+        y = grad_x = None
+        if 0 <= r - s < n:
+            i, c = unit(r - s)
+            y = micro_steps[i](x, (c, V))
+            total += y.detach() if y.dim() == 0 else 0
+            if train:
+                held[i, c] = (x, y)
+                most = max(most, len(held))
+        if train and 0 <= r - first_b(s) < n:
+            i, c = unit(r - first_b(s), backward=True)
+            opt.sync = i == m - 1  # a chunk's last backward: its gradient buckets reduce, once a step
+            grad_x = _stage_backward(*held.pop((i, c)), grad_y)
+        got = pipe._exchange(send_next=y.detach() if sends_fwd(r, s) else None,
+                             send_prev=grad_x if sends_bwd(r, s) else None,
+                             recv_prev=sends_fwd(r, (s - 1) % pp), recv_next=sends_bwd(r, (s + 1) % pp))
+        x, grad_y = got["prev"].requires_grad_() if "prev" in got else None, got.get("next")
+    return total, most
 
 def tp_slice(full, role, grid: Grid):
     """This rank's slice of a full tensor (the whole tensor where the role says it is not split)."""

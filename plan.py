@@ -1,24 +1,53 @@
-"""The plan of a layout: what one GPU holds at its peak, from the config alone (nothing is allocated).
+"""The plan of a layout, from the config alone (nothing is allocated): what one GPU holds at its peak,
+what one training step hands to torch.distributed, and how long the step takes on a given machine.
 
     python plan.py configs/apertus-70b.toml --parallel.tp=4 --parallel.pp=8 --parallel.dp=128
-    python plan.py configs/apertus-8b-sft.toml               # the layout of the config's [parallel]
+    python plan.py configs/apertus-8b-sft.toml                          # the layout of the config's [parallel]
+    python plan.py configs/apertus-70b.toml --train.global_batch_size=4096 --machine gh200-alps --gpus 4096
+    python plan.py configs/apertus-70b.toml --machine gh200-alps --gpus 4096 --machine.net_GBps=50  # what if
+    python plan.py configs/tiny.toml --parallel.tp=2 --parallel.dp=2 --bytes      # one step's collectives
+    python plan.py configs/apertus-70b.toml --train.global_batch_size=4096 --machine gh200-alps --gpus 4096 --search
+    python plan.py configs/apertus-70b.toml --train.global_batch_size=4096 --machine gh200-alps --gpus 4096 --scaling
 
 Every key of the config can be overridden as in train.py (--section.key=value); parallel.dp, which a run
-takes from the world size, sets the data-parallel degree here. `plan_layout` returns the numbers (per
-stage, with and without activation checkpointing); `format_plan` prints them. `python train.py CONFIG
---plan` is the same command.
+takes from the world size, sets the data-parallel degree here (--gpus N sets it to N / (tp x pp)).
+Memory: `plan_layout` returns the numbers (per stage, with and without activation checkpointing),
+`format_plan` prints them. Bytes: `step_bytes`, per collective kind and group. Time: `step_time`, a sum
+of named terms (each a few lines below with its formula), on a machine of MACHINES (each number
+overridable: --machine.KEY=VALUE) at a compute efficiency measured on a GPU (EFFICIENCY; --efficiency
+FILE adds bench.py's rows); `format_time` prints it. `--search` ranks the layouts that fit, `--scaling`
+prints the strong-scaling curve. `python train.py CONFIG --plan ...` is the same command.
 """
+import argparse
+import json
+import math
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import checkpoint
 import model as model_py
 import parallel
 import train
-from model import param_count
+from model import flops_per_token, param_count
 
 GPUS = (("GH200 96 GB", 96e9), ("H100 80 GB", 80e9))  # "fits": under 90% of the GPU's memory
 FIT = 0.9  # leaving room for the allocator's fragmentation
+_CACHE = {}  # param_count and the stages' parameters, once per architecture and layout (the search asks often)
+
+
+def _params(m):
+    key = ("count", repr(m))
+    if key not in _CACHE:
+        _CACHE[key] = param_count(m)
+    return _CACHE[key]
+
+
+def with_layout(cfg, **keys):
+    """cfg with other layout keys: those of [parallel] (tp, pp, dp, virtual_stages, sequence_parallel) and
+    of [train] (micro_batch_size, activation_checkpointing)."""
+    par = {f.name for f in fields(parallel.ParallelConfig)}
+    return {**cfg, "parallel": replace(cfg["parallel"], **{k: v for k, v in keys.items() if k in par}),
+            "train": replace(cfg["train"], **{k: v for k, v in keys.items() if k not in par})}
 
 
 def activation_bytes_per_token(m, tp, sp, wb, compiled):
@@ -41,7 +70,9 @@ def activation_bytes_per_token(m, tp, sp, wb, compiled):
 def memory_plan(cfg, tp, dp, stage=0):
     """Per-GPU memory of one pipeline stage of a layout (stage 0: the first): a dict of named byte counts
     and the peak. Activations: see activation_bytes_per_token. Under 1F1B, stage s holds the activations
-    of min(pp - s, m) micro-batches at once."""
+    of min(pp - s, m) micro-batches at once; under the interleaved schedule (V virtual stages), those of
+    min((V+1) pp - 2s - 1, m V) chunks of L/(pp V) layers (parallel.pipeline_interleaved): on the first
+    stage L (1 + (pp-1)/(pp V)) layers' worth, Korthikanti et al. 2022 (arXiv 2205.05198), 4.2.3."""
     m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
     pp = p.pp
     wb = 2 if t.dtype == "bfloat16" else 4
@@ -50,16 +81,19 @@ def memory_plan(cfg, tp, dp, stage=0):
     N = B * T  # tokens of one micro-batch
     first, last = stage == 0, stage == pp - 1
     embed = m.vocab_size * d
-    per_layer = (param_count(m) - 2 * embed - d) / L
+    per_layer = (_params(m) - 2 * embed - d) / L
     n = (per_layer * L / pp + embed * first + (embed + d) * last) / tp  # replicated norms: a rounding error
     sp = tp if p.sequence_parallel and tp > 1 else 1
     Vl = m.vocab_size / tp
     per_tok = activation_bytes_per_token(m, tp, sp, wb, t.compile)
-    held = min(pp - stage, t.global_batch_size // (dp * B))  # micro-batches in flight on this stage
+    V, micro = p.virtual_stages, t.global_batch_size // (dp * B)
+    # in flight on this stage: 1F1B, micro-batches of its L/pp layers; interleaved, chunks of L/(pp V) layers
+    held = min(pp - stage, micro) if V == 1 else min((V + 1) * pp - 2 * stage - 1, micro * V)
     if t.activation_checkpointing:  # block inputs, plus one block recomputed during backward
-        activations = held * wb * d / sp * N * L / pp + per_tok * N
+        activations = held * wb * d / sp * N * L / (pp * V) + per_tok * N
     else:
-        activations = held * per_tok * N * L / pp
+        activations = held * per_tok * N * L / (pp * V)
+    what = f"{held} micro-batch{'es' if held > 1 else ''}" if V == 1 else f"{held} chunks of {L // (pp * V)} layers"
     chunk = model_py.LOSS_CHUNK_ELEMENTS
     chunk = chunk if isinstance(chunk, int) else chunk["cpu" if t.device == "cpu" else "cuda"]
     chunk = min(max(1, chunk // Vl), N) * Vl  # whole rows of logits, at most the micro-batch's (model.lm_head_loss)
@@ -70,7 +104,7 @@ def memory_plan(cfg, tp, dp, stage=0):
         "gradient buffer (fp32)": n * 4,
         "gradient partition (fp32, dp > 1)": n * 4 / dp if dp > 1 else 0,
         "fp32 master + optimizer moments": n * 4 * (1 + moments) / dp,
-        f"activations ({held} micro-batch{'es' if held > 1 else ''} in flight)": activations,
+        f"activations ({what} in flight)": activations,
         "loss buffers (chunked head + cross-entropy)": loss,
         "head gradient handed to autograd": (4 + wb) * Vl * d if last else 0,  # at the start of backward
     }
@@ -88,7 +122,7 @@ def plan_layout(cfg, tp=None, dp=None):
     m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
     tp, dp = tp or p.tp, dp or p.dp or 1
     parallel.check_layout(m, tp * p.pp * dp, tp, dp, t.global_batch_size, t.micro_batch_size,
-                          cfg["data"].seq_len, p.sequence_parallel, p.pp)
+                          cfg["data"].seq_len, p.sequence_parallel, p.pp, p.virtual_stages)
     stages = {}
     for ckpt in (False, True):
         c = {**cfg, "train": replace(t, activation_checkpointing=ckpt)}
@@ -106,7 +140,8 @@ def peak_memory(cfg, tp, dp):
 def format_plan(cfg, plan):
     """The plan as text, one block per activation-checkpointing choice and stage."""
     t, p = cfg["train"], cfg["parallel"]
-    lines = [f"layout tp={plan['tp']} pp={plan['pp']} dp={plan['dp']} ({plan['gpus']} GPUs), micro_batch "
+    lines = [f"layout tp={plan['tp']} pp={plan['pp']} dp={plan['dp']} ({plan['gpus']} GPUs)"
+             f"{f', virtual_stages={p.virtual_stages}' if p.virtual_stages > 1 else ''}, micro_batch "
              f"{t.micro_batch_size} x seq_len {cfg['data'].seq_len}, {plan['micro_batches']} micro-batches per step, "
              f"{t.dtype} weights, {t.optimizer}, sequence_parallel={p.sequence_parallel}, compile={t.compile}"]
     for (ckpt, stage), (rows, peak) in plan["stages"].items():
@@ -120,6 +155,425 @@ def format_plan(cfg, plan):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- bytes: what a step sends
+def _wbytes(t):
+    """Bytes of a weight or activation element: bfloat16 on a GPU, float32 on a CPU (train.build)."""
+    return 2 if t.dtype == "bfloat16" and t.device != "cpu" else 4
+
+
+def _loss_rows(t, vocab_slice):
+    """Rows of logits the loss handles at once (model.lm_head_loss)."""
+    chunk = model_py.LOSS_CHUNK_ELEMENTS
+    chunk = chunk if isinstance(chunk, int) else chunk["cpu" if t.device == "cpu" else "cuda"]
+    return max(1, chunk // vocab_slice)
+
+
+def stage_parameters(cfg, stage):
+    """[(name, numel, role)] of one pipeline stage's TP-local parameters in model order: what its
+    DistributedOptimizer lays out, built on the meta device by the code that builds a run."""
+    m, p = cfg["model"], cfg["parallel"]
+    # virtual stages change which layers a stage holds (and their names), not how many, nor the order of
+    # the embedding, the blocks and the head in its buffers: built once per (tp, pp, stage), at V = 1
+    key = ("stage", repr(m), p.tp, p.pp, stage)
+    if key not in _CACHE:
+        _CACHE[key] = [(n, t.numel(), t.role) for n, t in checkpoint._stage_parameters(m, p.tp, p.pp, stage)]
+    return _CACHE[key]
+
+
+def step_bytes(cfg, stage=0, dp_rank=0, logged=True):
+    """What one training step hands to torch.distributed on one rank of a pipeline stage: {(kind, group):
+    [calls, bytes]}, kind all_reduce / all_gather / reduce_scatter / send / recv, group tp / pp / dp / world.
+    The bytes are the whole tensor's: the buffer all-reduced, the all-gather's output, the reduce-scatter's
+    input, the tensor sent or received. The step writes its metrics.jsonl line (logged), and neither
+    evaluates nor saves. tests/test_plan.py counts the same on gloo: a change of the code's communication
+    that this does not follow fails there."""
+    m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
+    tp, pp, dp, V = p.tp, p.pp, p.dp or 1, p.virtual_stages
+    out = {}
+
+    def add(kind, group, calls, nbytes):
+        if calls:
+            c = out.setdefault((kind, group), [0, 0])
+            c[0], c[1] = c[0] + calls, c[1] + nbytes
+    if tp * pp * dp == 1:
+        return out
+    wb, B, T, d = _wbytes(t), t.micro_batch_size, cfg["data"].seq_len, m.hidden_size
+    micro = t.global_batch_size // (dp * B)            # micro-batches per step
+    act = B * T * d * wb                                  # one [B, T, d] activation, whole
+    sp = p.sequence_parallel and tp > 1
+    first, last = stage == 0, stage == pp - 1
+    if tp > 1:
+        # BLOCK_PLAN: per block, f before and g after each sublayer, forward and backward: 4 all-reduces, or
+        # under sequence parallelism 4 all-gathers (f forward, g backward) and 4 reduce-scatters. Activation
+        # checkpointing reruns the forward in backward, up to what backward needs (torch.utils.checkpoint
+        # stops early): both f, the attention's g. Then the embedding's g and the head's f, once each.
+        blocks, ck = micro * m.num_hidden_layers // pp, t.activation_checkpointing
+        for kind, n in (("all_gather", 4 + 2 * ck), ("reduce_scatter", 4 + ck)) if sp else (("all_reduce", 4 + ck),):
+            n = blocks * n + micro * (first + last)
+            add(kind, "tp", n, n * act)
+        # context parallelism (issue 21) adds its all-gathers of K and V here: per block and micro-batch,
+        # forward (and again under checkpointing), and the reduce-scatters of their gradients backward
+        if last:  # vocab-parallel cross-entropy: the max, the sum of exp and the target logit, fp32, per chunk
+            rows = _loss_rows(t, m.vocab_size // tp)
+            add("all_reduce", "tp", 3 * micro * -(-B * T // rows), 3 * micro * B * T * 4)
+    if pp > 1:  # each unit's activation (its sequence slice) to the next stage, its gradient back
+        units = micro * V  # the last stage's last chunk sends no activation, the first's first no gradient
+        sends = 2 * units - micro * (first + last)
+        slice_bytes = act // (tp if sp else 1)
+        add("send", "pp", sends, sends * slice_bytes)
+        add("recv", "pp", sends, sends * slice_bytes)
+    add("all_reduce", "dp", 2, 8)  # the global batch's token count and the loss (train.forward_backward)
+    if pp > 1:
+        add("all_reduce", "pp", 1, 4)  # the loss, from the last stage
+    params = stage_parameters(cfg, stage)
+    index, buckets = parallel.zero_layout([(n, k) for n, k, _ in params], dp, p.bucket_size)
+    if dp > 1:  # ZeRO-1: every bucket's fp32 gradients reduce-scattered, its updated weights all-gathered
+        size = sum(b.size for b in buckets)
+        add("reduce_scatter", "dp", len(buckets), 4 * size)
+        add("all_gather", "dp", len(buckets), wb * size)
+    grid = parallel.Grid(tp=tp, sequence_parallel=sp)
+    roles = {n: r for n, _, r in params}
+    pieces = parallel.zero_pieces(index, buckets, {n: k for n, k, _ in params}, dp_rank, dp)
+    partial = sum(pc.end - pc.start for pc in pieces if parallel.tp_grad_is_partial(roles[pc.name], grid))
+    if partial:  # the gradients each TP rank sees only part of, summed over TP after the DP reduction
+        add("all_reduce", "tp", 1, 4 * partial)
+    # the gradient norm (fp32), the two agreement flags (fp32), and on a logged step across_ranks (2 fp64, 1 fp64)
+    add("all_reduce", "world", 2 + 2 * logged, 4 + 8 + 24 * logged)
+    return out
+
+
+def format_bytes(cfg):
+    """step_bytes as text, for every stage that differs (the first, a middle one, the last), dp rank 0."""
+    p = cfg["parallel"]
+    lines = [f"one training step (a logged one) hands torch.distributed, per rank: whole tensors (the buffer all-"
+             f"reduced, the all-gather's output, the reduce-scatter's input, the tensor sent or received)"]
+    for stage in sorted({0, min(1, p.pp - 1), p.pp - 1}):
+        name = "" if p.pp == 1 else f", stage {stage} of {p.pp}"
+        lines.append(f" tp={p.tp} pp={p.pp} dp={p.dp or 1}{name}:")
+        for (kind, group), (calls, nbytes) in sorted(step_bytes(cfg, stage).items()):
+            lines.append(f"  {kind:<16}{group:<7}{calls:>10,} calls {nbytes:>22,} bytes")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- machines, measured efficiency
+# A machine is a few numbers per GPU, each overridable: --machine.KEY=VALUE. gpus_per_node: the GPUs that
+# share NVLink; memory_GB; peak_tflops: dense bf16; hbm_GBps: memory bandwidth (the update is bound by it);
+# nvlink_GBps: per direction, between each pair of GPUs (nvlink_pairwise = 1: a collective of g GPUs of a
+# node uses g - 1 links at once) or to the NVSwitch (nvlink_pairwise = 0); net_GBps: per GPU between nodes;
+# latency_us: per collective call (0: left out, not measured here); efficiency: the compute efficiency
+# (0: the measured row of EFFICIENCY nearest the layout's shape). Sources: Alps as APERTUS.md section 3
+# gives it (4 GH200 a node, NVLink 150 GB/s per direction between each pair, Slingshot-11 25 GB/s per
+# GPU, 96 GB); NVIDIA's datasheets for the rest (GH200 and H100 SXM: 989 TFLOP/s dense bf16 as
+# train.PEAK_BF16_FLOPS; HBM3 4 TB/s on the 96 GB GH200, 3.35 TB/s on the H100 SXM; NVLink 4 at 900 GB/s
+# both ways through NVSwitch; one 400 Gb/s NDR InfiniBand NIC per H100, 50 GB/s).
+MACHINES = {
+    "gh200-alps": dict(gpus_per_node=4, memory_GB=96, peak_tflops=989, hbm_GBps=4000, nvlink_GBps=150,
+                       nvlink_pairwise=1, net_GBps=25, latency_us=0, efficiency=0),
+    "h100-sxm": dict(gpus_per_node=8, memory_GB=80, peak_tflops=989, hbm_GBps=3350, nvlink_GBps=450,
+                     nvlink_pairwise=0, net_GBps=50, latency_us=0, efficiency=0),
+}
+
+# Compute efficiency, measured: the MFU of whole optimizer steps on one GPU (bench.py: forward, backward,
+# loss, ZeRO hooks, update), by the shape one rank computes. BENCHMARKS.md, "Throughput, one GPU": one
+# H100 80GB HBM3 SXM, PyTorch 2.11, measured 2026-11-25 (the first-loss rows before the loss's passes
+# were compiled, so below what this tree does). A layout takes the row nearest its per-rank shape;
+# bench.py prints a row like these for the GPU it runs on ("plan_row" in its JSON line), and
+# `plan.py --efficiency FILE` adds those of FILE's lines (or paste it here).
+EFFICIENCY = [
+    dict(name="apertus-1b, final loss", hidden=2048, q_width=2048, mlp_width=9216, tokens=16384, compile=True,
+         mfu=0.493, source="BENCHMARKS.md, H100 2026-11-25: python bench.py configs/apertus-1b.toml --steps 5 --warmup 2"),
+    dict(name="apertus-1b micro-batch 8, final loss", hidden=2048, q_width=2048, mlp_width=9216, tokens=32768,
+         compile=True, mfu=0.508, source="BENCHMARKS.md, H100 2026-11-25: python bench.py configs/apertus-1b.toml "
+                                           "--train.micro_batch_size=8 --steps 4 --warmup 2"),
+    dict(name="Apertus-8B layers at full width, first loss", hidden=4096, q_width=4096, mlp_width=21504, tokens=16384,
+         compile=True, mfu=0.341, source="BENCHMARKS.md, H100 2026-11-25: python bench.py configs/apertus-8b.toml "
+                                           "--parallel.tp=1 --model.num_hidden_layers=4 --train.global_batch_size=16"),
+    dict(name="Apertus-70B per-rank shapes of TP 4, first loss", hidden=8192, q_width=2048, mlp_width=10752, tokens=4096,
+         compile=True, mfu=0.401, source="BENCHMARKS.md, H100 2026-11-25: python bench.py configs/apertus-70b.toml "
+                                           "--per-rank-tp 4 --model.num_hidden_layers=4 --train.global_batch_size=8"),
+    dict(name="apertus-1b eager, first loss", hidden=2048, q_width=2048, mlp_width=9216, tokens=16384, compile=False,
+         mfu=0.195, source="BENCHMARKS.md, H100 2026-11-25: python bench.py configs/apertus-1b.toml --train.compile=false"),
+]
+
+# Measured on Alps (APERTUS.md section 3, from the Apertus tech report arXiv 2509.14233): tokens/s/GPU at
+# the models' own layouts, and the 70B's strong-scaling efficiency from 32 to 4,096 GPUs at its batch
+PUBLISHED = [
+    dict(model="Apertus-70B", params=70_599_864_480, tp=4, pp=8, dp=128, virtual_stages=2, micro_batch=1,
+         global_batch=4096, seq_len=4096, machine="gh200-alps", tokens_per_s=723, scaling=(32, 4096, 0.80)),
+    dict(model="Apertus-8B", params=8_053_338_176, tp=2, pp=1, dp=512, virtual_stages=1, micro_batch=4,
+         global_batch=2048, seq_len=4096, machine="gh200-alps", tokens_per_s=6960, scaling=None),
+]
+OPTIMIZER_BYTES = {"ademamix": 124, "adamw": 80}  # per fp32 element, read and written by the update's foreach
+# ops (train.AdEMAMix.step: 2 lerps 12 B each, v 8 + 12, the denominator 3 x 8, the update 8 + 12 + 12 + 12, the
+# weights 12; AdamW.step: 8 + 12 + 8 + 12 + 3 x 8 + 16)
+
+
+def published(cfg, machine_name, dp=True):
+    """The PUBLISHED measurement of this model, layout (any dp if dp is False) and machine, or None."""
+    m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
+    here = dict(params=_params(m), tp=p.tp, pp=p.pp, dp=p.dp or 1, virtual_stages=p.virtual_stages,
+                micro_batch=t.micro_batch_size, global_batch=t.global_batch_size, seq_len=cfg["data"].seq_len,
+                machine=machine_name)
+    for row in PUBLISHED:
+        if all(row[k] == v for k, v in here.items() if dp or k != "dp"):
+            return row
+    return None
+
+
+def efficiency_row(cfg, rows):
+    """The measured row nearest the matrices one rank multiplies: hidden size, query and MLP widths on the
+    rank (the sum of the log ratios; the first of equals), among the rows compiled (or not) as the config
+    is. The tokens of a micro-batch (the matmuls' other side) are not compared: every row has 4,096 or more,
+    where a Hopper matmul is compute-bound."""
+    m, t, tp = cfg["model"], cfg["train"], cfg["parallel"].tp
+    shape = (m.hidden_size, m.num_attention_heads * m.head_dim / tp, m.intermediate_size / tp)
+    same = [r for r in rows if r["compile"] == t.compile] or rows
+    return min(same, key=lambda r: sum(abs(math.log(a / b)) for a, b in zip(shape, (r["hidden"], r["q_width"],
+                                                                                     r["mlp_width"]))))
+
+
+# ----------------------------------------------------------------------------- time: a sum of named terms
+def _bandwidth(machine, cfg, group):
+    """Bytes/s one GPU gets in a collective of `group` (Megatron's order, parallel.py: TP groups are
+    consecutive ranks, pipeline neighbours tp apart, DP groups span the world): NVLink when the group sits
+    in one node (g - 1 links at once where each pair of GPUs has its own, one to the switch otherwise; a
+    send goes over one), else the network between nodes, the slower link of the ring."""
+    p = cfg["parallel"]
+    world = p.tp * p.pp * (p.dp or 1)
+    size, span = {"tp": (p.tp, p.tp), "pp": (2, p.tp * p.pp), "dp": (p.dp or 1, world), "world": (world, world)}[group]
+    if span > machine["gpus_per_node"]:
+        return machine["net_GBps"] * 1e9
+    return machine["nvlink_GBps"] * 1e9 * (size - 1 if machine["nvlink_pairwise"] and size > 2 else 1)
+
+
+def collective_s(kind, g, calls, nbytes, bw, latency_s=0.0):
+    """The alpha-beta model of a ring (NCCL's bus bandwidth): per rank an all-reduce moves 2 (g-1)/g of its
+    buffer, an all-gather or reduce-scatter (g-1)/g of the whole tensor, a send its tensor (a receive comes
+    in over the other direction of full-duplex links: its send counts it); each call costs latency_s."""
+    moved = {"all_reduce": 2 * (g - 1) / g, "all_gather": (g - 1) / g, "reduce_scatter": (g - 1) / g,
+             "send": 1.0, "recv": 0.0}[kind]
+    return calls * latency_s + moved * nbytes / bw if moved else 0.0
+
+
+def _comm_s(cfg, machine, counts, keep):
+    """Seconds of the collectives in step_bytes' counts whose (kind, group) `keep` accepts."""
+    p = cfg["parallel"]
+    size = dict(tp=p.tp, pp=p.pp, dp=p.dp or 1, world=p.tp * p.pp * (p.dp or 1))
+    return sum(collective_s(kind, size[group], calls, nbytes, _bandwidth(machine, cfg, group), machine["latency_us"] * 1e-6)
+               for (kind, group), (calls, nbytes) in counts.items() if keep(kind, group))
+
+
+def compute_s(cfg, stage, machine, mfu):
+    """The FLOPs a rank of this stage runs in a step, over peak x efficiency. Per token (model.flops_per_token):
+    6 x a layer's parameters + causal attention, 6 H D T, for each of its L/pp layers, and 6 x the head's (and
+    the final norm's) on the last stage; activation checkpointing runs each block's forward again (8/6 of
+    its FLOPs). Each rank computes 1/tp of it, for its replica's global_batch x T / dp tokens."""
+    m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
+    T = cfg["data"].seq_len
+    head = 6 * (m.vocab_size + 1) * m.hidden_size
+    layer = (flops_per_token(m, T, _params(m)) - head) / m.num_hidden_layers
+    flops = layer * m.num_hidden_layers / p.pp * (8 / 6 if t.activation_checkpointing else 1) + head * (stage == p.pp - 1)
+    return t.global_batch_size * T / (p.dp or 1) * flops / p.tp / (machine["peak_tflops"] * 1e12 * mfu)
+
+
+def dp_exposed_s(cfg, stage, rs_s, ag_s, unit_f, unit_b):
+    """The parts of the ZeRO-1 reduce-scatter (rs_s) and all-gather (ag_s) that compute does not hide, as the
+    code overlaps them; unit_f and unit_b: one unit's forward and backward (a micro-batch through one chunk).
+    Chunk c's gradients reduce from the start of its last backward unit (opt.sync), chunk V-1's first, while
+    the later chunks' c pp backward units and the s units of the stages that end after this one run; its
+    weights are gathered after the step in forward order and needed, layer by layer, during its first
+    forward unit of the next step, in round s + c pp (parallel.pipeline_interleaved; V = 1 is 1F1B)."""
+    p = cfg["parallel"]
+    pp, V = p.pp, p.virtual_stages
+    share = [0.0] * V  # each chunk's share of the stage's parameters (the embedding in chunk 0, the head in V-1)
+    params = stage_parameters(cfg, stage)
+    layers = sorted({int(n.split(".")[2]) for n, _, _ in params if n.startswith("model.layers.")})
+    total = sum(k for _, k, _ in params)
+    for n, k, _ in params:
+        c = layers.index(int(n.split(".")[2])) * V // len(layers) if n.startswith("model.layers.") else \
+            (0 if n.startswith("model.embed_tokens") else V - 1)
+        share[c] += k / total
+    net = 0.0  # when the network is done with what was handed to it
+    for c in reversed(range(V)):
+        net = max(net, (V - 1 - c) * pp * unit_b) + rs_s * share[c]
+    rs = max(0.0, net - ((V - 1) * pp + 1 + stage) * unit_b)
+    net, ag = 0.0, 0.0
+    for c in range(V):
+        net += ag_s * share[c]
+        ag = max(ag, net - (stage + c * pp + 1) * unit_f)
+    return rs, ag
+
+
+def optimizer_s(cfg, stage, machine):
+    """The update, bound by memory bandwidth: on the rank's partition (n/dp elements) the update's own traffic
+    (OPTIMIZER_BYTES), the norm (4 B) and clipping (8 B), the copy back into the weights (4 B + the weight's);
+    zeroing the whole fp32 gradient buffer (4 B per element of n) and the partition."""
+    t, dp = cfg["train"], cfg["parallel"].dp or 1
+    n = sum(k for _, k, _ in stage_parameters(cfg, stage))
+    nbytes = n / dp * (OPTIMIZER_BYTES[t.optimizer] + 12 + 4 + _wbytes(t)) + 4 * n + (4 * n / dp if dp > 1 else 0)
+    return nbytes / (machine["hbm_GBps"] * 1e9)
+
+
+TERMS = ("compute", "tensor/sequence-parallel collectives", "pipeline bubble", "pipeline point-to-point",
+         "data-parallel reduce-scatter, not hidden", "data-parallel all-gather, not hidden",
+         "optimizer step (memory-bound)", "small all-reduces (loss, token count, norm, flags)")
+
+
+def step_time(cfg, machine, rows=EFFICIENCY):
+    """One training step on `machine`: {"terms": {name: seconds}} that sum to "step_s", the stages they come
+    from, "tokens_per_s_gpu", "mfu" and the efficiency "row". For the first and the last stage (the
+    middle ones do less: no embedding, no head, a longer tail):
+        work(s) = compute + tensor-parallel collectives + point-to-point sends, over the step's units
+        bubble  = (pp - 1) / (V m) x the largest work (Narayanan et al. 2021, arXiv 2104.04473, 2.2)
+        tail(s) = reduce-scatter and all-gather not hidden + the update + the small all-reduces
+        step    = the largest work + bubble + the largest tail
+    The collectives of a rank's own work run on its stream (not hidden); the tensor-parallel ones over the
+    TP group's links, the sends to the pipeline neighbour, the ZeRO ones over the DP group's."""
+    m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
+    dp, V = p.dp or 1, p.virtual_stages
+    micro = t.global_batch_size // (dp * t.micro_batch_size)
+    row = efficiency_row(cfg, rows) if not machine["efficiency"] else \
+        dict(name="--machine.efficiency", mfu=machine["efficiency"], source="given on the command line")
+    fwd = 1 / 4 if t.activation_checkpointing else 1 / 3  # the forward's share of a unit's FLOPs (2 of 6 or 8 N)
+    per = {}
+    for s in sorted({0, p.pp - 1}):
+        counts = step_bytes(cfg, s)
+        c = compute_s(cfg, s, machine, row["mfu"])
+        tpc = _comm_s(cfg, machine, counts, lambda k, g: g == "tp")
+        p2p = _comm_s(cfg, machine, counts, lambda k, g: k in ("send", "recv"))
+        rs, ag = dp_exposed_s(cfg, s, _comm_s(cfg, machine, counts, lambda k, g: k == "reduce_scatter" and g == "dp"),
+                              _comm_s(cfg, machine, counts, lambda k, g: k == "all_gather" and g == "dp"),
+                              (c + tpc) / (micro * V) * fwd, (c + tpc) / (micro * V) * (1 - fwd))
+        small = _comm_s(cfg, machine, counts, lambda k, g: k == "all_reduce" and g != "tp")
+        per[s] = dict(work=(c, tpc, p2p), tail=(rs, ag, optimizer_s(cfg, s, machine), small))
+    w = max(per, key=lambda s: sum(per[s]["work"]))
+    tl = max(per, key=lambda s: sum(per[s]["tail"]))
+    bubble = (p.pp - 1) / (V * micro) * sum(per[w]["work"])
+    values = (*per[w]["work"][:2], bubble, per[w]["work"][2], *per[tl]["tail"])
+    step = sum(values)
+    gpus = p.tp * p.pp * dp
+    tps = t.global_batch_size * cfg["data"].seq_len / step / gpus
+    return dict(terms=dict(zip(TERMS, values)), step_s=step, tokens_per_s_gpu=tps, work_stage=w, tail_stage=tl,
+                mfu=tps * flops_per_token(m, cfg["data"].seq_len, _params(m)) / (machine["peak_tflops"] * 1e12),
+                row=row, micro_batches=micro, gpus=gpus, counts={s: step_bytes(cfg, s) for s in per})
+
+
+def _layout_name(cfg):
+    p, t = cfg["parallel"], cfg["train"]
+    return (f"tp={p.tp} pp={p.pp}{f' virtual_stages={p.virtual_stages}' if p.virtual_stages > 1 else ''} dp={p.dp or 1}, "
+            f"micro-batch {t.micro_batch_size}{', sequence parallel' if p.sequence_parallel and p.tp > 1 else ''}"
+            f"{', activation checkpointing' if t.activation_checkpointing else ''}")
+
+
+def format_time(cfg, name, machine, r):
+    """step_time as text: the terms, the step, tokens/s/GPU and MFU, and the published measurement beside."""
+    p, t = cfg["parallel"], cfg["train"]
+    lines = [f"step time on {r['gpus']:,} x {name} ({_layout_name(cfg)}; {r['micro_batches']} micro-batches of "
+             f"{t.micro_batch_size} x {cfg['data'].seq_len} tokens per step):"]
+    why = {"compute": f"at {r['row']['mfu']:.1%} of {machine['peak_tflops']} TFLOP/s, measured: {r['row']['name']}",
+           "pipeline bubble": f"(pp-1)/(V m) = {p.pp - 1}/{p.virtual_stages * r['micro_batches']} of the stage's work",
+           "tensor/sequence-parallel collectives": "not overlapped"}
+    for k, v in r["terms"].items():
+        stage = r["work_stage"] if TERMS.index(k) < 4 else r["tail_stage"]
+        where = f" (stage {stage})" if p.pp > 1 and k != "pipeline bubble" else ""
+        lines.append(f"  {k:<52}{v:>9.3f} s{where}  {why.get(k, '')}".rstrip())
+    lines.append(f"  {'step':<52}{r['step_s']:>9.3f} s  -> {r['tokens_per_s_gpu']:,.0f} tokens/s/GPU, MFU {r['mfu']:.1%} "
+                 f"(6N + causal attention)")
+    pub = published(cfg, name)
+    if pub:
+        lines.append(f"  measured on Alps: {pub['tokens_per_s']:,} tokens/s/GPU ({pub['model']}, APERTUS.md section 3): "
+                     f"the plan is {r['tokens_per_s_gpu'] / pub['tokens_per_s'] - 1:+.1%} off")
+    lines.append(f"  (compute efficiency from: {r['row']['source']})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- search and scaling
+def _divisors(n):
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def search(cfg, machine, gpus, rows=EFFICIENCY):
+    """Every layout of `gpus` GPUs that check_layout accepts and whose largest stage fits FIT of the GPU's
+    memory: tp (up to two nodes), pp, virtual stages, micro-batch (1 to 8), activation checkpointing and
+    sequence parallelism, dp the rest; ranked by predicted tokens/s/GPU: [(tokens/s/GPU, cfg, step_time)]."""
+    m, t = cfg["model"], cfg["train"]
+    out = []
+    for tp in [k for k in (1, 2, 4, 8, 16) if k <= 2 * machine["gpus_per_node"] and gpus % k == 0]:
+        for pp in [k for k in _divisors(m.num_hidden_layers) if gpus % (tp * k) == 0]:
+            for V in _divisors(m.num_hidden_layers // pp) if pp > 1 else [1]:
+                for micro in (1, 2, 4, 8):
+                    for ckpt in (False, True):
+                        for sp in (False, True) if tp > 1 else (False,):
+                            c = with_layout(cfg, tp=tp, pp=pp, dp=gpus // (tp * pp), virtual_stages=V,
+                                            micro_batch_size=micro, activation_checkpointing=ckpt, sequence_parallel=sp)
+                            try:
+                                parallel.check_layout(m, gpus, tp, gpus // (tp * pp), t.global_batch_size, micro,
+                                                      cfg["data"].seq_len, sp, pp, V)
+                            except parallel.LayoutError:
+                                continue
+                            if peak_memory(c, tp, gpus // (tp * pp)) < FIT * machine["memory_GB"] * 1e9:
+                                r = step_time(c, machine, rows)
+                                out.append((r["tokens_per_s_gpu"], c, r))
+    return sorted(out, key=lambda x: -x[0])
+
+
+def format_search(cfg, name, machine, gpus, ranked, top=10):
+    t = cfg["train"]
+    lines = [f"the {min(top, len(ranked))} fastest of {len(ranked)} layouts of {gpus:,} x {name} that fit {FIT:.0%} of "
+             f"{machine['memory_GB']} GB (global batch {t.global_batch_size} x {cfg['data'].seq_len}):",
+             f"  {'#':>3} {'tp':>3} {'pp':>3} {'V':>3} {'dp':>5} {'micro':>5} {'sp':>3} {'ckpt':>4} {'peak GB':>8} "
+             f"{'step s':>8} {'tokens/s/GPU':>13} {'MFU':>6}"]
+    for i, (tps, c, r) in enumerate(ranked[:top]):
+        p, tt = c["parallel"], c["train"]
+        lines.append(f"  {i + 1:>3} {p.tp:>3} {p.pp:>3} {p.virtual_stages:>3} {p.dp:>5} {tt.micro_batch_size:>5} "
+                     f"{'y' if p.sequence_parallel else '-':>3} {'y' if tt.activation_checkpointing else '-':>4} "
+                     f"{peak_memory(c, p.tp, p.dp) / 1e9:>8.1f} {r['step_s']:>8.3f} {tps:>13,.0f} {r['mfu']:>6.1%}")
+    mine = with_layout(cfg, dp=gpus // (cfg["parallel"].tp * cfg["parallel"].pp))
+    key = lambda c: (_layout_name(c), c["train"].micro_batch_size)  # noqa: E731
+    rank = next((i for i, (_, c, _) in enumerate(ranked) if key(c) == key(mine)), None)
+    if rank is None:
+        lines.append(f"the config's layout ({_layout_name(mine)}) is not among them (it does not fit, or is refused)")
+    elif ranked:
+        first, own = ranked[0][2], ranked[rank][2]
+        lines.append(f"the config's layout ({_layout_name(mine)}) ranks #{rank + 1}: {ranked[rank][0]:,.0f} tokens/s/GPU")
+        if rank:
+            diffs = sorted(((own["terms"][k] - first["terms"][k], k) for k in TERMS), reverse=True)
+            lines.append(f"#1 ({_layout_name(ranked[0][1])}) is {ranked[0][0] / ranked[rank][0] - 1:.1%} faster: " +
+                         "; ".join(f"{k} {own['terms'][k]:.3f} -> {first['terms'][k]:.3f} s" for d, k in diffs if abs(d) > 0.0005))
+    return "\n".join(lines)
+
+
+def scaling(cfg, machine, gpus, rows=EFFICIENCY):
+    """Strong scaling at the config's global batch: its tp, pp, virtual stages and micro-batch with dp = 1, 2,
+    4, ... up to gpus / (tp pp): [(gpus, cfg, step_time, efficiency, fits)], efficiency being tokens/s/GPU over
+    the smallest layout's."""
+    p = cfg["parallel"]
+    out, dp = [], 1
+    while dp * p.tp * p.pp <= gpus:
+        c = with_layout(cfg, dp=dp)
+        r = step_time(c, machine, rows)
+        fits = peak_memory(c, p.tp, dp) < FIT * machine["memory_GB"] * 1e9
+        out.append((dp * p.tp * p.pp, c, r, r["tokens_per_s_gpu"] / (out[0][2] if out else r)["tokens_per_s_gpu"], fits))
+        dp *= 2
+    return out
+
+
+def format_scaling(cfg, name, curve):
+    t = cfg["train"]
+    lines = [f"strong scaling at a constant global batch of {t.global_batch_size} x {cfg['data'].seq_len} tokens on "
+             f"{name} ({_layout_name(curve[0][1]).split(' dp=')[0]}, dp grows):",
+             f"  {'GPUs':>6} {'dp':>5} {'micro-batches':>13} {'step s':>9} {'tokens/s/GPU':>13} {'efficiency':>10}  memory"]
+    for gpus, c, r, eff, fits in curve:
+        lines.append(f"  {gpus:>6,} {c['parallel'].dp:>5} {r['micro_batches']:>13,} {r['step_s']:>9.2f} "
+                     f"{r['tokens_per_s_gpu']:>13,.0f} {eff:>10.1%}  {'fits' if fits else 'does NOT fit'}")
+    pub = published(curve[-1][1], name, dp=False)
+    if pub and pub["scaling"] and (curve[0][0], curve[-1][0]) == pub["scaling"][:2]:
+        lines.append(f"  measured on Alps: {pub['scaling'][2]:.0%} from {pub['scaling'][0]:,} to {pub['scaling'][1]:,} GPUs "
+                     f"({pub['model']}, APERTUS.md section 3); planned {curve[-1][3]:.0%}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the command
 def load(path, overrides):
     """The config as train.py reads it; with train.init_from, the architecture of that directory when it
     can be read here (else the [model] section as written, and a line that says so)."""
@@ -133,15 +587,68 @@ def load(path, overrides):
     return cfg
 
 
+def read_rows(path):
+    """The plan_row of every JSON line bench.py printed into `path`."""
+    with open(path) as f:
+        rows = [json.loads(line).get("plan_row") for line in f if line.startswith("{")]
+    if not any(rows):
+        raise ValueError(f"{path} holds no bench.py line with a plan_row")
+    return [r for r in rows if r]
+
+
+def machine_from(name, what_if):
+    """MACHINES[name] with --machine.KEY=VALUE overrides."""
+    if name not in MACHINES:
+        raise ValueError(f"unknown machine {name!r} (known: {', '.join(MACHINES)})")
+    machine = dict(MACHINES[name])
+    for arg in what_if:
+        key, _, value = arg[len("--machine."):].partition("=")
+        if key not in machine:
+            raise ValueError(f"unknown machine key {key!r} (known: {', '.join(machine)})")
+        try:
+            machine[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--machine.{key} needs a number, got {value!r}") from None
+    return machine
+
+
 def main(argv):
     args = [a for a in argv if a != "--plan"]
-    if not args or args[0].startswith("--"):
+    what_if = [a for a in args if a.startswith("--machine.")]
+    ap = argparse.ArgumentParser(prog="plan.py", allow_abbrev=False, add_help=False)
+    ap.add_argument("config", nargs="?")
+    ap.add_argument("--machine")
+    ap.add_argument("--gpus", type=int)
+    ap.add_argument("--efficiency")
+    for flag in ("--bytes", "--search", "--scaling", "--help"):
+        ap.add_argument(flag, action="store_true")
+    opts, overrides = ap.parse_known_args([a for a in args if a not in what_if])
+    if opts.help or not opts.config or opts.config.startswith("--"):
         print(__doc__)
         return 2
     try:
-        cfg = load(args[0], args[1:])
-        print(format_plan(cfg, plan_layout(cfg)))
-    except (train.ConfigError, parallel.LayoutError) as e:
+        cfg = load(opts.config, overrides)
+        rows = read_rows(opts.efficiency) + EFFICIENCY if opts.efficiency else EFFICIENCY
+        if (what_if or opts.search or opts.scaling) and not opts.machine:
+            raise ValueError("--machine.KEY, --search and --scaling need --machine NAME")
+        machine = machine_from(opts.machine, what_if) if opts.machine else None
+        p = cfg["parallel"]
+        if opts.gpus:
+            if opts.gpus % (p.tp * p.pp):
+                raise ValueError(f"--gpus {opts.gpus} is not a multiple of tp x pp = {p.tp} x {p.pp}")
+            cfg = with_layout(cfg, dp=opts.gpus // (p.tp * p.pp))
+        gpus = p.tp * p.pp * (cfg["parallel"].dp or 1)
+        if opts.search:
+            print(format_search(cfg, opts.machine, machine, gpus, search(cfg, machine, gpus, rows)))
+        elif opts.scaling:
+            print(format_scaling(cfg, opts.machine, scaling(cfg, machine, gpus, rows)))
+        else:
+            print(format_plan(cfg, plan_layout(cfg)))
+            if opts.bytes:
+                print(format_bytes(cfg))
+            if machine:
+                print(format_time(cfg, opts.machine, machine, step_time(cfg, machine, rows)))
+    except (train.ConfigError, parallel.LayoutError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

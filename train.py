@@ -373,13 +373,13 @@ def all_sum(x, *groups):
     return x
 
 
-def micro_loss(model, x, y, mask, n_tokens, hidden=None):
+def micro_loss(model, x, y, mask, n_tokens, hidden=None, chunk=None):
     """One micro-batch on this rank's stage: its share of the global mean loss (the last stage), or the
     activations for the next stage."""
     cfg = model.config
     doc = document_ids(x, cfg.eos_token_id, cfg.bos_token_id)
-    out = model(x, y, loss_mask=mask, doc_ids=doc, reduction="sum", hidden=hidden)
-    return out / n_tokens if model.lm_head is not None else out
+    out = model(x, y, loss_mask=mask, doc_ids=doc, reduction="sum", hidden=hidden, chunk=chunk)
+    return out / n_tokens if out.dim() == 0 else out  # the loss, or activations
 
 
 def forward_backward(model, opt, batches, t, grid, train=True):
@@ -402,7 +402,8 @@ def forward_backward(model, opt, batches, t, grid, train=True):
         sp = grid.tp if grid.sequence_parallel else 1
         dtype = next(model.parameters()).dtype
         pipe = parallel.Pipe(grid, (B, T // sp, cfg.hidden_size), dtype)
-        total, _ = parallel.pipeline_1f1b(steps, pipe, opt, train)
+        schedule = parallel.pipeline_1f1b if grid.virtual_stages == 1 else parallel.pipeline_interleaved
+        total, _ = schedule(steps, pipe, opt, train)
         waited, groups = pipe.wait_s, (grid.dp_group, grid.pp_group)
     else:
         total, waited, groups = torch.zeros((), device=grid.device), 0.0, (grid.dp_group,)
@@ -464,7 +465,7 @@ def setup(cfg):
     device_type = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     _, world, _ = parallel.env_rank()
     parallel.check_layout(mcfg, world, p.tp, None, t.global_batch_size, t.micro_batch_size, dcfg.seq_len,
-                          p.sequence_parallel, p.pp)
+                          p.sequence_parallel, p.pp, p.virtual_stages)
     grid = parallel.init_distributed(p, device_type)
     torch.manual_seed(t.seed * 1_000_003 + grid.rank)  # each rank's own stream, the same in every run
     tok = prepare.get_tokenizer(dcfg.tokenizer)

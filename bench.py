@@ -13,7 +13,11 @@ synthetic, with documents (BOS ... EOS) of random length around --doc-len, so th
 document mask has real boundaries. Warmup steps (compilation, autotuning, allocator growth) are run
 and thrown away before the timed ones ("so we aren't cheating"). The last line printed is one JSON
 object; MFU counts 6N (N without the input embedding) plus causal attention 6LHDT, against the GPU's
-dense bf16 peak (train.PEAK_BF16_FLOPS).
+dense bf16 peak (train.PEAK_BF16_FLOPS). On such a GPU it also holds "plan_row", the measurement as a row
+of plan.py's compute-efficiency table:
+
+    python bench.py configs/apertus-70b.toml --per-rank-tp 4 --model.num_hidden_layers=4 | tee -a my-gpu.jsonl
+    python plan.py configs/apertus-70b.toml --machine gh200-alps --gpus 4096 --efficiency my-gpu.jsonl
 """
 import argparse
 import json
@@ -62,6 +66,18 @@ def per_rank_tp(cfg, tp):
             sys.exit(f"error: --per-rank-tp {tp} does not divide model.{key} ({getattr(m, key)})")
         setattr(m, key, getattr(m, key) // tp)
     cfg["parallel"].tp, cfg["parallel"].sequence_parallel = 1, False  # one process plays one rank
+
+
+def plan_row(cfg, args, overrides, device, mfu, tp=1):
+    """This measurement as a row of plan.EFFICIENCY: the shape one rank computes (hidden size, query and
+    MLP widths, tokens per micro-batch; --per-rank-tp has already divided them) and its MFU. Give plan.py
+    the file of bench.py's JSON lines with --efficiency FILE, or paste the row into plan.EFFICIENCY."""
+    m, t = cfg["model"], cfg["train"]
+    command = " ".join(["python bench.py", args.config, *overrides])
+    return dict(name=f"{os.path.basename(args.config)} {' '.join(overrides)}".strip(), hidden=m.hidden_size,
+                q_width=m.num_attention_heads * m.head_dim // tp, mlp_width=m.intermediate_size // tp,
+                tokens=t.micro_batch_size * cfg["data"].seq_len, compile=t.compile, mfu=mfu,
+                source=f"bench.py on {device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}: {command}")
 
 
 def sync(device):
@@ -243,6 +259,8 @@ def main(argv=None):
         peak_memory_gb=round(peak, 2) if peak is not None else None, plan_gb=round(plan_bytes / 1e9, 2),
         activation_bytes_per_token_layer=round(per_layer / (t.micro_batch_size * T)) if per_layer else None,
         loss=round(loss, 4), flex_options=model_py.FLEX_KERNEL_OPTIONS, loss_chunk=model_py.LOSS_CHUNK_ELEMENTS, **saves)
+    if result["mfu"] is not None and grid.pp == 1:  # a GPU whose peak is known: a row of plan.py's table
+        result["plan_row"] = plan_row(cfg, args, result["overrides"], result["device"], result["mfu"], grid.tp)
     if args.compare_hf and grid.world == 1:
         hf_times, hf_peak = bench_hf(cfg, args, grid.device)
         hf_tps = tokens / statistics.mean(hf_times)

@@ -31,7 +31,8 @@ buckets just before its forward (Megatron's overlapped parameter gather).
 
 Pipeline parallelism (Megatron-LM's 1F1B schedule, picotron's pipeline file): stage s holds layers
 [s L/pp, (s+1) L/pp), the first also the embedding, the last the final norm, the head and the loss;
-activations and their gradients go point-to-point between neighbouring stages (pipeline_1f1b).
+activations and their gradients go point-to-point between neighbouring stages (pipeline_1f1b), or round
+a ring of them V times with virtual_stages = V, Megatron's interleaved schedule (pipeline_interleaved).
 
 Words: a tensor-parallel rank holds a *slice* of a weight; a data-parallel rank owns a *partition* of
 each gradient bucket, and its *pieces* are the parts of parameters that fall in that partition.
@@ -111,8 +112,8 @@ def env_rank():
 
 def check_layout(cfg, world, tp, dp=None, global_batch=None, micro_batch=None, seq_len=None, sp=False, pp=1, vp=1):
     """Refuse a layout that does not fit, before anything is allocated, naming the numbers."""
-    if min(tp, pp, vp) < 1 or (vp > 1 and pp == 1):
-        raise LayoutError(f"layout refused: tp={tp}, pp={pp}, virtual_stages={vp} must be at least 1 (pp > 1 with V > 1)")
+    if tp < 1 or pp < 1:
+        raise LayoutError(f"layout refused: tp={tp} and pp={pp} must be at least 1")
     dp = dp or world // (tp * pp)
     problems = []
     if world % (tp * pp):
@@ -121,8 +122,10 @@ def check_layout(cfg, world, tp, dp=None, global_batch=None, micro_batch=None, s
                     ("vocab size", cfg.vocab_size), ("MLP width", cfg.intermediate_size)):
         if n % tp:
             problems.append(f"tp={tp} does not divide the {what} ({n})")
-    if cfg.num_hidden_layers % (pp * vp):
-        problems.append(f"pp={pp} x virtual_stages={vp} does not divide the {cfg.num_hidden_layers} layers")
+    if vp != 1 and (vp < 1 or pp == 1):
+        problems.append(f"virtual_stages={vp} must be 1, or more with pp > 1")
+    if cfg.num_hidden_layers % (pp * max(vp, 1)):
+        problems.append(f"pp={pp}{f' x virtual_stages={vp}' if vp > 1 else ''} does not divide the {cfg.num_hidden_layers} layers")
     if vp > 1 and global_batch is not None and dp >= 1 and global_batch // (dp * micro_batch) % pp:
         problems.append(f"the interleaved schedule needs the micro-batches ({global_batch // (dp * micro_batch)}) "
                         f"to be a multiple of pp={pp}")

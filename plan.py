@@ -380,9 +380,11 @@ def dp_exposed_s(cfg, stage, rs_s, ag_s, unit_f, unit_b):
     """The parts of the ZeRO-1 reduce-scatter (rs_s) and all-gather (ag_s) that compute does not hide, as the
     code overlaps them; unit_f and unit_b: one unit's forward and backward (a micro-batch through one chunk).
     Chunk c's gradients reduce from the start of its last backward unit (opt.sync), chunk V-1's first, while
-    the later chunks' c pp backward units and the s units of the stages that end after this one run; its
-    weights are gathered after the step in forward order and needed, layer by layer, during its first
-    forward unit of the next step, in round s + c pp (parallel.pipeline_interleaved; V = 1 is 1F1B)."""
+    the later chunks' c pp backward units and the s units of the stages that end after this one run; the
+    bucket of the stage's first layers (and the embedding) is complete only at the very end. The weights are
+    gathered after the step in forward order, that bucket first: needed at once by the first stage, and
+    each chunk's, layer by layer, during its first forward unit of the next step, in round s + c pp
+    (parallel.pipeline_interleaved; V = 1 is 1F1B)."""
     p = cfg["parallel"]
     pp, V = p.pp, p.virtual_stages
     share = [0.0] * V  # each chunk's share of the stage's parameters (the embedding in chunk 0, the head in V-1)
@@ -393,15 +395,17 @@ def dp_exposed_s(cfg, stage, rs_s, ag_s, unit_f, unit_b):
         c = layers.index(int(n.split(".")[2])) * V // len(layers) if n.startswith("model.layers.") else \
             (0 if n.startswith("model.embed_tokens") else V - 1)
         share[c] += k / total
-    net = 0.0  # when the network is done with what was handed to it
+    _, buckets = parallel.zero_layout([(n, k) for n, k, _ in params], p.dp or 1, p.bucket_size)
+    last = buckets[-1].size / sum(b.size for b in buckets)  # the bucket of the first layers, last in backward
+    net, end = 0.0, ((V - 1) * pp + 1) * unit_b  # when the network is free; when this rank's backward ends
     for c in reversed(range(V)):
         net = max(net, (V - 1 - c) * pp * unit_b) + rs_s * share[c]
-    rs = max(0.0, net - ((V - 1) * pp + 1 + stage) * unit_b)
-    net, ag = 0.0, 0.0
+    rs = max(0.0, max(net, end + rs_s * last) - end - stage * unit_b)
+    net, ag = 0.0, ag_s * last - stage * unit_f
     for c in range(V):
         net += ag_s * share[c]
         ag = max(ag, net - (stage + c * pp + 1) * unit_f)
-    return rs, ag
+    return rs, max(0.0, ag)
 
 
 def optimizer_s(cfg, stage, machine):

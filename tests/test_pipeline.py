@@ -196,6 +196,10 @@ def test_interleaved_runs_give_the_single_process_losses(runs, layout):
         assert sorted(got) == list(range(1, 9))
         for step, value in got.items():
             assert abs(value - want[step]) <= rtol * abs(want[step]), (layout, key, step, value, want[step])
+    # the evaluation at the end runs the schedule forwards only
+    val = [[r["val_loss"] for r in map(json.loads, open(d / "metrics.jsonl")) if "val_loss" in r] for d in
+           (runs / "single", runs / layout)]
+    assert len(val[0]) == len(val[1]) == 1 and val[1][0] == pytest.approx(val[0][0], rel=1e-5)
 
 
 def test_a_checkpoint_resumes_across_pipeline_and_virtual_stages(runs, tmp_path):
@@ -231,3 +235,15 @@ def test_interleaved_bubble_is_the_plans_and_below_1f1b(runs):
         assert planned == pytest.approx(3 / (4 * V + 3))
         assert planned - 0.02 <= measured[V] <= planned + 0.05, (V, measured, planned)
     assert measured[2] < measured[1] - 0.1, measured
+
+
+def test_a_layout_the_interleaved_schedule_cannot_run_is_refused():
+    cfg = train.load_config(os.path.join(ROOT, "configs/tiny.toml"))["model"]  # 4 layers
+    for kwargs, message in ((dict(pp=1, vp=2), "virtual_stages=2 must be 1, or more with pp > 1"),
+                            (dict(pp=2, vp=0), "virtual_stages=0 must be 1, or more with pp > 1"),
+                            (dict(pp=2, vp=4), "pp=2 x virtual_stages=4 does not divide the 4 layers"),
+                            (dict(pp=2, vp=2, global_batch=24, micro_batch=4),
+                             "the interleaved schedule needs the micro-batches (3) to be a multiple of pp=2")):
+        with pytest.raises(parallel.LayoutError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            parallel.check_layout(cfg, 2 * kwargs["pp"], 1, 2, **{"global_batch": 16, "micro_batch": 4, **kwargs})
+    parallel.check_layout(cfg, 4, 1, 2, 16, 4, pp=2, vp=2)  # 2 micro-batches a rank, chunks of one layer

@@ -99,7 +99,7 @@ def _cfg(path, *overrides):
     return train.load_config(os.path.join(ROOT, path), list(overrides))
 
 
-APERTUS_70B = ("configs/apertus-70b.toml", "--parallel.virtual_stages=2", "--train.global_batch_size=4096")
+APERTUS_70B = ("configs/apertus-70b.toml", "--train.global_batch_size=4096")  # virtual_stages = 2 in the config
 
 
 def test_one_gpu_steps_reproduce_the_rows_they_come_from():
@@ -175,12 +175,17 @@ def test_plan_prints_the_step_beside_alps_measurements(tmp_path, monkeypatch):
                           (("--machine", "gh200-alps", "--gpus", "100"), "is not a multiple of tp x pp")):
         rc, _, err = _main(*APERTUS_70B, *args)
         assert rc == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
-    # bench.py's row for a GPU it ran on, read back with --efficiency
-    row = dict(name="my GPU", hidden=8192, q_width=2048, mlp_width=10752, tokens=4096, compile=True, mfu=0.5,
-               source="bench.py on a test GPU")
+    # bench.py's row of a GPU it ran on (the 70B's per-rank shapes of TP 4, as BENCHMARKS.md's), read back
+    import argparse
+    import bench
+    over = ["--model.num_hidden_layers=4", "--train.global_batch_size=8"]
+    bcfg = _cfg("configs/apertus-70b.toml", *over)
+    bench.per_rank_tp(bcfg, 4)
+    row = bench.plan_row(bcfg, argparse.Namespace(config="configs/apertus-70b.toml"), over, "a test GPU", 0.5)
+    assert plan.efficiency_row(plan.with_layout(_cfg(*APERTUS_70B), tp=4), [*plan.EFFICIENCY[:3], row]) is row
     (tmp_path / "bench.jsonl").write_text("a progress line\n" + json.dumps({"plan_row": row}) + "\n")
     rc, out, _ = _main(*APERTUS_70B, "--machine", "gh200-alps", "--gpus", "4096", "--efficiency", str(tmp_path / "bench.jsonl"))
-    assert rc == 0 and "at 50.0% of 989 TFLOP/s, measured: my GPU" in out
+    assert rc == 0 and "at 50.0% of 989 TFLOP/s, measured: apertus-70b.toml --model.num_hidden_layers=4" in out
 
 
 def test_plan_bytes_prints_every_collective_of_a_step(monkeypatch):

@@ -273,26 +273,33 @@ MACHINES = {
                      nvlink_pairwise=0, net_GBps=50, latency_us=0, efficiency=0),
 }
 
-# Compute efficiency, measured: the MFU of whole optimizer steps on one GPU (bench.py: forward, backward,
-# loss, ZeRO hooks, update), by the shape one rank computes. BENCHMARKS.md, "Throughput, one GPU": one
-# H100 80GB HBM3 SXM, PyTorch 2.11, measured 2026-11-25 (the first-loss rows before the loss's passes
-# were compiled, so below what this tree does). A layout takes the row nearest its per-rank shape;
-# bench.py prints a row like these for the GPU it runs on ("plan_row" in its JSON line), and
-# `plan.py --efficiency FILE` adds those of FILE's lines (or paste it here).
+# Compute efficiency, measured: whole optimizer steps on one GPU (bench.py: forward, backward, loss, ZeRO
+# hooks, update), by the shape one rank computes: its MFU and step, its parameters (ademamix) and the GPU's
+# memory bandwidth, so that the update, a term of its own here, is taken out (compute_mfu). BENCHMARKS.md,
+# "Throughput, one GPU": one H100 80GB HBM3 SXM (3.35 TB/s), PyTorch 2.11, measured 2026-11-25 (the
+# first-loss rows before the loss's passes were compiled, so below what this tree does). A layout takes
+# the row nearest its per-rank shape; bench.py prints such a row for the GPU it runs on ("plan_row" in
+# its JSON line), and `plan.py --efficiency FILE` adds those of FILE's lines (or paste it here).
 EFFICIENCY = [
     dict(name="apertus-1b, final loss", hidden=2048, q_width=2048, mlp_width=9216, tokens=16384, compile=True,
-         mfu=0.493, source="BENCHMARKS.md, H100 2026-11-25: python bench.py configs/apertus-1b.toml --steps 5 --warmup 2"),
+         mfu=0.493, step_s=1.895, params=1_308_694_560, hbm_GBps=3350,
+         source="BENCHMARKS.md, H100 2026-11-25: python bench.py configs/apertus-1b.toml --steps 5 --warmup 2"),
     dict(name="apertus-1b micro-batch 8, final loss", hidden=2048, q_width=2048, mlp_width=9216, tokens=32768,
-         compile=True, mfu=0.508, source="BENCHMARKS.md, H100 2026-11-25: python bench.py configs/apertus-1b.toml "
-                                           "--train.micro_batch_size=8 --steps 4 --warmup 2"),
+         compile=True, mfu=0.508, step_s=1.840, params=1_308_694_560, hbm_GBps=3350,
+         source="BENCHMARKS.md, H100 2026-11-25: python bench.py configs/apertus-1b.toml --train.micro_batch_size=8 "
+                "--steps 4 --warmup 2"),
     dict(name="Apertus-8B layers at full width, first loss", hidden=4096, q_width=4096, mlp_width=21504, tokens=16384,
-         compile=True, mfu=0.341, source="BENCHMARKS.md, H100 2026-11-25: python bench.py configs/apertus-8b.toml "
-                                           "--parallel.tp=1 --model.num_hidden_layers=4 --train.global_batch_size=16"),
+         compile=True, mfu=0.341, step_s=1.721, params=1_946_194_952, hbm_GBps=3350,
+         source="BENCHMARKS.md, H100 2026-11-25: python bench.py configs/apertus-8b.toml --parallel.tp=1 "
+                "--model.num_hidden_layers=4 --train.global_batch_size=16 --steps 4 --warmup 2"),
     dict(name="Apertus-70B per-rank shapes of TP 4, first loss", hidden=8192, q_width=2048, mlp_width=10752, tokens=4096,
-         compile=True, mfu=0.401, source="BENCHMARKS.md, H100 2026-11-25: python bench.py configs/apertus-70b.toml "
-                                           "--per-rank-tp 4 --model.num_hidden_layers=4 --train.global_batch_size=8"),
+         compile=True, mfu=0.401, step_s=0.574, params=1_392_583_688, hbm_GBps=3350,
+         source="BENCHMARKS.md, H100 2026-11-25: python bench.py configs/apertus-70b.toml --per-rank-tp 4 "
+                "--model.num_hidden_layers=4 --train.global_batch_size=8 --steps 5 --warmup 2"),
     dict(name="apertus-1b eager, first loss", hidden=2048, q_width=2048, mlp_width=9216, tokens=16384, compile=False,
-         mfu=0.195, source="BENCHMARKS.md, H100 2026-11-25: python bench.py configs/apertus-1b.toml --train.compile=false"),
+         mfu=0.195, step_s=4.795, params=1_308_694_560, hbm_GBps=3350,
+         source="BENCHMARKS.md, H100 2026-11-25: python bench.py configs/apertus-1b.toml --train.compile=false "
+                "--steps 3 --warmup 1"),
 ]
 
 # Measured on Alps (APERTUS.md section 3, from the Apertus tech report arXiv 2509.14233): tokens/s/GPU at
@@ -318,6 +325,24 @@ def published(cfg, machine_name, dp=True):
         if all(row[k] == v for k, v in here.items() if dp or k != "dp"):
             return row
     return None
+
+
+def update_bytes(n, dp, optimizer, wb):
+    """Bytes the update reads and writes for n parameters (TP-local) partitioned over dp ranks: on the
+    partition the update's own traffic (OPTIMIZER_BYTES), the norm (4 B) and clipping (8 B), the copy back
+    into the weights (4 B + the weight's); zeroing the whole fp32 gradient buffer (4 B an element of n)
+    and the partition."""
+    return n / dp * (OPTIMIZER_BYTES[optimizer] + 12 + 4 + wb) + 4 * n + (4 * n / dp if dp > 1 else 0)
+
+
+def compute_mfu(row):
+    """A row's MFU over its forward and backward: its step less the update, as optimizer_s counts it on one
+    GPU of the row's memory bandwidth (a tenth of the 4-layer 70B's short step, 3% of the 1B's). A row
+    without step_s, params and hbm_GBps is taken as it is."""
+    if not all(row.get(k) for k in ("step_s", "params", "hbm_GBps")):
+        return row["mfu"]
+    update = update_bytes(row["params"], 1, row.get("optimizer", "ademamix"), 2) / (row["hbm_GBps"] * 1e9)
+    return row["mfu"] * row["step_s"] / (row["step_s"] - update)
 
 
 def efficiency_row(cfg, rows):
@@ -409,13 +434,10 @@ def dp_exposed_s(cfg, stage, rs_s, ag_s, unit_f, unit_b):
 
 
 def optimizer_s(cfg, stage, machine):
-    """The update, bound by memory bandwidth: on the rank's partition (n/dp elements) the update's own traffic
-    (OPTIMIZER_BYTES), the norm (4 B) and clipping (8 B), the copy back into the weights (4 B + the weight's);
-    zeroing the whole fp32 gradient buffer (4 B per element of n) and the partition."""
-    t, dp = cfg["train"], cfg["parallel"].dp or 1
+    """The update, bound by memory bandwidth: update_bytes of the stage's parameters over the GPU's."""
+    t = cfg["train"]
     n = sum(k for _, k, _ in stage_parameters(cfg, stage))
-    nbytes = n / dp * (OPTIMIZER_BYTES[t.optimizer] + 12 + 4 + _wbytes(t)) + 4 * n + (4 * n / dp if dp > 1 else 0)
-    return nbytes / (machine["hbm_GBps"] * 1e9)
+    return update_bytes(n, cfg["parallel"].dp or 1, t.optimizer, _wbytes(t)) / (machine["hbm_GBps"] * 1e9)
 
 
 TERMS = ("compute", "tensor/sequence-parallel collectives", "pipeline bubble", "pipeline point-to-point",
@@ -438,11 +460,12 @@ def step_time(cfg, machine, rows=EFFICIENCY):
     micro = t.global_batch_size // (dp * t.micro_batch_size)
     row = efficiency_row(cfg, rows) if not machine["efficiency"] else \
         dict(name="--machine.efficiency", mfu=machine["efficiency"], source="given on the command line")
+    row = dict(row, compute_mfu=compute_mfu(row))
     fwd = 1 / 4 if t.activation_checkpointing else 1 / 3  # the forward's share of a unit's FLOPs (2 of 6 or 8 N)
     per = {}
     for s in sorted({0, p.pp - 1}):
         counts = step_bytes(cfg, s)
-        c = compute_s(cfg, s, machine, row["mfu"])
+        c = compute_s(cfg, s, machine, row["compute_mfu"])
         tpc = _comm_s(cfg, machine, counts, lambda k, g: g == "tp")
         p2p = _comm_s(cfg, machine, counts, lambda k, g: k in ("send", "recv"))
         rs, ag = dp_exposed_s(cfg, s, _comm_s(cfg, machine, counts, lambda k, g: k == "reduce_scatter" and g == "dp"),
@@ -474,7 +497,7 @@ def format_time(cfg, name, machine, r):
     p, t = cfg["parallel"], cfg["train"]
     lines = [f"step time on {r['gpus']:,} x {name} ({_layout_name(cfg)}; {r['micro_batches']} micro-batches of "
              f"{t.micro_batch_size} x {cfg['data'].seq_len} tokens per step):"]
-    why = {"compute": f"at {r['row']['mfu']:.1%} of {machine['peak_tflops']} TFLOP/s, measured: {r['row']['name']}",
+    why = {"compute": f"at {r['row']['compute_mfu']:.1%} of {machine['peak_tflops']} TFLOP/s, measured: {r['row']['name']}",
            "pipeline bubble": f"(pp-1)/(V m) = {p.pp - 1}/{p.virtual_stages * r['micro_batches']} of the stage's work",
            "tensor/sequence-parallel collectives": "not overlapped"}
     for k, v in r["terms"].items():

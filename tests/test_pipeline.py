@@ -100,7 +100,7 @@ def test_interleaved_rounds_compute_the_gradients_without_deadlock(pp, V, m):
         assert f"activations ({most} chunks of 1 layers in flight)" in plan.memory_plan(cfg, 1, 1, s)[0]
 
 
-UNIT_S = 0.04  # a micro-batch's forward through a stage, slept
+UNIT_S = 0.06  # a micro-batch's forward through a stage, slept
 
 
 class Sleep(torch.autograd.Function):
@@ -221,9 +221,10 @@ def test_interleaved_bubble_is_the_plans_and_below_1f1b(runs):
     train.py measures it (the first stage's waits in Pipe), pp = 4 and m = 4: 1F1B 3/7 = 0.43, interleaved
     V = 2 3/11 = 0.27. Real computation would not show it here: 4 processes on 2 shared cores wait for a
     core as much as for their neighbours, and a tiny model's exchanges cost more than its compute
-    (BENCHMARKS.md). Units that sleep (40 ms a micro-batch's forward through a stage, twice that backward:
-    steps of 0.6 to 0.8 s) leave the exchanges' own cost, a few ms a step (0.01 to 0.02 measured), and the
-    late wake-ups of a loaded machine: 0.05 of margin, a third of the gap between the schedules."""
+    (BENCHMARKS.md). Units that sleep (60 ms a micro-batch's forward through a stage, twice that backward:
+    steps of 1 to 1.3 s) leave the exchanges' own cost and the late wake-ups of a loaded machine, about
+    1 ms a round: 0.01 to 0.02 over the formula, measured at a load of 9 on the 2 cores (BENCHMARKS.md);
+    0.05 of margin, a third of the gap between the two schedules."""
     measured = {int(V): min(b) for V, b in json.load(open(runs / "bubbles.json")).items()}  # the calmest of 3 steps
     for V in (1, 2):
         cfg = plan.with_layout(train.load_config(os.path.join(ROOT, "configs/tiny.toml"), [
@@ -247,3 +248,18 @@ def test_a_layout_the_interleaved_schedule_cannot_run_is_refused():
         with pytest.raises(parallel.LayoutError, match=message.replace("(", r"\(").replace(")", r"\)")):
             parallel.check_layout(cfg, 2 * kwargs["pp"], 1, 2, **{"global_batch": 16, "micro_batch": 4, **kwargs})
     parallel.check_layout(cfg, 4, 1, 2, 16, 4, pp=2, vp=2)  # 2 micro-batches a rank, chunks of one layer
+
+
+def _bubble_worker(rank, world, port, out):
+    _init(rank, world, port)
+    bubbles = _measure_bubbles(port, 4, UNIT_S)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(bubbles, f)
+
+
+if __name__ == "__main__":  # the measurement alone (BENCHMARKS.md): python tests/test_pipeline.py
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        _spawn(_bubble_worker, 4, os.path.join(d, "bubbles.json"))
+        print(json.dumps({f"V={V}": [round(b, 4) for b in bs] for V, bs in json.load(open(os.path.join(d, "bubbles.json"))).items()}))

@@ -103,18 +103,26 @@ APERTUS_70B = ("configs/apertus-70b.toml", "--train.global_batch_size=4096")  # 
 
 
 def test_one_gpu_steps_reproduce_the_rows_they_come_from():
-    """One GPU: the step is compute (at the row's own MFU) plus the update, within 10% of the step bench.py
-    measured for each of BENCHMARKS.md's rows (the update, counted again, is a few percent of it)."""
+    """One GPU: the step is compute (at the row's forward-and-backward efficiency) plus the update, which
+    together give back the step bench.py measured for BENCHMARKS.md's rows (the update taken out of the
+    row is the one added back: the arithmetic of the two terms agrees; tests/test_gpu.py and BENCHMARKS.md
+    say how to measure it on the current tree)."""
+    per_rank_70b = ("--model.num_attention_heads=16", "--model.num_key_value_heads=2", "--model.intermediate_size=10752",
+                    "--model.vocab_size=32768", "--model.num_hidden_layers=4", "--parallel.tp=1", "--parallel.pp=1",
+                    "--parallel.virtual_stages=1", "--parallel.dp=1", "--parallel.sequence_parallel=false",
+                    "--train.global_batch_size=8")
     for (path, *over), measured_s in ((("configs/apertus-1b.toml",), 1.895),
                                       (("configs/apertus-8b.toml", "--parallel.tp=1", "--parallel.dp=1",
-                                        "--model.num_hidden_layers=4", "--train.global_batch_size=16"), 1.721)):
+                                        "--model.num_hidden_layers=4", "--train.global_batch_size=16"), 1.721),
+                                      (("configs/apertus-70b.toml", *per_rank_70b), 0.574)):
         cfg = _cfg(path, *over)
         r = plan.step_time(cfg, plan.MACHINES["h100-sxm"])
         tokens = cfg["train"].global_batch_size * cfg["data"].seq_len
-        compute = tokens * model_flops(cfg) / (989e12 * r["row"]["mfu"])
-        assert r["terms"]["compute"] == pytest.approx(compute)
+        assert r["row"]["step_s"] == measured_s  # the row of these very shapes
+        assert r["terms"]["compute"] == pytest.approx(tokens * model_flops(cfg) / (989e12 * plan.compute_mfu(r["row"])))
+        assert r["terms"]["optimizer step (memory-bound)"] > 0.02 * measured_s
         assert all(v == 0 for k, v in r["terms"].items() if k not in ("compute", "optimizer step (memory-bound)"))
-        assert r["step_s"] == pytest.approx(measured_s, rel=0.1), (path, r["step_s"], measured_s)
+        assert r["step_s"] == pytest.approx(measured_s, rel=0.005), (path, r["step_s"], measured_s)
 
 
 def model_flops(cfg):

@@ -660,9 +660,9 @@ def main(argv):
             raise ValueError("--machine.KEY, --search and --scaling need --machine NAME")
         machine = machine_from(opts.machine, what_if) if opts.machine else None
         p = cfg["parallel"]
-        if opts.gpus:
-            if opts.gpus % (p.tp * p.pp):
-                raise ValueError(f"--gpus {opts.gpus} is not a multiple of tp x pp = {p.tp} x {p.pp}")
+        if opts.gpus is not None:
+            if opts.gpus < 1 or opts.gpus % (p.tp * p.pp):
+                raise ValueError(f"--gpus {opts.gpus} is not a positive multiple of tp x pp = {p.tp} x {p.pp}")
             cfg = with_layout(cfg, dp=opts.gpus // (p.tp * p.pp))
         gpus = p.tp * p.pp * (cfg["parallel"].dp or 1)
         if opts.search:

@@ -16,7 +16,7 @@ import parallel
 import plan
 import train
 
-RUN = ["configs/tiny.toml", "--train.max_steps=2", "--train.log_interval=1", "--train.eval_interval=0",
+RUN = ["configs/tiny.toml", "--train.max_steps=1", "--train.log_interval=1", "--train.eval_interval=0",
        "--train.checkpoint_interval=0", "--train.sample_tokens=0", "--data.seq_len=64", "--data.eval_batches=1",
        "--parallel.bucket_size=60000"]
 # (tp, pp, dp, sequence parallel, virtual stages, activation checkpointing): the three layouts with
@@ -63,15 +63,19 @@ def _record(grids, log, on):
 
 def _bytes_worker(rank, world, port, ports, out_dir):
     _init(rank, world, port)
-    grids, log, on, calls = [], {}, [False], [0]
-    real_init, real_step = parallel.init_distributed, train.train_step
+    grids, log, on = [], {}, [False]
+    real_init, real_step, real_signalled = parallel.init_distributed, train.train_step, train.signalled
     parallel.init_distributed = lambda *a: grids.append(real_init(*a)) or grids[-1]
 
-    def step(*a, **k):  # record from the start of the first step to the start of the second
-        calls[0] += 1
-        on[0] = calls[0] == 1
+    def step(*a, **k):  # record from the start of the step to the end of its agreement on signals (the
+        on[0] = True    # last collective of a step that neither evaluates nor saves)
         return real_step(*a, **k)
-    train.train_step = step
+
+    def signalled(*a, **k):
+        out = real_signalled(*a, **k)
+        on[0] = False
+        return out
+    train.train_step, train.signalled = step, signalled
     _record(grids, log, on)
     for (tp, pp, dp, sp, vp, ckpt), port in zip(LAYOUTS, ports):
         os.environ["MASTER_PORT"] = str(port)
@@ -79,7 +83,6 @@ def _bytes_worker(rank, world, port, ports, out_dir):
                       f"--parallel.virtual_stages={vp}", f"--train.activation_checkpointing={str(ckpt).lower()}",
                       f"--train.out_dir={out_dir}/{tp}{pp}{dp}{sp}{vp}{ckpt}"]
         log.clear()
-        calls[0] = 0
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             assert train.main(args) == 0, args
         grid = grids[-1]
@@ -180,7 +183,7 @@ def test_plan_prints_the_step_beside_alps_measurements(tmp_path, monkeypatch):
     for args, message in ((("--machine", "gh200-alps", "--machine.nvlink=1"), "unknown machine key 'nvlink'"),
                           (("--machine.net_GBps=1",), "need --machine NAME"),
                           (("--machine", "tpu"), "unknown machine 'tpu'"),
-                          (("--machine", "gh200-alps", "--gpus", "100"), "is not a multiple of tp x pp")):
+                          (("--machine", "gh200-alps", "--gpus", "100"), "is not a positive multiple of tp x pp")):
         rc, _, err = _main(*APERTUS_70B, *args)
         assert rc == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
     # bench.py's row of a GPU it ran on (the 70B's per-rank shapes of TP 4, as BENCHMARKS.md's), read back

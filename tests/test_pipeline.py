@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from conftest import train_in_process
-from test_parallel import ENV, ROOT, RUN, _init, _shutdown, _spawn, losses, torchrun
+from test_parallel import ROOT, RUN, _init, _shutdown, _spawn, losses
 
 import parallel
 import plan

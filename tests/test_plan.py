@@ -17,9 +17,9 @@ import train
 RUN = ["configs/tiny.toml", "--train.max_steps=1", "--train.log_interval=1", "--train.eval_interval=0",
        "--train.checkpoint_interval=0", "--train.sample_tokens=0", "--data.seq_len=64", "--data.eval_batches=1",
        "--parallel.bucket_size=60000"]
-# (tp, pp, dp, sequence parallel, virtual stages, activation checkpointing): the three layouts with
-# and without sequence parallelism, the interleaved schedule and checkpointing among them
-LAYOUTS = [(2, 1, 2, False, 1, False), (2, 1, 2, True, 1, True), (1, 2, 2, False, 1, False), (1, 2, 2, False, 2, False),
+# (tp, pp, dp, sequence parallel, virtual stages, activation checkpointing): the three layouts with and
+# without sequence parallelism (none at tp = 1), the interleaved schedule and checkpointing among them
+LAYOUTS = [(2, 1, 2, False, 1, False), (2, 1, 2, True, 1, True), (1, 2, 2, False, 2, False),
            (2, 2, 1, False, 2, False), (2, 2, 1, True, 1, False)]
 COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "batch_isend_irecv", "broadcast",
                "barrier", "all_gather", "reduce_scatter", "send", "recv", "all_to_all_single")  # isend, irecv: P2POp checks them

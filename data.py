@@ -615,6 +615,12 @@ class DataLoader:
         _, members, weights = self.stages[bisect.bisect_right([s[0] for s in self.stages], step) - 1]
         return {self.source_names[m]: w for m, w in zip(members, weights)}
 
+    def samples(self, step: int) -> dict:
+        """{source name: its sample indices (Source.read's k)} in global batch `step`, every rank's: a batch's name."""
+        source, position, _ = self._blend_step(self._cursor(step))
+        return {self.source_names[s]: self.sources[s].train_samples(position[source == s], self.seed).tolist()
+                for s in np.unique(source)}
+
     # ---- batches
 
     def get_batch(self, step: int) -> list[Batch]:

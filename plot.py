@@ -68,7 +68,8 @@ def plot(runs, out, x="step"):
                     draw(ax, series(records, k, x), color=c, marker="o", markersize=3,
                             linestyle=["-", "--", ":", "-."][j % 4], label=f"{name} {k[len(key):]}")
                 continue
-            draw(ax, series(records, key, x), color=c, linewidth=1, label=name)
+            kept = {s: r for s, r in records.items() if r.get("spike") != "data"}  # a skipped batch: its marker only
+            draw(ax, series(kept if key == "loss" else records, key, x), color=c, linewidth=1, label=name)
             if key == "loss":
                 draw(ax, series(records, "val_loss", x), color=c, linestyle="--", marker="o", markersize=3)
                 for kind, marker in (("data", "x"), ("hardware", "o")):

@@ -80,11 +80,11 @@ class TrainConfig:
     init_from: str = ""                 # a Hugging Face Apertus directory to start from (ignored on resume)
     export_hf: bool = False             # write <out_dir>/hf (Hugging Face format) at the end
     export_hf_every: int = 0            # ... and every this many steps (0 = only at the end)
-    tensorboard: bool = False           # metrics.jsonl's scalars also as TensorBoard events in <out_dir>/tb (extra `track`)
+    tensorboard: bool = False           # metrics.jsonl's scalars as TensorBoard events in <out_dir>/tb too (extra `track`)
     wandb_project: str = ""             # ... and to this W&B project (extra `track`; mode from WANDB_MODE)
     spike_guard: bool = False           # re-run a step whose loss spikes, skip its batch if it repeats (SpikeGuard)
-    spike_window: int = 128             # N: the applied steps whose losses the spike score looks back on
-    spike_sigma: float = 6.0            # k: a spike is a loss above their mean + k standard deviations
+    spike_window: int = 128             # N: applied steps whose losses the spike score sees (OLMo-core's; README)
+    spike_sigma: float = 6.0            # k: a spike is above their mean + k std (OLMo-core's: ~1e-9 false alarms a step)
     spike_max_faults: int = 3           # M: re-runs that disagree (hardware faults) before the run stops, exit 1
 
     def __post_init__(self):
@@ -93,8 +93,6 @@ class TrainConfig:
                              ("on_save_error", ("stop", "retry"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"train.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        if self.spike_window < 2 or self.spike_sigma <= 0 or self.spike_max_faults < 1:
-            raise ValueError("train.spike_window must be at least 2, spike_sigma positive, spike_max_faults at least 1")
 
 
 SECTIONS = {"model": ModelConfig, "data": data.DataConfig, "train": TrainConfig,
@@ -429,76 +427,55 @@ def forward_backward(model, opt, batches, t, grid, train=True):
 def train_step(model, opt, batches, lr, t, grid, guard=None):
     """Forward and backward over the global batch, then the update. Returns (loss, grad_norm, seconds
     spent waiting in the pipeline, seconds of this rank's own work); a non-finite loss or gradient
-    skips the update. With the spike guard, a step not applied is computed once more (SpikeGuard)."""
-    for attempt in range(2 if guard else 1):
+    skips the update, and with the spike guard a step not applied is computed once more (SpikeGuard)."""
+    for _ in range(2 if guard else 1):
         loss, waited, busy = forward_backward(model, opt, batches, t, grid)
-        if guard.suspicious(loss) if guard else not math.isfinite(loss):
-            opt.skip_step()
-            norm = float("nan")
-            continue
-        norm = opt.step(lr, t.grad_clip).item()
+        applied = not guard.suspicious(loss) if guard else math.isfinite(loss)
+        norm = opt.step(lr, t.grad_clip).item() if applied else opt.skip_step() or float("nan")
         parallel.wait_for_stream(grid.device)  # the step's own work, not the parameter all-gathers beside it
-        if math.isfinite(norm):
+        if math.isfinite(norm):  # opt.step skips a non-finite gradient too
             break
     return loss, norm, waited, busy
 
 
 class SpikeGuard:
-    """train.spike_guard: a step that looks wrong is computed again on the same batch before any update,
-    and the two results tell the data from the hardware (Megatron-LM's rerun state machine). The spike
-    score is OLMo-core's (SkipStepOptimizer): the loss against the mean and standard deviation of the
-    last N applied steps' losses. N = 128 and k = 6 are its defaults too: 128 steps give a steady mean
-    and deviation yet follow the falling curve (the window is emptied at each data stage's start: a new
-    mixture has a new loss level), and a loss noise with Gaussian tails passes 6 sigma once in ~1e9
-    steps, so a false alarm costs one re-run in a run's life. The cases of one step:
-      normal      a finite loss, under mean + k std (or fewer than N steps in the window), and a finite
-                  gradient norm: applied, the loss joins the window
-      suspicious  else: the gradients are dropped and the step is computed again on the same batch
-        data        the re-run is not normal either and repeats the loss (to the bit on CPU; within 1e-3 of
-                    it on CUDA, where the forward is deterministic too, as Megatron-LM counts on, and 1e-3
-                    is Megatron's bound for a non-deterministic backward: above any reordering of fp32
-                    sums, under any spike of 6 sigma): the batch is skipped for good and named
-        hardware    else (a fault): the re-run is applied (its loss is the step's) when it is normal, the
-                    batch skipped when not; after M faults in one launch the run stops, exit 1
-    A skipped batch uses up its step number: the batch of a step stays a pure function of the step. The
-    window and the skipped batches go into meta.json (state()); the faults are this launch's own. The
-    loss is an all-reduced float, the same bits on every rank: so is every decision."""
+    """train.spike_guard: Megatron-LM's re-run of a suspicious step, scored as OLMo-core scores spikes (a loss
+    above mean + k std of the last N applied steps' losses; the window restarts with each data stage). A step is
+      normal      finite loss and gradient norm, the loss under that bar (or the window not full): applied;
+      suspicious  else: its gradients dropped, the same batch computed again, then
+        data        the same loss (to the bit on CPU, within tol on CUDA), not normal again: the batch is
+                    skipped for good, its step number used up, and named;
+        hardware    else, a fault: the re-run applied if normal, else the batch skipped; M faults stop the run.
+    The window and the skipped batches go into meta.json; the loss is all-reduced, so every rank decides alike."""
 
     def __init__(self, t, grid, stage_starts, state=None):
         self.t, self.starts, self.tries, self.faults = t, set(stage_starts), [], 0
-        self.tol = 1e-3 if grid.device.type == "cuda" else 0.0
-        self.losses, self.skipped = (state["losses"], state["skipped"]) if state else ([], [])
-
-    def state(self):
-        return {"losses": list(self.losses), "skipped": list(self.skipped)}
+        self.tol = 1e-3 if grid.device.type == "cuda" else 0.0  # Megatron-LM's bound for a non-deterministic backward
+        self.state = state or {"losses": [], "skipped": []}  # replaced, never changed: an async save may read it
 
     def suspicious(self, loss):
         self.tries.append(loss)
-        w = self.losses
-        if len(w) < self.t.spike_window or not math.isfinite(loss):
-            return not math.isfinite(loss)
-        mean = sum(w) / len(w)
-        return loss > mean + self.t.spike_sigma * math.sqrt(sum((x - mean) ** 2 for x in w) / (len(w) - 1))
+        w = torch.tensor(self.state["losses"], dtype=torch.float64)  # [<= N]
+        bar = (w.mean() + self.t.spike_sigma * w.std()).item() if len(w) >= max(self.t.spike_window, 2) else math.inf
+        return not math.isfinite(loss) or loss > bar
 
     def judge(self, step, norm, loader, grid):
-        """After step `step` (train_step's tries and its gradient norm): its case, as metrics.jsonl's fields."""
-        (first, *again), self.tries = self.tries, []
-        if math.isfinite(norm):
-            self.losses = (self.losses + [again[-1] if again else first])[-self.t.spike_window:]
-        if step in self.starts:
-            self.losses = []
+        """After step `step` (train_step's tries, its gradient norm): its case, as metrics.jsonl's fields."""
+        (first, *again), self.tries, applied = self.tries, [], math.isfinite(norm)
+        losses = (self.state["losses"] + (again or [first]))[-self.t.spike_window:] if applied else self.state["losses"]
+        self.state = dict(self.state, losses=[] if step in self.starts else losses)
         if not again:
             return {}
-        again = again[0]
-        say = f"step {step}: loss {first:.4f} (or its gradient norm) suspicious, a re-run of the same batch gives {again:.4f}"
-        if not math.isfinite(norm) and (first == again or not (math.isfinite(first) or math.isfinite(again)) or
-                                         abs(first - again) <= self.tol * abs(first)):
-            self.skipped.append({"step": step, "samples": loader.samples(step - 1)})
-            log(grid, f"{say}: the data; batch skipped for good, its samples {json.dumps(self.skipped[-1]['samples'])}")
-            return {"spike": "data", "spike_loss": first, "skipped_samples": self.skipped[-1]["samples"]}
+        again, say = again[0], f"step {step}: loss {first:.4f} (or its gradients) suspicious, {again[0]:.4f} on a re-run"
+        same = abs(first - again) <= self.tol * abs(first) or not (math.isfinite(first) or math.isfinite(again))
+        if not applied and same:
+            samples = loader.samples(step - 1)
+            self.state = dict(self.state, skipped=self.state["skipped"] + [{"step": step, "samples": samples}])
+            log(grid, f"{say}: the data, batch skipped for good; its samples {json.dumps(samples)}")
+            return {"spike": "data", "spike_loss": first, "skipped_samples": samples}
         self.faults += 1
         log(grid, f"{say}: a hardware fault ({self.faults} of {self.t.spike_max_faults}), "
-                  f"{'the re-run applied' if math.isfinite(norm) else 'suspicious too: batch skipped'}")
+                  f"{'the re-run applied' if applied else 'batch skipped'}")
         return {"spike": "hardware", "spike_loss": first}
 
 
@@ -588,7 +565,7 @@ def start(cfg, grid, opt, loader):
               f"{grid.device}, {t.global_batch_size // (grid.dp * t.micro_batch_size)} micro-batches of "
               f"{t.micro_batch_size} per rank per step")
     return step, dict(config=config, optimizer=t.optimizer, export_dtype=export_dtype,
-                      spike_guard=meta.get("spike_guard") if path else None)
+                      spike_guard=path and meta.get("spike_guard"))  # the spike guard's window and skipped batches
 
 
 def across_ranks(x, grid):
@@ -609,11 +586,11 @@ class Metrics:
         t, mcfg, seq_len = cfg["train"], cfg["model"], cfg["data"].seq_len
         self.t, self.grid, self.loader = t, grid, loader
         self.tokens, self.flops, self.peak = t.global_batch_size * seq_len, flops_per_token(mcfg, seq_len), peak_flops(grid.device)
-        self.file = open(os.path.join(t.out_dir, "metrics.jsonl"), "a") if grid.rank == 0 else None
-        self.bar = tqdm(total=t.max_steps, initial=step, desc="train", dynamic_ncols=True) if grid.rank == 0 else None
         for key, package in (("tensorboard", "tensorboard"), ("wandb_project", "wandb")):  # every rank: all stop
             if getattr(t, key) and importlib.util.find_spec(package) is None:
                 raise ConfigError(f"train.{key} needs the {package} package: pip install -e \".[track]\"")
+        self.file = open(os.path.join(t.out_dir, "metrics.jsonl"), "a") if grid.rank == 0 else None
+        self.bar = tqdm(total=t.max_steps, initial=step, desc="train", dynamic_ncols=True) if grid.rank == 0 else None
         self.tb = self.wandb = None
         if t.tensorboard and grid.rank == 0:  # purge_step: a resume hides what a crashed run logged past it
             from torch.utils.tensorboard import SummaryWriter
@@ -621,11 +598,10 @@ class Metrics:
         if t.wandb_project and grid.rank == 0:  # WANDB_MODE=offline on a cluster; a restart resumes the same run
             import wandb
             id_file = os.path.join(t.out_dir, "wandb_id")
-            run_id = open(id_file).read() if os.path.exists(id_file) else wandb.util.generate_id()
-            with open(id_file, "w") as f:
-                f.write(run_id)
-            self.wandb = wandb.init(project=t.wandb_project, id=run_id, resume="allow", dir=t.out_dir,
-                                    name=os.path.basename(os.path.abspath(t.out_dir)), config={s: asdict(cfg[s]) for s in SECTIONS})
+            if not os.path.exists(id_file):
+                open(id_file, "w").write(os.urandom(6).hex())
+            self.wandb = wandb.init(project=t.wandb_project, id=open(id_file).read(), resume="allow", dir=t.out_dir,
+                                    name=t.out_dir, config={s: asdict(cfg[s]) for s in SECTIONS})
 
     def step(self, step, loss, norm, lr, seconds, waited, busy):
         """The record of a step that has just ended (a non-finite one is said: its update was skipped)."""
@@ -828,14 +804,13 @@ def run(cfg):
                 record.update(validate(model, loader, step, dcfg.eval_batches, t, grid, opt))
             export = t.export_hf and t.export_hf_every and step % t.export_hf_every == 0 and step != t.max_steps
             if due(step, t.checkpoint_interval, t) or signal_seen or export:
-                record["checkpoint_block_s"] = save(saver, t, step, opt, grid, dict(meta, spike_guard=guard and guard.state()),
+                record["checkpoint_block_s"] = save(saver, t, step, opt, grid, dict(meta, spike_guard=guard and guard.state),
                                                     loader, signal_seen)
             if export:
                 export_hf(t, grid, saver, meta["export_dtype"])
             metrics.write(record)
             if guard and guard.faults >= t.spike_max_faults:
-                raise HardwareFault(f"{guard.faults} hardware faults (re-runs of a step that disagree), the last at step "
-                                    f"{step}: a node to drain (check this job's GPUs), then resume from the last checkpoint")
+                raise HardwareFault(f"{guard.faults} hardware faults, the last at step {step}: a node to drain, then resume")
             if signal_seen:
                 break
         failed = wait_for_save(grid, saver)  # the watchdog still armed: a commit that never comes is a hang too
@@ -860,12 +835,8 @@ def main(argv):
         if parallel.env_rank()[0] == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except SaveError as e:
+    except (SaveError, HardwareFault) as e:  # exit 1: the scheduler counts no success
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    except HardwareFault as e:  # the same on every rank: said once; exit 1, so the scheduler counts no success
-        if parallel.env_rank()[0] == 0:
-            print(f"error: {e}", file=sys.stderr)
         return 1
     except (data.DataError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -129,7 +129,7 @@ def test_a_poisoned_batch_is_rerun_skipped_and_named_and_the_run_goes_on_as_with
         r = got[step]
         assert r["spike"] == "data" and r["spike_loss"] == r["loss"] and r["loss"] > 5.5, r  # untrained: ln 272 = 5.6
         assert r["skipped_samples"] == {"web": runs["garbage"][step]}, r["skipped_samples"]
-        assert f"step {step}: loss {r['loss']:.4f}" in runs["log"] and "the data; batch skipped" in runs["log"]
+        assert f"step {step}: loss {r['loss']:.4f}" in runs["log"] and "the data, batch skipped for good" in runs["log"]
     assert sorted(s for s, r in got.items() if "spike" in r) == list(POISONED)  # no false alarm
     assert max(got[s]["loss"] for s in range(10, STEPS + 1) if s not in POISONED) < 4.5
     # every other step, and the weights at the end, as a run whose data had no batch at those steps
@@ -189,7 +189,7 @@ judge = train.SpikeGuard.judge
 def judged(self, step, *a):
     fields = judge(self, step, *a)
     with open(os.path.join(out, f"decisions-{rank}.jsonl"), "a") as f:
-        f.write(json.dumps([step, fields.get("spike"), self.losses[-1:]]) + "\n")
+        f.write(json.dumps([step, fields.get("spike"), self.state["losses"][-1:]]) + "\n")
     return fields
 train.SpikeGuard.judge = judged
 sys.exit(train.main(args))
@@ -211,3 +211,71 @@ def test_under_tp2_dp2_every_rank_takes_the_same_decisions(runs, tmp_path):
     got = metrics(tmp_path / "run")  # (the losses drift from one process's: the layout sums in another order)
     assert {s: r["spike"] for s, r in got.items() if "spike" in r} == spikes
     assert got[POISONED[0]]["skipped_samples"] == {"web": runs["garbage"][POISONED[0]]}
+
+
+# ----------------------------------------------------------------------------- tracking and plots
+def scalars(record):
+    return {k: v for k, v in record.items() if type(v) in (int, float) and k != "step"}
+
+
+def test_tensorboard_holds_every_scalar_of_metrics_jsonl(tmp_path):
+    pytest.importorskip("tensorboard", reason="the extra `track` (pip install -e \".[track]\") is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = run(tmp_path, "--train.max_steps=4", "--train.tensorboard=true", "--train.checkpoint_interval=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    want = metrics(tmp_path)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert tags == {k for r in want.values() for k in scalars(r)}, tags  # the same names, val_loss/<source> too
+    for tag in tags:
+        got = {e.step: e.value for e in events.Scalars(tag)}
+        assert got == pytest.approx({s: r[tag] for s, r in want.items() if tag in r}, rel=1e-6), tag  # float32
+
+
+def test_wandb_offline_logs_the_same_and_a_restart_resumes_the_same_run(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb", reason="the extra `track` (pip install -e \".[track]\") is not installed")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for steps in (2, 4):  # a restart: the run resumes from the checkpoint at step 2
+        out = run(tmp_path, f"--train.max_steps={steps}", "--train.wandb_project=nanoapertus-test")
+        wandb.teardown()  # what the exit of train.py's process does: the service writes out what it holds
+        assert out.returncode == 0, out.stderr[-3000:]
+    run_id = open(tmp_path / "wandb_id").read()
+    launches = sorted(d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-"))
+    assert len(launches) == 2 and all(d.endswith(f"-{run_id}") for d in launches), launches
+    logged = open(tmp_path / "wandb" / launches[1] / f"run-{run_id}.wandb", "rb").read()
+    for step in (3, 4):  # the history records hold each name and each value as JSON text
+        for k, v in scalars(metrics(tmp_path)[step]).items():
+            assert k.encode() in logged and json.dumps(v).encode() in logged, (step, k)
+
+
+def test_a_missing_tracking_package_is_one_line_before_any_step(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    monkeypatch.chdir(ROOT)
+    assert train.main([*TINY, f"--train.out_dir={tmp_path}", "--train.max_steps=2", "--train.wandb_project=x"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == 'error: train.wandb_project needs the wandb package: pip install -e ".[track]"', err
+    assert not os.path.exists(tmp_path / "metrics.jsonl") or not open(tmp_path / "metrics.jsonl").read()
+
+
+def test_plot_draws_the_curves_of_runs(runs, tmp_path):
+    pytest.importorskip("matplotlib", reason="the extra `plot` (pip install -e \".[plot]\") is not installed")
+    from matplotlib.image import imread
+    import plot
+    out = tmp_path / "curves.png"
+    assert plot.main([str(runs["base"] / "poisoned"), str(runs["base"] / "reference"), "--out", str(out)]) == 0
+    png = imread(out)
+    assert png.shape[:2] == (850, 1600), png.shape
+    assert len(np.unique(png.reshape(-1, png.shape[-1]), axis=0)) > 50  # lines of two colours, text: not blank
+    white = (png[..., :3] > 0.99).all(-1).mean()
+    assert 0.5 < white < 0.97, white
+    assert plot.main([str(runs["base"] / "poisoned" / "metrics.jsonl"), "--x", "tokens", "--out", str(tmp_path / "t.png")]) == 0
+    assert plot.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "n.png")]) == 2
+
+
+def test_the_guard_is_on_in_the_8b_and_70b_configs_only():
+    for name, on in (("apertus-8b", True), ("apertus-70b", True), ("tiny", False), ("apertus-8b-sft", False)):
+        assert train.load_config(os.path.join(ROOT, "configs", f"{name}.toml"))["train"].spike_guard == on, name

@@ -455,7 +455,7 @@ class SpikeGuard:
 
     def suspicious(self, loss):
         self.tries.append(loss)
-        w = torch.tensor(self.state["losses"], dtype=torch.float64)  # [<= N]
+        w = torch.tensor(self.state["losses"][-self.t.spike_window:], dtype=torch.float64)  # [<= N]
         bar = (w.mean() + self.t.spike_sigma * w.std()).item() if len(w) >= max(self.t.spike_window, 2) else math.inf
         return not math.isfinite(loss) or loss > bar
 

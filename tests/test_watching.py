@@ -157,6 +157,45 @@ def test_a_resume_after_a_skip_keeps_the_guard_and_is_bit_identical(runs):
     assert [s["step"] for s in final["skipped"]] == list(POISONED)
 
 
+def test_the_guard_state_machine_case_by_case():
+    """SpikeGuard's cases on made-up losses, driven as train_step drives it: suspicious() before each try's update,
+    judge() after the step with its gradient norm (non-finite: no try was applied)."""
+    loader = type("Loader", (), {"samples": lambda self, b: {"web": [b]}})()
+    grid, nan = train.parallel.Grid(), float("nan")
+    guard = train.SpikeGuard(train.TrainConfig(spike_window=4, spike_sigma=3.0), grid, stage_starts=[0, 10])
+
+    def step(n, *tries, norm=1.0):
+        return [guard.suspicious(x) for x in tries], guard.judge(n, norm, loader, grid)
+
+    bad, fields = step(1, nan, nan, norm=nan)  # a non-finite loss, twice: the data
+    assert bad == [True, True] and fields["spike"] == "data" and fields["skipped_samples"] == {"web": [0]}
+    for n, x in enumerate([100.0, 3.2, 2.8, 3.0], start=2):  # under 4 losses in the window: only finiteness counts
+        assert step(n, x) == ([False], {})
+    assert guard.state["losses"] == [100.0, 3.2, 2.8, 3.0]
+    for n, x in enumerate([3.0, 3.1, 2.9, 3.0], start=6):
+        assert step(n, x) == ([False], {})
+    w = torch.tensor([3.0, 3.1, 2.9, 3.0], dtype=torch.float64)
+    bar = (w.mean() + 3 * w.std()).item()  # the unbiased std, as OLMo-core's torch.std_mean
+    assert [guard.suspicious(bar), guard.suspicious(bar + 1e-9), guard.suspicious(float("inf"))] == [False, True, True]
+    guard.tries = []
+    # a spike that repeats: the data; the batch named, the window left as it was ... and emptied, step 10 ending stage 0
+    assert step(10, 5.0, 5.0, norm=nan) == ([True, True], {"spike": "data", "spike_loss": 5.0, "skipped_samples": {"web": [9]}})
+    assert guard.state["losses"] == [] and [s["step"] for s in guard.state["skipped"]] == [1, 10] and guard.faults == 0
+    guard.state = dict(guard.state, losses=[3.0, 3.1, 2.9, 3.0])
+    # a spike, then a normal loss: the hardware, the re-run applied and in the window
+    assert step(11, 5.0, 3.05) == ([True, False], {"spike": "hardware", "spike_loss": 5.0})
+    assert guard.state["losses"] == [3.1, 2.9, 3.0, 3.05] and guard.faults == 1
+    # a non-finite loss, then a normal one (the Apertus-70B NaN): the hardware
+    bad, fields = step(12, nan, 3.0)
+    assert bad == [True, False] and fields["spike"] == "hardware" and guard.faults == 2
+    # a normal loss whose gradients were not finite, then finite ones: the hardware (the backward's fault)
+    assert step(13, 3.0, 3.0) == ([False, False], {"spike": "hardware", "spike_loss": 3.0}) and guard.faults == 3
+    # a spike, then another spike: the hardware, and nothing applied
+    window = guard.state["losses"]
+    assert step(14, 9.0, 7.0, norm=nan) == ([True, True], {"spike": "hardware", "spike_loss": 9.0})
+    assert guard.state["losses"] == window and guard.faults == 4 and len(guard.state["skipped"]) == 2
+
+
 def test_one_time_faults_are_the_hardware_the_rerun_is_used_and_the_run_stops_after_max_faults(runs, tmp_path, monkeypatch):
     step_fn, fb_fn = faults(at_grads=12, at_forward=16)
     monkeypatch.setattr(train, "train_step", step_fn)

@@ -606,7 +606,7 @@ class Metrics:
     def step(self, step, loss, norm, lr, seconds, waited, busy):
         """The record of a step that has just ended (a non-finite one is said: its update was skipped)."""
         grid = self.grid
-        if not math.isfinite(loss) or not math.isfinite(norm):
+        if not self.t.spike_guard and not (math.isfinite(loss) and math.isfinite(norm)):  # the guard says its own
             log(grid, f"step {step}: {'loss' if not math.isfinite(loss) else 'gradient norm'} is not finite, update skipped")
         record = dict(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_sec=round(self.tokens / seconds, 1),
                       mfu=round(self.flops * self.tokens / seconds / (self.peak * grid.world), 4) if self.peak else None)

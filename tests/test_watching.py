@@ -319,6 +319,13 @@ def test_plot_draws_the_curves_of_runs(runs, tmp_path):
     assert plot.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "n.png")]) == 2
 
 
+def test_plot_without_matplotlib_is_one_line(monkeypatch, capsys):
+    import plot
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # an import of it now fails
+    assert plot.main(["out/run"]) == 2
+    assert capsys.readouterr().err == 'error: plot.py needs matplotlib: pip install -e ".[plot]"\n'
+
+
 def test_the_guard_is_on_in_the_8b_and_70b_configs_only():
     for name, on in (("apertus-8b", True), ("apertus-70b", True), ("tiny", False), ("apertus-8b-sft", False)):
         assert train.load_config(os.path.join(ROOT, "configs", f"{name}.toml"))["train"].spike_guard == on, name

@@ -13,7 +13,7 @@ Memory plan of a layout, without allocating anything (plan.py; `train.py CONFIG 
     python plan.py configs/apertus-70b.toml --parallel.tp=4 --parallel.pp=8 --parallel.dp=128
 
 Every key of the config can be overridden as --section.key=value. A run directory that holds a
-checkpoint is resumed from its newest good one, under any (tp, pp, dp) layout.
+checkpoint is resumed from its newest good one, under any (tp, cp, pp, dp) layout.
 """
 import contextlib
 import faulthandler
@@ -77,7 +77,7 @@ class TrainConfig:
     async_checkpoint: bool = False      # the loop waits only for a copy to host memory; a thread writes
     on_save_error: str = "stop"         # a failed save (full disk...): stop, or retry at the next interval
     hang_timeout_s: float = 0.0         # no step completed in this time: print every stack, exit 1 (0 = off)
-    init_from: str = ""                 # a Hugging Face Apertus directory to start from (ignored on resume)
+    init_from: str = ""                 # an HF Apertus directory or a ckpt-N to start from (ignored on resume)
     export_hf: bool = False             # write <out_dir>/hf (Hugging Face format) at the end
     export_hf_every: int = 0            # ... and every this many steps (0 = only at the end)
     tensorboard: bool = False           # metrics.jsonl's scalars as TensorBoard events in <out_dir>/tb too (extra `track`)
@@ -380,12 +380,13 @@ def all_sum(x, *groups):
     return x
 
 
-def micro_loss(model, x, y, mask, n_tokens, hidden=None):
+def micro_loss(model, x, y, mask, n_tokens, hidden=None, cp_index=None):
     """One micro-batch on this rank's stage: its share of the global mean loss (the last stage), or the
-    activations for the next stage."""
+    activations for the next stage. Under context parallelism x, y and mask are the whole sequences and
+    the model runs the tokens at cp_index."""
     cfg = model.config
     doc = document_ids(x, cfg.eos_token_id, cfg.bos_token_id)
-    out = model(x, y, loss_mask=mask, doc_ids=doc, reduction="sum", hidden=hidden)
+    out = model(x, y, loss_mask=mask, doc_ids=doc, reduction="sum", hidden=hidden, cp_index=cp_index)
     return out / n_tokens if model.lm_head is not None else out
 
 
@@ -401,18 +402,21 @@ def forward_backward(model, opt, batches, t, grid, train=True):
     masks = [loss_mask(x, y, t, cfg.eos_token_id) if train else x != cfg.eos_token_id for x, y, _ in batches]
     # a packed source (chat data) brings its own loss mask: only the assistant's tokens count
     masks = [m if packed is None else m & packed for m, (_, _, packed) in zip(masks, batches)]
+    # under CP every rank holds whole sequences: the masks (Goldfish's windows too) and count are one process's
     n_tokens = all_sum(sum(m.sum() for m in masks).float(), grid.dp_group)
-    steps = [functools.partial(micro_loss, model, x, y, m, n_tokens) for (x, y, _), m in zip(batches, masks)]
+    B, T = batches[0][0].shape
+    index = parallel.cp_positions(T, grid.cp, grid.cp_rank, grid.device) if grid.cp > 1 else None
+    steps = [functools.partial(micro_loss, model, x, y, m, n_tokens, cp_index=index)
+             for (x, y, _), m in zip(batches, masks)]
     t0 = time.perf_counter()
     if grid.pp > 1:  # every stage reads the same batch; the first uses the tokens, the last the targets
-        B, T = batches[0][0].shape
         sp = grid.tp if grid.sequence_parallel else 1
         dtype = next(model.parameters()).dtype
-        pipe = parallel.Pipe(grid, (B, T // sp, cfg.hidden_size), dtype)
+        pipe = parallel.Pipe(grid, (B, T // (grid.cp * sp), cfg.hidden_size), dtype)
         total, _ = parallel.pipeline_1f1b(steps, pipe, opt, train)
-        waited, groups = pipe.wait_s, (grid.dp_group, grid.pp_group)
+        waited, groups = pipe.wait_s, (grid.dp_cp_group, grid.pp_group)
     else:
-        total, waited, groups = torch.zeros((), device=grid.device), 0.0, (grid.dp_group,)
+        total, waited, groups = torch.zeros((), device=grid.device), 0.0, (grid.dp_cp_group,)
         for i, step in enumerate(steps):
             opt.sync = i == len(steps) - 1  # only the last micro-step's backward reduces the buckets
             loss = step()
@@ -517,7 +521,7 @@ def setup(cfg):
     device_type = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     _, world, _ = parallel.env_rank()
     parallel.check_layout(mcfg, world, p.tp, None, t.global_batch_size, t.micro_batch_size, dcfg.seq_len,
-                          p.sequence_parallel, p.pp)
+                          p.sequence_parallel, p.pp, p.cp)
     grid = parallel.init_distributed(p, device_type)
     torch.manual_seed(t.seed * 1_000_003 + grid.rank)  # each rank's own stream, the same in every run
     tok = prepare.get_tokenizer(dcfg.tokenizer)
@@ -561,8 +565,8 @@ def start(cfg, grid, opt, loader):
     if path or t.init_from:
         lo, hi, total = across_ranks(nbytes / 1e6, grid)
         log(grid, f"{say} (read {lo:.1f} to {hi:.1f} MB per rank, {total:.1f} MB in all)")
-    log(grid, f"{param_count(cfg['model']):,} parameters, layout tp={grid.tp} pp={grid.pp} dp={grid.dp}, device "
-              f"{grid.device}, {t.global_batch_size // (grid.dp * t.micro_batch_size)} micro-batches of "
+    log(grid, f"{param_count(cfg['model']):,} parameters, layout tp={grid.tp} cp={grid.cp} pp={grid.pp} dp={grid.dp}, "
+              f"device {grid.device}, {t.global_batch_size // (grid.dp * t.micro_batch_size)} micro-batches of "
               f"{t.micro_batch_size} per rank per step")
     return step, dict(config=config, optimizer=t.optimizer, export_dtype=export_dtype,
                       spike_guard=path and meta.get("spike_guard"))  # the spike guard's window and skipped batches

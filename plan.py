@@ -21,40 +21,46 @@ GPUS = (("GH200 96 GB", 96e9), ("H100 80 GB", 80e9))  # "fits": under 90% of the
 FIT = 0.9  # leaving room for the allocator's fragmentation
 
 
-def activation_bytes_per_token(m, tp, sp, wb, compiled):
+def activation_bytes_per_token(m, tp, sp, wb, compiled, cp=1):
     """What autograd keeps for backward, per token and block, on one rank: tp splits the heads and the
-    MLP, sp (sequence parallelism) the norms' inputs; wb is the weights' bytes per element."""
+    MLP, sp (sequence parallelism) the norms' inputs; wb is the weights' bytes per element. Under context
+    parallelism (cp > 1) a rank's T/cp tokens keep, instead of their own K and V, the whole sequence's
+    (cp times as many, all-gathered) and the int64 order that sorts them (parallel.gather_kv)."""
     d, ff = m.hidden_size, m.intermediate_size / tp
     hq, hkv, H = m.num_attention_heads * m.head_dim / tp, m.num_key_value_heads * m.head_dim / tp, m.num_attention_heads / tp
+    # context parallelism: eager as measured (tests/test_context_parallel.py); compiled assumed alike, unmeasured
+    gathered = 2 * (cp - 1) * wb * hkv + 8 * cp if cp > 1 else 0
     if compiled:  # measured on an H100 in bf16 (bench.py, activation_bytes_per_token_layer): the inputs of
         # the two norms and four matmul groups, q before and after norm + RoPE, k likewise, v, the
         # attention output, the MLP's up projection and activation, and the fp32 logsumexp
-        return 4 * d / sp + 4 * d + 6 * hq + 8 * hkv + 4 * ff + 4 * H
+        return 4 * d / sp + 4 * d + 6 * hq + 8 * hkv + 4 * ff + 4 * H + gathered
     # eager, tensor by tensor (tests/test_train.py checks it against autograd's saved tensors): each norm
     # keeps its input in fp32 and its normalised output, each matmul group its input; q and k their fp32
     # copy, normalised and rotated values, v itself; the attention output (also o_proj's input, copied)
     # and the fp32 logsumexp; xIELU its input and intermediates (5 values and a mask per feature)
     return (2 * (4 + wb) * d / sp + 2 * wb * d + (4 + 4 * wb) * hq + (4 + 3 * wb) * hkv + 4 * H
-            + (1 + 5 * wb) * ff)
+            + (1 + 5 * wb) * ff + gathered)
 
 
 def memory_plan(cfg, tp, dp, stage=0):
     """Per-GPU memory of one pipeline stage of a layout (stage 0: the first): a dict of named byte counts
-    and the peak. Activations: see activation_bytes_per_token. Under 1F1B, stage s holds the activations
-    of min(pp - s, m) micro-batches at once."""
+    and the peak. Activations: see activation_bytes_per_token, for the T/cp tokens of a sequence that a
+    rank computes under context parallelism. Under 1F1B, stage s holds the activations of min(pp - s, m)
+    micro-batches at once."""
     m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
     pp = p.pp
     wb = 2 if t.dtype == "bfloat16" else 4
     moments = {"ademamix": 3 if t.beta1 != 0 else 2, "adamw": 2}[t.optimizer]
     B, T, d, L = t.micro_batch_size, cfg["data"].seq_len, m.hidden_size, m.num_hidden_layers
-    N = B * T  # tokens of one micro-batch
+    N = B * T / p.cp  # tokens of one micro-batch on this rank
+    zero = dp * p.cp  # ZeRO-1 partitions the optimizer over the dp x cp replicas of the weights
     first, last = stage == 0, stage == pp - 1
     embed = m.vocab_size * d
     per_layer = (param_count(m) - 2 * embed - d) / L
     n = (per_layer * L / pp + embed * first + (embed + d) * last) / tp  # replicated norms: a rounding error
     sp = tp if p.sequence_parallel and tp > 1 else 1
     Vl = m.vocab_size / tp
-    per_tok = activation_bytes_per_token(m, tp, sp, wb, t.compile)
+    per_tok = activation_bytes_per_token(m, tp, sp, wb, t.compile, p.cp)
     held = min(pp - stage, t.global_batch_size // (dp * B))  # micro-batches in flight on this stage
     if t.activation_checkpointing:  # block inputs, plus one block recomputed during backward
         activations = held * wb * d / sp * N * L / pp + per_tok * N
@@ -68,8 +74,8 @@ def memory_plan(cfg, tp, dp, stage=0):
     rows = {
         "weights": n * wb,
         "gradient buffer (fp32)": n * 4,
-        "gradient partition (fp32, dp > 1)": n * 4 / dp if dp > 1 else 0,
-        "fp32 master + optimizer moments": n * 4 * (1 + moments) / dp,
+        "gradient partition (fp32, dp > 1)": n * 4 / zero if zero > 1 else 0,
+        "fp32 master + optimizer moments": n * 4 * (1 + moments) / zero,
         f"activations ({held} micro-batch{'es' if held > 1 else ''} in flight)": activations,
         "loss buffers (chunked head + cross-entropy)": loss,
         "head gradient handed to autograd": (4 + wb) * Vl * d if last else 0,  # at the start of backward
@@ -77,25 +83,25 @@ def memory_plan(cfg, tp, dp, stage=0):
     static = sum(v for k, v in rows.items() if k in ("weights", "gradient buffer (fp32)", "fp32 master + optimizer moments",
                                                         "gradient partition (fp32, dp > 1)"))
     # the update's fp32 temporaries (two per foreach batch of OPT_CHUNK elements) come after backward
-    peak = static + max(activations + loss + rows["head gradient handed to autograd"], 2 * 4 * min(train.OPT_CHUNK, n / dp))
+    peak = static + max(activations + loss + rows["head gradient handed to autograd"], 2 * 4 * min(train.OPT_CHUNK, n / zero))
     return rows, peak
 
 
 def plan_layout(cfg, tp=None, dp=None):
-    """The numbers of a layout (tp and dp default to the config's [parallel]): {"tp", "pp", "dp", "gpus",
+    """The numbers of a layout (tp and dp default to the config's [parallel]): {"tp", "cp", "pp", "dp", "gpus",
     "micro_batches", "stages": {(activation checkpointing, stage): (rows, peak bytes)}} for every stage
     that can be the largest (the first holds the most activations, the last the head and the loss)."""
     m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
     tp, dp = tp or p.tp, dp or p.dp or 1
-    parallel.check_layout(m, tp * p.pp * dp, tp, dp, t.global_batch_size, t.micro_batch_size,
-                          cfg["data"].seq_len, p.sequence_parallel, p.pp)
+    parallel.check_layout(m, tp * p.cp * p.pp * dp, tp, dp, t.global_batch_size, t.micro_batch_size,
+                          cfg["data"].seq_len, p.sequence_parallel, p.pp, p.cp)
     stages = {}
     for ckpt in (False, True):
         c = {**cfg, "train": replace(t, activation_checkpointing=ckpt)}
         for stage in sorted({0, p.pp - 1}):
             stages[ckpt, stage] = memory_plan(c, tp, dp, stage)
-    return dict(tp=tp, pp=p.pp, dp=dp, gpus=tp * p.pp * dp, micro_batches=t.global_batch_size // (dp * t.micro_batch_size),
-                stages=stages)
+    return dict(tp=tp, cp=p.cp, pp=p.pp, dp=dp, gpus=tp * p.cp * p.pp * dp,
+                micro_batches=t.global_batch_size // (dp * t.micro_batch_size), stages=stages)
 
 
 def peak_memory(cfg, tp, dp):
@@ -106,7 +112,8 @@ def peak_memory(cfg, tp, dp):
 def format_plan(cfg, plan):
     """The plan as text, one block per activation-checkpointing choice and stage."""
     t, p = cfg["train"], cfg["parallel"]
-    lines = [f"layout tp={plan['tp']} pp={plan['pp']} dp={plan['dp']} ({plan['gpus']} GPUs), micro_batch "
+    cp = f" cp={plan['cp']}" if plan["cp"] > 1 else ""
+    lines = [f"layout tp={plan['tp']}{cp} pp={plan['pp']} dp={plan['dp']} ({plan['gpus']} GPUs), micro_batch "
              f"{t.micro_batch_size} x seq_len {cfg['data'].seq_len}, {plan['micro_batches']} micro-batches per step, "
              f"{t.dtype} weights, {t.optimizer}, sequence_parallel={p.sequence_parallel}, compile={t.compile}"]
     for (ckpt, stage), (rows, peak) in plan["stages"].items():

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -86,7 +85,7 @@ def simulated_ranks(m, x, y, mask, cp, backend):
 
             def replay(i):
                 def gather(k, v):  # this rank's rotated K and V are the sequence's at its positions
-                    assert torch.allclose(k, full_kv[i][0][:, pos], atol=1e-6) and torch.equal(v, full_kv[i][1][:, pos])
+                    assert all(torch.allclose(a, b[:, pos], atol=1e-6) for a, b in zip((k, v), full_kv[i]))
                     return full_kv[i]
                 return gather
             for i, a in enumerate(attns):
@@ -230,7 +229,9 @@ def cp_runs(tmp_path_factory, short_documents):
     out = train_in_process(*RUN, *short_documents, f"--train.out_dir={base / 'single'}")
     assert out.returncode == 0, out.stderr[-3000:]
     for name, (tp, cp, pp, dp) in LAYOUTS.items():
-        out = torchrun(4, base / name, *short_documents, *layout_args(tp, cp, pp, name == "tp2sp"))
+        # (1, 2, 2, 1) recomputes each block in backward, as the 70B stages do: its K/V all-gather runs again
+        ac = [f"--train.activation_checkpointing={str(name == 'pp2').lower()}"]
+        out = torchrun(4, base / name, *short_documents, *layout_args(tp, cp, pp, name == "tp2sp"), *ac)
         assert out.returncode == 0, (name, f"whole output in {base / name}.log", out.stderr[-3000:])
         assert f"layout tp={tp} cp={cp} pp={pp} dp={dp}" in out.stdout
     return base

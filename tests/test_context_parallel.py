@@ -226,7 +226,7 @@ def short_documents(tmp_path_factory):
 def cp_runs(tmp_path_factory, short_documents):
     """One process, then the 4 processes of every layout."""
     base = tmp_path_factory.mktemp("cp_runs")
-    out = train_in_process(*RUN, *short_documents, f"--train.out_dir={base / 'single'}")
+    out = train_in_process(*RUN, *short_documents, f"--train.out_dir={base / 'single'}", threads=1)
     assert out.returncode == 0, out.stderr[-3000:]
     for name, (tp, cp, pp, dp) in LAYOUTS.items():
         # (1, 2, 2, 1) recomputes each block in backward, as the 70B stages do: its K/V all-gather runs again
@@ -239,7 +239,9 @@ def cp_runs(tmp_path_factory, short_documents):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_4_processes_with_context_parallelism_give_the_single_process_losses(cp_runs, layout):
-    for key, rtol in (("loss", 1e-5), ("grad_norm", 1e-4), ("val_loss", 1e-5)):
+    # the gradient norm sums in another order and follows AdamW's first steps, which amplify the rounding of
+    # gradients near 0: up to 8e-5 here (and 4e-5 at dp = 4 without CP)
+    for key, rtol in (("loss", 1e-5), ("grad_norm", 3e-4), ("val_loss", 1e-5)):
         want, got = ({r["step"]: r[key] for r in map(json.loads, open(cp_runs / run / "metrics.jsonl")) if key in r}
                      for run in ("single", layout))
         assert sorted(got) == (list(range(1, 9)) if key != "val_loss" else [8])
@@ -269,7 +271,7 @@ def test_a_cp2_checkpoint_resumes_at_cp1_and_cp4_under_another_tp_and_pp(cp_runs
                                                                          nproc, layout):
     subprocess.run(["cp", "-r", str(cp_runs / source / "ckpt-00000004"), str(tmp_path)], check=True)
     if layout is None:
-        out = train_in_process(*RUN, *short_documents, f"--train.out_dir={tmp_path}")
+        out = train_in_process(*RUN, *short_documents, f"--train.out_dir={tmp_path}", threads=1)
     else:
         out = torchrun(nproc, tmp_path, *short_documents, *layout_args(*layout))
     assert out.returncode == 0, (f"whole output in {tmp_path}.log", out.stderr[-3000:])

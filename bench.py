@@ -234,7 +234,8 @@ def main(argv=None):
     try:
         _, world, _ = parallel.env_rank()
         parallel.check_layout(m, world, cfg["parallel"].tp, None, t.global_batch_size, t.micro_batch_size, T,
-                              cfg["parallel"].sequence_parallel, cfg["parallel"].pp, cfg["parallel"].virtual_stages)
+                              cfg["parallel"].sequence_parallel, cfg["parallel"].pp, cfg["parallel"].cp,
+                              cfg["parallel"].virtual_stages)
     except parallel.LayoutError as e:
         sys.exit(f"error: {e}")
     grid = parallel.init_distributed(cfg["parallel"], device_type)

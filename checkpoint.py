@@ -5,14 +5,14 @@ reads only the byte ranges of its own slice.
     Saver / find_resume / load_checkpoint
                                        training checkpoints: each rank writes what it owns, synchronously
                                        or in the background; a resume verifies, falls back, and reads
-                                       only its share under any (tp, pp, dp) layout (slice_runs)
+                                       only its share under any (tp, cp, pp, dp) layout (slice_runs)
     load_hf(path) -> Apertus           a Hugging Face Apertus directory (config.json + safetensors)
     save_hf(model, path)               the same format back (transformers' from_pretrained loads it)
     load_hf_into(opt, path, grid)      HF weights straight into a training run of any layout, each rank
                                        reading only its slices (safetensors get_slice)
     init_from_config / load_init_from / export_hf
-                                       what train.init_from means: its architecture, weights, dtype and
-                                       tokenizer files
+                                       what train.init_from (an HF directory or a checkpoint) means: its
+                                       architecture, weights, dtype and tokenizer files
 
     python checkpoint.py consolidate RUN_DIR/ckpt-00001000 OUT_DIR   # training checkpoint -> HF, no GPU
 """
@@ -151,7 +151,7 @@ class Saver:
         _barrier(self.grid)
         tensors = self.snapshot(opt)
         meta = {**meta, "step": step, "optimizer_steps": opt.state()[1],
-                "layout": dict(tp=self.grid.tp, pp=self.grid.pp, dp=self.grid.dp, world=self.grid.world,
+                "layout": dict(tp=self.grid.tp, cp=self.grid.cp, pp=self.grid.pp, dp=self.grid.dp, world=self.grid.world,
                                virtual_stages=self.grid.virtual_stages, bucket_size=opt.bucket_size)}
         blocked = time.perf_counter() - t0
         if self.async_save:
@@ -358,28 +358,30 @@ def slice_runs(shape, dim, tp, tp_rank, src_tp, start, end):
 
 
 class CheckpointReader:
-    """Reads pieces of a checkpoint for any layout. The layout that wrote it (tp, pp, dp, bucket_size in
-    meta.json) determines, by the same pure function as the optimizer (parallel.zero_layout), which
-    rank file holds which elements, so only the files that hold a wanted piece are opened and only the
-    wanted byte ranges are read (safetensors get_slice); bytes_read counts them."""
+    """Reads pieces of a checkpoint for any layout. The layout that wrote it (tp, cp, pp, dp, bucket_size in
+    meta.json; no cp: 1) determines, by the same pure function as the optimizer (parallel.zero_layout),
+    which rank file holds which elements, so only the files that hold a wanted piece are opened and only
+    the wanted byte ranges are read (safetensors get_slice); bytes_read counts them."""
 
     def __init__(self, path):
         self.path = path
         self.meta, self.cfg = read_meta(path)
         lay = self.meta["layout"]
-        self.tp, self.pp, self.dp = lay["tp"], lay["pp"], lay["dp"]
+        self.tp, self.pp, self.dp, self.cp = lay["tp"], lay["pp"], lay["dp"], lay.get("cp", 1)
+        zero = self.dp * self.cp  # ZeRO-1 partitions, in dp_cp_rank order: partition z is at (d, c) = divmod(z, cp)
         self.sources, self.shapes = {}, {}  # name -> [(tp_rank, start, end, file)], name -> (tp_dim, full shape)
         for pp_rank in range(self.pp):
             named = _stage_parameters(self.cfg, self.tp, self.pp, pp_rank, lay.get("virtual_stages", 1))
-            index, buckets = parallel.zero_layout([(n, p.numel()) for n, p in named], self.dp, lay["bucket_size"])
+            index, buckets = parallel.zero_layout([(n, p.numel()) for n, p in named], zero, lay["bucket_size"])
             numels = {n: p.numel() for n, p in named}
             for n, p in named:
                 self.shapes[n] = (p.role.tp_dim, full_shape(n, p))
-            for dp_rank in range(self.dp):
-                for pc in parallel.zero_pieces(index, buckets, numels, dp_rank, self.dp):
+            for z in range(zero):
+                for pc in parallel.zero_pieces(index, buckets, numels, z, zero):
                     tp_ranks = range(self.tp) if self.shapes[pc.name][0] is not None else [0]
                     for t in tp_ranks:
-                        rank = dp_rank * self.tp * self.pp + pp_rank * self.tp + t
+                        d, c = divmod(z, self.cp)
+                        rank = ((d * self.pp + pp_rank) * self.cp + c) * self.tp + t  # parallel.init_distributed's
                         self.sources.setdefault(pc.name, []).append((t, pc.start, pc.end, f"rank-{rank:05d}.safetensors"))
         self.files, self.bytes_read = {}, 0
 
@@ -417,6 +419,12 @@ class CheckpointReader:
                     self.bytes_read += (hi - lo) * 4
         return out
 
+    def piece_reader(self, opt, grid):
+        """read(piece, kind) for DistributedOptimizer.load_state: this rank's pieces, whatever layout wrote them."""
+        dim = lambda pc: opt.roles[pc.name].tp_dim  # noqa: E731
+        return lambda pc, kind: self.read(kind, pc.name, grid.tp if dim(pc) is not None else 1, grid.tp_rank, pc.start,
+                                          pc.end, dim(pc))
+
     def full(self, kind, name):
         dim, shape = self.shapes[name]
         return self.read(kind, name, 1, 0, 0, math.prod(shape)).view(shape)
@@ -440,12 +448,7 @@ def load_checkpoint(path, opt, grid, optimizer_name):
     ck = CheckpointReader(path)
     if ck.meta["optimizer"] != optimizer_name:
         raise CheckpointError(f"{path} holds {ck.meta['optimizer']} state, this run uses {optimizer_name}")
-
-    def read(piece, kind):
-        tp_dim = opt.roles[piece.name].tp_dim
-        return ck.read(kind, piece.name, grid.tp if tp_dim is not None else 1, grid.tp_rank, piece.start, piece.end,
-                       tp_dim)
-    opt.load_state(ck.meta["optimizer_steps"], read)
+    opt.load_state(ck.meta["optimizer_steps"], ck.piece_reader(opt, grid))
     if ck.meta["layout"]["world"] == grid.world:  # RNG streams belong to ranks: only meaningful for the same world
         f = ck._open(f"rank-{grid.rank:05d}.safetensors")
         torch.set_rng_state(f.get_tensor("rng|torch"))
@@ -512,7 +515,7 @@ def read_hf_config(path) -> ModelConfig:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory (a Hugging Face model directory holds config.json "
-                              f"and safetensors)")
+                              f"and safetensors; a training checkpoint, meta.json and rank files)")
     try:
         with open(cfg_path) as f:
             return config_from_hf(json.load(f))
@@ -688,16 +691,18 @@ def consolidate(ckpt_path, out_dir, dtype=torch.bfloat16):
 
 
 # ----------------------------------------------------------------------------- train.init_from
-# What a run that starts from a Hugging Face directory takes from it, all here: the architecture (its
-# config.json), the weights (load_hf_into), the dtype to export in, and the tokenizer files to export.
+# What a run that starts from a Hugging Face directory or a training checkpoint (ckpt-N: a long-context
+# stage's previous one) takes from it, all here: the architecture, the weights, the dtype to export in and
+# the tokenizer files to export. ROPE_KEYS shape no parameter: a stage sets its own (a higher theta).
+ROPE_KEYS = ("rope_theta", "rope_scaling", "max_position_embeddings")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")
 
 
 def init_from_config(init_from, out_dir, mine: ModelConfig, keys) -> ModelConfig:
-    """The architecture of a run with train.init_from: that directory's config.json, or, once out_dir holds
-    a checkpoint, the checkpoint's (a resume does not read init_from: it may be gone). `keys`: the [model]
-    keys the config file sets; each must agree with it (init_std apart: a config.json has none)."""
+    """The architecture of a run with train.init_from: its config.json (or meta.json), or, once out_dir holds a
+    checkpoint, that one's (a resume does not read init_from: it may be gone). `keys`: the [model] keys the
+    config file sets; each must agree (init_std apart: a config.json has none; ROPE_KEYS: the file wins)."""
     theirs, where = None, latest_checkpoint(out_dir)
     if where:
         try:
@@ -706,17 +711,25 @@ def init_from_config(init_from, out_dir, mine: ModelConfig, keys) -> ModelConfig
             pass  # the resume will say so and fall back
     if theirs is None:
         try:
-            theirs, where = read_hf_config(init_from), os.path.join(init_from, "config.json")
+            if os.path.exists(os.path.join(init_from, "meta.json")):  # a training checkpoint
+                theirs, where = read_meta(init_from)[1], os.path.join(init_from, "meta.json")
+            else:
+                theirs, where = read_hf_config(init_from), os.path.join(init_from, "config.json")
         except CheckpointError as e:
             raise CheckpointError(f"train.init_from: {e}") from None
     for k in keys:
-        if getattr(mine, k) != getattr(theirs, k) and k != "init_std":
+        if getattr(mine, k) != getattr(theirs, k) and k not in ("init_std", *ROPE_KEYS):
             raise CheckpointError(f"model.{k} = {getattr(mine, k)!r} disagrees with {getattr(theirs, k)!r} in {where}")
-    return replace(theirs, init_std=mine.init_std)
+    return replace(theirs, init_std=mine.init_std, **{k: getattr(mine, k) for k in keys if k in ROPE_KEYS})
 
 
 def load_init_from(opt, init_from, grid):
-    """init_from's weights into a run of any layout. Returns (bytes this rank read, the dtype to export in)."""
+    """init_from's weights into a run of any layout (of a checkpoint, its fp32 masters alone: the optimizer
+    starts afresh, at step 0). Returns (bytes this rank read, the dtype to export in)."""
+    if os.path.exists(os.path.join(init_from, "meta.json")):
+        ck = CheckpointReader(init_from)
+        opt.load_state(0, ck.piece_reader(opt, grid), kinds=("master",))
+        return ck.bytes_read, ck.meta.get("export_dtype", "bfloat16")
     return load_hf_into(opt, init_from, grid), str(hf_dtype(init_from)).removeprefix("torch.")
 
 

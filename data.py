@@ -74,7 +74,8 @@ class DataConfig:
     sources: list = field(default_factory=list)  # a mixture: tables {name, prefix, weight}; weights > 0, divided
     #                          by their sum as Megatron does it (twice: see blend_weights); a name (letters,
     #                          digits, _ . -) labels the source's metrics (tokens/<name>, val_loss/<name>) and
-    #                          keys its shuffle, so renaming reshuffles
+    #                          keys its shuffle, so renaming reshuffles; min_doc_tokens = N (optional) keeps
+    #                          only the documents of at least N tokens (the long-context stages' long documents)
     stages: list = field(default_factory=list)   # a curriculum: tables {start_step or start_tokens, sources};
     #                          the first starts at 0; a source keeps its place (samples already read) across
     #                          stages, and the same name must mean the same prefix in every stage
@@ -96,10 +97,12 @@ class DataConfig:
             if len(starts) != 1 or not _is_int(stage[starts[0]]) or stage[starts[0]] < 0:
                 raise ValueError(f"{key} needs one of start_step or start_tokens, a non-negative integer")
             _check_sources(f"{key}.sources", stage.get("sources"))
-        prefixes = {}
-        for key, name, prefix, _ in _all_sources(self):
-            if prefixes.setdefault(name, prefix) != prefix:
-                raise ValueError(f"{key}: source {name!r} has prefix {prefix!r} here and {prefixes[name]!r} elsewhere")
+        seen = {}
+        for key, name, prefix, _, least in _all_sources(self):
+            if seen.setdefault(name, (prefix, least)) != (prefix, least):
+                i = int(seen[name][0] == prefix)  # 0: the prefix differs, else min_doc_tokens
+                raise ValueError(f"{key}: source {name!r} has {('prefix', 'min_doc_tokens')[i]} {(prefix, least)[i]!r} "
+                                 f"here and {seen[name][i]!r} elsewhere")
 
 
 def _is_int(v):
@@ -112,8 +115,10 @@ def _check_sources(key, sources, empty_ok=False):
     names = set()
     for i, s in enumerate(sources):
         k = f"{key}[{i}]"
-        if not isinstance(s, dict) or set(s) != {"name", "prefix", "weight"}:
-            raise ValueError(f"{k} must be a table with exactly name, prefix and weight, got {s!r}")
+        if not isinstance(s, dict) or set(s) - {"min_doc_tokens"} != {"name", "prefix", "weight"}:
+            raise ValueError(f"{k} must be a table with exactly name, prefix and weight (optionally min_doc_tokens), got {s!r}")
+        if not _is_int(s.get("min_doc_tokens", 1)) or s.get("min_doc_tokens", 1) < 1:
+            raise ValueError(f"{k}.min_doc_tokens must be a positive integer, got {s['min_doc_tokens']!r}")
         if not isinstance(s["name"], str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", s["name"]) or s["name"] in names:
             raise ValueError(f"{k}.name must be a unique name of letters, digits, _ . or -, got {s['name']!r}")
         if not isinstance(s["prefix"], str) or not s["prefix"]:
@@ -126,16 +131,19 @@ def _check_sources(key, sources, empty_ok=False):
 
 def _all_sources(cfg):
     for i, s in enumerate(cfg.sources):
-        yield f"data.sources[{i}]", s["name"], s["prefix"], s["weight"]
+        yield f"data.sources[{i}]", s["name"], s["prefix"], s["weight"], s.get("min_doc_tokens", 0)
     for j, stage in enumerate(cfg.stages):
         for i, s in enumerate(stage["sources"]):
-            yield f"data.stages[{j}].sources[{i}]", s["name"], s["prefix"], s["weight"]
+            yield f"data.stages[{j}].sources[{i}]", s["name"], s["prefix"], s["weight"], s.get("min_doc_tokens", 0)
 
 
 def stage_table(cfg: DataConfig, global_batch: int, resolve=lambda prefix: prefix) -> list:
-    """The [data] section as the DataLoader's stage table: [(start step, [(name, prefix, weight), ...]), ...].
+    """The [data] section as the DataLoader's stage table: [(start step, [(name, prefix, weight), ...]), ...]
+    (a source with min_doc_tokens: (name, prefix, weight, min_doc_tokens)).
     An empty data.dataset is the demo corpus, "demo:all"; resolve(prefix) -> the path prefix to read
     (the trainer passes prepare.resolve_prefix, which makes a "demo:<kind>" corpus on first use)."""
+    entries = lambda sources: [(s["name"], resolve(s["prefix"]), float(s["weight"]),  # noqa: E731
+                               *[s[k] for k in ("min_doc_tokens",) if k in s]) for s in sources]
     if cfg.stages:
         table = []
         for i, stage in enumerate(cfg.stages):
@@ -143,14 +151,13 @@ def stage_table(cfg: DataConfig, global_batch: int, resolve=lambda prefix: prefi
                 start = stage["start_step"]
             else:  # a token count starts the stage at the first step that begins at or past it: ceil(tokens / step)
                 start = -(-stage["start_tokens"] // (global_batch * cfg.seq_len))
-            table.append((start, [(s["name"], resolve(s["prefix"]), float(s["weight"]))
-                                  for s in stage["sources"]]))
+            table.append((start, entries(stage["sources"])))
             if i == 0 and start != 0 or i > 0 and start <= table[i - 1][0]:
                 raise DataError(f"data.stages[{i}] starts at step {start}: the first stage must start at step 0 "
                                 f"and each later one after the one before")
         return table
     if cfg.sources:
-        return [(0, [(s["name"], resolve(s["prefix"]), float(s["weight"])) for s in cfg.sources])]
+        return [(0, entries(cfg.sources))]
     prefix = resolve(cfg.dataset or "demo:all")
     return [(0, [(os.path.basename(prefix) or "data", prefix, 1.0)])]
 
@@ -381,11 +388,15 @@ class Source:
         them) and sample k is the window stream[k*T : k*T + T + 1];
     packed, when PREFIX.mask.idx/.bin lies next to it (a uint8 0/1 dataset of the same sequences): sample
         k is sequence k, of exactly T + 1 tokens, and position j of y counts in the loss where its mask
-        at j + 1 is 1 (chat data packed and masked ahead of time)."""
+        at j + 1 is 1 (chat data packed and masked ahead of time).
+    min_doc_tokens = N: a plain source's stream is its documents of at least N tokens, back to back."""
 
-    def __init__(self, name: str, prefix: str, seq_len: int, val_fraction: float, vocab_size: int | None):
-        self.name, self.seq_len = name, seq_len
+    def __init__(self, name: str, prefix: str, seq_len: int, val_fraction: float, vocab_size: int | None,
+                 min_doc_tokens: int = 0):
+        self.name, self.seq_len, self.kept = name, seq_len, None
         self.data, self.mask = IndexedDataset(prefix, vocab_size), None
+        if min_doc_tokens and os.path.exists(prefix + ".mask.idx"):
+            raise DataError(f"source {name!r}: min_doc_tokens keeps documents of a plain source; {prefix} is packed")
         if os.path.exists(prefix + ".mask.idx"):
             self.mask = IndexedDataset(prefix + ".mask")
             if self.mask.dtype != np.uint8 or len(self.mask) != len(self.data):
@@ -394,7 +405,8 @@ class Source:
             total = len(self.data)
         else:
             self._check_back_to_back()
-            total = max(self.data.num_tokens - 1, 0) // seq_len
+            self.kept = self._keep(min_doc_tokens) if min_doc_tokens else None
+            total = max((self.data.num_tokens if self.kept is None else int(self.kept[1][-1])) - 1, 0) // seq_len
         self.num_val = max(1, int(total * val_fraction))
         self.num_train = total - self.num_val
         if self.num_train < 1:
@@ -415,13 +427,43 @@ class Source:
         """Rows [len, T + 1] int64 of these samples, and for a packed source their masks [len, T + 1] bool."""
         T = self.seq_len
         if self.mask is None:
-            return self.data.windows(samples * T, T + 1).astype(np.int64), None
+            return self._windows(samples * T, T + 1).astype(np.int64), None
         rows, masks = self.data.sequences(samples), self.mask.sequences(samples)
         for k, row in zip(samples, rows):
             if len(row) != T + 1:
                 raise DataError(f"{self.data.idx_path}: sequence {k} holds {len(row)} tokens; a packed source "
                                 f"needs seq_len + 1 = {T + 1}")
         return np.stack(rows).astype(np.int64), np.stack(masks) != 0
+
+    def _keep(self, n: int, chunk: int = 1 << 22):
+        """min_doc_tokens: the documents of at least n tokens, as (where each starts in the .bin, where each
+        starts in the stream of them back to back, and that stream's end), in tokens. A document runs from
+        its first sequence's pointer to the next document's (the sequences lie back to back); the index is
+        read a chunk of documents at a time, so memory holds the kept documents only."""
+        d, kept = self.data, [np.empty((2, 0), np.int64)]
+        for a in range(0, d.num_documents, chunk):
+            seq = d.doc_indices(a, min(a + chunk, d.num_documents) + 1)  # first sequences of documents a, a+1, ...
+            ptr = np.append(d.pointers(int(seq[0]), min(int(seq[-1]) + 1, len(d))), d.num_tokens * d.dtype.itemsize)
+            bounds = ptr[seq - seq[0]] // d.dtype.itemsize  # where those documents start, and the last one ends
+            kept.append(np.stack((bounds[:-1], bounds[1:]))[:, np.diff(bounds) >= n])
+        kept = np.concatenate(kept, axis=1)
+        if not kept.size:
+            raise DataError(f"source {self.name!r}: min_doc_tokens = {n} keeps no document of {d.idx_path}")
+        return kept[0], np.concatenate([[0], np.cumsum(kept[1] - kept[0])])
+
+    def _windows(self, starts, count: int) -> np.ndarray:
+        """[len(starts), count]: tokens [s, s + count) of the source's stream for each s (with min_doc_tokens,
+        of its kept documents back to back: the pieces of the documents the window overlaps)."""
+        if self.kept is None:
+            return self.data.windows(starts, count)
+        at, begins = self.kept
+        rows = []
+        for s in map(int, starts):  # documents i .. j-1 overlap [s, s + count)
+            i, j = int(np.searchsorted(begins, s, "right")) - 1, int(np.searchsorted(begins, s + count))
+            lo, hi = np.maximum(begins[i:j], s), np.minimum(begins[i + 1:j + 1], s + count)
+            rows.append(np.concatenate([self.data.windows([a + l - b], h - l)[0]
+                                        for a, b, l, h in zip(at[i:j], begins[i:j], lo, hi)]))
+        return np.stack(rows)
 
     def _check_back_to_back(self, spots: int = 256) -> None:
         """A plain source reads its .bin as one stream, which needs the sequences back to back, as
@@ -520,15 +562,16 @@ class DataLoader:
             raise DataError(f"stages must start at step 0, at increasing steps, each with sources: {starts}")
         prefixes = {}
         for _, sources in stages:
-            for name, prefix, _ in sources:
-                prefixes.setdefault(name, prefix)
+            for name, prefix, _, *least in sources:  # least: [min_doc_tokens] or []
+                prefixes.setdefault(name, (prefix, *least))
         self.source_names = list(prefixes)  # in order of first appearance
         # the token dtype must hold the tokenizer's ids (token_vocab); the ids must be under the model's vocab_size
-        self.sources = [Source(n, p, seq_len, val_fraction, token_vocab or vocab_size) for n, p in prefixes.items()]
+        self.sources = [Source(n, p, seq_len, val_fraction, token_vocab or vocab_size, *least)
+                        for n, (p, *least) in prefixes.items()]
         self.stages = []  # (start step, the loader's index of each source, weights as Megatron normalises them)
         for start, sources in stages:
-            self.stages.append((start, [self.source_names.index(n) for n, _, _ in sources],
-                                blend_weights([weight for _, _, weight in sources])))
+            self.stages.append((start, [self.source_names.index(s[0]) for s in sources],
+                                blend_weights([s[2] for s in sources])))
         self.seq_len, self.global_batch, self.micro_batch = seq_len, global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed, self.vocab_size = dp_rank, dp_size, seed, vocab_size
         self.per_rank = global_batch // dp_size
@@ -614,6 +657,12 @@ class DataLoader:
         """{source name: normalised weight} of the stage that global batch `step` belongs to."""
         _, members, weights = self.stages[bisect.bisect_right([s[0] for s in self.stages], step) - 1]
         return {self.source_names[m]: w for m, w in zip(members, weights)}
+
+    def samples(self, step: int) -> dict:
+        """{source name: its sample indices (Source.read's k)} in global batch `step`, every rank's: a batch's name."""
+        source, position, _ = self._blend_step(self._cursor(step))
+        return {self.source_names[s]: self.sources[s].train_samples(position[source == s], self.seed).tolist()
+                for s in np.unique(source)}
 
     # ---- batches
 

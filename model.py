@@ -226,12 +226,15 @@ class compiled_on_first_use:
 _flex_compiled = compiled_on_first_use(flex_attention)
 
 
-def _block_mask(doc_ids):
+def _block_mask(doc_ids, q_pos=None):
     B, T = doc_ids.shape
 
     def causal_same_document(b, h, q, kv):
+        if q_pos is not None:  # context parallelism: local query q is the sequence's token q_pos[q]
+            q = q_pos[q]
         return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
-    return create_block_mask(causal_same_document, B, None, T, T, device=doc_ids.device)
+    Q = T if q_pos is None else len(q_pos)
+    return create_block_mask(causal_same_document, B, None, Q, T, device=doc_ids.device)
 
 
 # compiled as a whole, so the mask function made at each call is traced, not guarded on: one graph,
@@ -239,20 +242,21 @@ def _block_mask(doc_ids):
 _block_mask_compiled = compiled_on_first_use(_block_mask)
 
 
-def make_block_mask(doc_ids):
+def make_block_mask(doc_ids, q_pos=None):
     """The FlexAttention block mask of a micro-batch: causal, and never across a document boundary.
-    Built once per forward and shared by every layer."""
-    return (_block_mask_compiled if doc_ids.is_cuda else _block_mask)(doc_ids)
+    Built once per forward and shared by every layer. q_pos [Tq]: only these queries (positions in the
+    sequence), against every key (context parallelism)."""
+    return (_block_mask_compiled if doc_ids.is_cuda else _block_mask)(doc_ids, q_pos)
 
 
-def sdpa_mask(doc_ids):
-    """The same mask for scaled_dot_product_attention, [B, 1, T, T] bool; None when no micro-batch
+def sdpa_mask(doc_ids, q_pos=None):
+    """The same mask for scaled_dot_product_attention, [B, 1, Tq, T] bool; None when no micro-batch
     row has a document boundary (plain causal is faster; the check syncs with the host, fine on CPU)."""
-    if bool((doc_ids[:, -1] == doc_ids[:, 0]).all()):
+    if q_pos is None and bool((doc_ids[:, -1] == doc_ids[:, 0]).all()):
         return None
-    T = doc_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    return (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+    q = torch.arange(doc_ids.shape[1], device=doc_ids.device) if q_pos is None else q_pos
+    causal = q[:, None] >= torch.arange(doc_ids.shape[1], device=doc_ids.device)
+    return (causal & (doc_ids[:, q, None] == doc_ids[:, None, :]))[:, None]
 
 
 def attention(q, k, v, mask=None):
@@ -279,6 +283,7 @@ class Attention(nn.Module):
         # one [D] weight shared by all heads; each TP rank holds some heads, so its gradient is partial
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps, tp_partial_grad=True)
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps, tp_partial_grad=True)
+        self.gather_kv = None  # context parallelism: parallel.py sets the all-gather of every rank's K and V
 
     def forward(self, x, cos, sin, mask):
         B, T = x.shape[0], cos.shape[1]  # T: the full sequence (x may be a sequence-parallel slice)
@@ -286,6 +291,8 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim))  # [B, T, Hkv(/tp), D]
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)         # QK-norm first, then RoPE
+        if self.gather_kv is not None:  # T = this rank's tokens; K and V: [B, T x cp, Hkv(/tp), D]
+            k, v = self.gather_kv(k, v)
         y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -448,23 +455,27 @@ class Apertus(nn.Module):
                 p.role = roles[n]
         return self
 
-    def forward(self, input_ids, targets=None, loss_mask=None, doc_ids=None, reduction="mean", hidden=None, chunk=None):
+    def forward(self, input_ids, targets=None, loss_mask=None, doc_ids=None, reduction="mean", hidden=None,
+                cp_index=None, chunk=None):
         """input_ids [B, T] -> logits [B, T, V] (V/tp under tensor parallelism); with targets, the loss:
         the mean (or sum) over the tokens that count (loss_mask True and target != -100).
         doc_ids [B, T] (see document_ids) masks attention per document and restarts positions.
         A pipeline stage (parallel.keep_stage) lacks the embedding or the head: a later stage takes
-        the previous stage's output as `hidden`, and a stage without the head returns its output. chunk
-        (c, V): only the c-th of V equal runs of this stage's layers, the head after the last (interleaved)."""
-        B, T = input_ids.shape
+        the previous stage's output as `hidden`, and a stage without the head returns its output.
+        cp_index [T/cp] (context parallelism, parallel.cp_positions): the positions this rank computes;
+        positions and the mask come from the whole sequence, then only these tokens run. chunk (c, V):
+        only the c-th of V equal runs of this stage's layers, the head after the last (interleaved)."""
+        doc = torch.zeros_like(input_ids) if doc_ids is None else doc_ids
+        pos = document_positions(doc)
+        # built once here, shared by every layer
+        mask = make_block_mask(doc, cp_index) if self.attn_backend == "flex" else sdpa_mask(doc, cp_index)
+        if cp_index is not None:  # this rank's tokens from here on
+            input_ids, pos = input_ids[:, cp_index], pos[:, cp_index]
+            targets, loss_mask = (t if t is None else t[:, cp_index] for t in (targets, loss_mask))
         x = self.model.embed_tokens(input_ids) if hidden is None else hidden
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
-        pos = torch.arange(T, device=x.device).expand(B, T) if doc_ids is None else document_positions(doc_ids)
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
-        if doc_ids is None:
-            mask = make_block_mask(torch.zeros_like(input_ids)) if self.attn_backend == "flex" else None
-        else:  # built once here, shared by every layer
-            mask = make_block_mask(doc_ids) if self.attn_backend == "flex" else sdpa_mask(doc_ids)
         blocks = list(self.model.layers.values())
         c, V = chunk or (0, 1)
         for block in blocks[c * len(blocks) // V:(c + 1) * len(blocks) // V]:

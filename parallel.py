@@ -1,11 +1,13 @@
 """Tensor and data parallelism, written by hand over torch.distributed (NCCL on CUDA, gloo on CPU).
 
-The process grid: world = tp x pp x dp, Megatron-LM's order: tensor-parallel groups are consecutive
-ranks (so a group stays inside a node and talks over NVLink), then pipeline stages, then data
-parallelism (the ranks with the same tp_rank and stage):
+The process grid: world = tp x cp x pp x dp, Megatron-LM's order: tensor-parallel groups are consecutive
+ranks (so a group stays inside a node and talks over NVLink), then context parallelism, then pipeline
+stages, then data parallelism; the rank at (d, p, c, t) is ((d pp + p) cp + c) tp + t:
 
     tp=2, pp=2, dp=2:   TP groups [0 1] [2 3] [4 5] [6 7]      stage 0: 0 1 4 5, stage 1: 2 3 6 7
                         PP groups [0 2] [1 3] [4 6] [5 7]      DP groups [0 4] [1 5] [2 6] [3 7]
+    tp=2, cp=2, dp=2:   TP groups [0 1] [2 3] [4 5] [6 7]      CP groups [0 2] [1 3] [4 6] [5 7]
+                        DP groups [0 4] [1 5] [2 6] [3 7]      DP x CP (ZeRO-1) [0 2 4 6] [1 3 5 7]
 
 Tensor parallelism (Megatron-LM, arXiv 1909.08053), for Y = X A:
 
@@ -29,6 +31,10 @@ and optimizer state for its partition (1/dp) of every bucket; after the step the
 all-gathered back, bucket by bucket and asynchronously, and each block waits only for its own
 buckets just before its forward (Megatron's overlapped parameter gather).
 
+Context parallelism (Llama 3, arXiv 2407.21783, 3.3.2): a CP group's ranks hold two chunks each of every
+sequence (cp_positions); attention all-gathers K and V over the group and reduce-scatters their gradients
+(GatherKV), all else runs on the rank's own tokens. ZeRO-1 partitions over the dp x cp weight replicas.
+
 Pipeline parallelism (Megatron-LM's 1F1B schedule, picotron's pipeline file): stage s holds layers
 [s L/pp, (s+1) L/pp), the first also the embedding, the last the final norm, the head and the loss;
 activations and their gradients go point-to-point between neighbouring stages (pipeline_1f1b), or round
@@ -38,6 +44,7 @@ Words: a tensor-parallel rank holds a *slice* of a weight; a data-parallel rank 
 each gradient bucket, and its *pieces* are the parts of parameters that fall in that partition.
 Debugging: start with check_replicas(model), which says which replicated tensor differs across ranks.
 """
+import itertools
 import os
 import sys
 import time
@@ -56,8 +63,9 @@ from model import lm_head_loss, role_of
 class ParallelConfig:
     """The [parallel] section."""
     tp: int = 1                      # tensor-parallel degree (GPUs of one node share a layer)
+    cp: int = 1                      # context-parallel degree: each sequence split over cp ranks (long context)
     pp: int = 1                      # pipeline stages (the layers split evenly over them)
-    dp: int = 0                      # data-parallel degree, for --plan only; at run time world / (tp x pp)
+    dp: int = 0                      # data-parallel degree, for --plan only; at run time world / (tp x cp x pp)
     sequence_parallel: bool = False  # norms and residuals on sequence slices (saves activations)
     virtual_stages: int = 1          # model chunks per pipeline rank: > 1 is the interleaved 1F1B schedule
     bucket_size: int = 25_000_000    # gradient elements per reduce-scatter bucket
@@ -87,7 +95,13 @@ class Grid:
     pp: int = 1
     pp_rank: int = 0
     pp_group: object = None
+    cp: int = 1
+    cp_rank: int = 0
+    cp_group: object = None
+    dp_cp_group: object = None  # the dp x cp ranks of one (tp_rank, stage), which share every weight: ZeRO-1's
     virtual_stages: int = 1
+    dp_cp = property(lambda self: self.dp * self.cp)  # (Megatron's "data-parallel group with context parallelism")
+    dp_cp_rank = property(lambda self: self.dp_rank * self.cp + self.cp_rank)
 
     @property
     def first_stage(self):
@@ -110,14 +124,14 @@ def env_rank():
     return 0, 1, 0
 
 
-def check_layout(cfg, world, tp, dp=None, global_batch=None, micro_batch=None, seq_len=None, sp=False, pp=1, vp=1):
+def check_layout(cfg, world, tp, dp=None, global_batch=None, micro_batch=None, seq_len=None, sp=False, pp=1, cp=1, vp=1):
     """Refuse a layout that does not fit, before anything is allocated, naming the numbers."""
-    if tp < 1 or pp < 1:
-        raise LayoutError(f"layout refused: tp={tp} and pp={pp} must be at least 1")
-    dp = dp or world // (tp * pp)
+    if min(tp, cp, pp) < 1:
+        raise LayoutError(f"layout refused: tp={tp}, cp={cp} and pp={pp} must be at least 1")
+    dp = dp or world // (tp * cp * pp)
     problems = []
-    if world % (tp * pp):
-        problems.append(f"world size {world} is not divisible by tp x pp = {tp} x {pp}")
+    if world % (tp * cp * pp):
+        problems.append(f"world size {world} is not divisible by tp x cp x pp = {tp} x {cp} x {pp}")
     for what, n in (("KV heads", cfg.num_key_value_heads), ("query heads", cfg.num_attention_heads),
                     ("vocab size", cfg.vocab_size), ("MLP width", cfg.intermediate_size)):
         if n % tp:
@@ -126,14 +140,15 @@ def check_layout(cfg, world, tp, dp=None, global_batch=None, micro_batch=None, s
         problems.append(f"virtual_stages={vp} must be 1, or more with pp > 1")
     if cfg.num_hidden_layers % (pp * max(vp, 1)):
         problems.append(f"pp={pp}{f' x virtual_stages={vp}' if vp > 1 else ''} does not divide the {cfg.num_hidden_layers} layers")
-    if vp > 1 and global_batch is not None and dp >= 1 and global_batch // (dp * micro_batch) % pp:
-        problems.append(f"the interleaved schedule needs the micro-batches ({global_batch // (dp * micro_batch)}) "
-                        f"to be a multiple of pp={pp}")
+    if vp > 1 and global_batch is not None and dp >= 1 and (micro := global_batch // (dp * micro_batch)) % pp:
+        problems.append(f"the interleaved schedule needs the micro-batches ({micro}) to be a multiple of pp={pp}")
     if global_batch is not None and dp >= 1 and global_batch % (dp * micro_batch):
         problems.append(f"global_batch_size {global_batch} is not divisible by dp={dp} x "
                         f"micro_batch_size {micro_batch}")
-    if sp and seq_len is not None and seq_len % tp:
-        problems.append(f"sequence parallelism needs seq_len {seq_len} divisible by tp={tp}")
+    if cp > 1 and seq_len is not None and seq_len % (2 * cp):
+        problems.append(f"context parallelism needs seq_len {seq_len} divisible by 2 x cp = {2 * cp}")
+    if sp and seq_len is not None and seq_len % (cp * tp):
+        problems.append(f"sequence parallelism needs seq_len {seq_len} divisible by cp x tp = {cp * tp}")
     if problems:
         raise LayoutError("layout refused: " + "; ".join(problems))
 
@@ -150,18 +165,22 @@ def init_distributed(pcfg: ParallelConfig, device_type: str) -> Grid:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world,
                                 device_id=device if device_type == "cuda" else None)
-    tp, pp = pcfg.tp, pcfg.pp
-    dp = world // (tp * pp)
-    g = Grid(rank, world, local_rank, tp, dp, rank % tp, rank // (tp * pp), None, None, device,
-             pcfg.sequence_parallel and tp > 1, pp, (rank // tp) % pp, None, pcfg.virtual_stages)
+    tp, cp, pp = pcfg.tp, pcfg.cp, pcfg.pp
+    dp = world // (tp * cp * pp)
+    g = Grid(rank, world, local_rank, tp, dp, rank % tp, rank // (tp * cp * pp), None, None, device,
+             pcfg.sequence_parallel and tp > 1, pp, (rank // (tp * cp)) % pp, None, cp, (rank // tp) % cp,
+             virtual_stages=pcfg.virtual_stages)
     if world > 1:  # one call each, made by every rank with the same lists: the groups all ranks agree on
-        at = lambda d, p, t: d * tp * pp + p * tp + t  # noqa: E731  the rank at (dp, pp, tp) coordinates
-        g.tp_group, _ = dist.new_subgroups_by_enumeration(
-            [[at(d, p, t) for t in range(tp)] for d in range(dp) for p in range(pp)])
-        g.pp_group, _ = dist.new_subgroups_by_enumeration(
-            [[at(d, p, t) for p in range(pp)] for d in range(dp) for t in range(tp)])
-        g.dp_group, _ = dist.new_subgroups_by_enumeration(
-            [[at(d, p, t) for d in range(dp)] for p in range(pp) for t in range(tp)])
+        def groups(*axes):  # the ranks that differ only along axes of (d, p, c, t), rank r at the r-th coordinates
+            out = {}
+            for r, at in enumerate(itertools.product(range(dp), range(pp), range(cp), range(tp))):
+                out.setdefault(tuple(v for i, v in enumerate(at) if i not in axes), []).append(r)
+            return list(out.values())
+        g.tp_group, _ = dist.new_subgroups_by_enumeration(groups(3))
+        g.pp_group, _ = dist.new_subgroups_by_enumeration(groups(1))
+        g.dp_group, _ = dist.new_subgroups_by_enumeration(groups(0))
+        g.cp_group = dist.new_subgroups_by_enumeration(groups(2))[0] if cp > 1 else None
+        g.dp_cp_group = dist.new_subgroups_by_enumeration(groups(0, 2))[0] if cp > 1 else g.dp_group
     return g
 
 
@@ -183,7 +202,7 @@ def shutdown(grid: Grid, opt=None):
     if grid.world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-        grid.tp_group = grid.pp_group = grid.dp_group = None
+        grid.tp_group = grid.pp_group = grid.dp_group = grid.cp_group = grid.dp_cp_group = None
         if left := gloo_threads():
             print(f"warning: rank {grid.rank}: {len(left)} gloo threads outlive the process groups (a reference "
                   f"to a group is left somewhere); the exit may abort after the run", file=sys.stderr)
@@ -372,6 +391,8 @@ def parallelize(model, grid: Grid):
     """Apply BLOCK_PLAN to every block and split the embedding and the head over the vocabulary, in
     place (call it on the meta device: the new layers have slice shapes and are filled later by init
     or a checkpoint)."""
+    for block in model.model.layers.values() if grid.cp > 1 else ():  # attention sees every rank's K and V
+        block.self_attn.gather_kv = lambda k, v: gather_kv(k, v, grid)
     if grid.tp == 1:
         return model
     for block in model.model.layers.values():
@@ -394,6 +415,42 @@ def parallelize(model, grid: Grid):
     for name, p in model.named_parameters():
         role_of(name, p)
     return model
+
+
+# ----------------------------------------------------------------------------- context parallelism
+def cp_positions(T, cp, cp_rank, device=None):
+    """The positions of a sequence of T tokens that CP rank cp_rank holds: the sequence is cut into 2 cp
+    chunks and rank r holds chunks r and 2cp-1-r (Llama 3's head-tail split: under a causal mask every
+    rank does the same attention work). cp = 4, T = 16:
+
+        positions  0 1 | 2 3 | 4 5 | 6 7 | 8 9 | 10 11 | 12 13 | 14 15
+        chunk       0     1     2     3     4      5       6       7
+        CP rank     0     1     2     3     3      2       1       0      rank 1 holds 2 3 12 13
+    """
+    c = T // (2 * cp)
+    return torch.cat([torch.arange(i * c, (i + 1) * c, device=device) for i in (cp_rank, 2 * cp - 1 - cp_rank)])
+
+
+def cp_owner(positions, T, cp):
+    """The inverse of cp_positions: (the CP rank holding each position, its index among that rank's tokens)."""
+    c = T // (2 * cp)
+    chunk = positions // c
+    return torch.minimum(chunk, 2 * cp - 1 - chunk), positions % c + c * (chunk >= cp)
+
+
+class GatherKV(GatherFromSP):
+    """Context parallelism's one collective pair (Llama 3, 3.3.2): GatherFromSP's, over the CP group."""
+
+
+def gather_kv(k, v, grid: Grid):
+    """k, v [B, T/cp, Hkv, D] of this rank's tokens -> [B, T, Hkv, D] each, every token in sequence order:
+    one all-gather of both (rank after rank, then put in order by cp_owner); backward, their gradients
+    reduce-scattered, each rank getting its own keys' gradient summed over every rank's queries. With
+    GQA, K and V are small next to the rest of a block."""
+    T = k.shape[1] * grid.cp
+    kv = GatherKV.apply(torch.cat((k, v), 2), grid.cp_group)
+    rank, index = cp_owner(torch.arange(T, device=k.device), T, grid.cp)
+    return kv[:, rank * (T // grid.cp) + index].chunk(2, 2)
 
 
 # ----------------------------------------------------------------------------- pipeline parallelism
@@ -422,8 +479,8 @@ class Pipe:
 
     def __init__(self, grid: Grid, shape, dtype):
         self.grid, self.shape, self.dtype, self.wait_s = grid, shape, dtype, 0.0
-        ring = grid.rank - grid.pp_rank * grid.tp  # same tp_rank and dp_rank; the last stage's next is the first
-        self.next, self.prev = ring + (grid.pp_rank + 1) % grid.pp * grid.tp, ring + (grid.pp_rank - 1) % grid.pp * grid.tp
+        step, ring = grid.tp * grid.cp, grid.rank - grid.pp_rank * grid.tp * grid.cp  # same tp, cp, dp ranks: a ring
+        self.next, self.prev = ring + (grid.pp_rank + 1) % grid.pp * step, ring + (grid.pp_rank - 1) % grid.pp * step
 
     def _exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
         ops, got = [], {}
@@ -670,7 +727,7 @@ class DistributedOptimizer:
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.roles = {n: role_of(n, p) for n, p in self.params}
         self.sync = True  # set False before the forward of micro-steps that only accumulate
-        dp = grid.dp
+        dp = grid.dp_cp  # weights are replicated over dp x cp: partitioned over both
         self.bucket_size = bucket_size
         self.index, self.buckets = zero_layout([(n, p.numel()) for n, p in self.params], dp, bucket_size)
         p0 = self.params[0][1]
@@ -686,7 +743,7 @@ class DistributedOptimizer:
             p.data = self.param_buffer[off:off + p.numel()].view_as(p)
             p.register_post_accumulate_grad_hook(self._grad_hook(n))
         numels = dict((n, p.numel()) for n, p in self.params)
-        self.pieces = zero_pieces(self.index, self.buckets, numels, grid.dp_rank, dp)
+        self.pieces = zero_pieces(self.index, self.buckets, numels, grid.dp_cp_rank, dp)
         named = dict(self.params)
         self.masters = [named[pc.name].detach().flatten()[pc.start:pc.end].float().clone() for pc in self.pieces]
         for piece, m in zip(self.pieces, self.masters):
@@ -698,8 +755,8 @@ class DistributedOptimizer:
 
     def _partition(self, b_id):
         b = self.buckets[b_id]
-        lo = b.start + self.grid.dp_rank * (b.size // self.grid.dp)
-        return lo, lo + b.size // self.grid.dp
+        lo = b.start + self.grid.dp_cp_rank * (b.size // self.grid.dp_cp)
+        return lo, lo + b.size // self.grid.dp_cp
 
     # --------------------------------------------------------------- gradients: reduce-scatter
     def _grad_hook(self, name):
@@ -716,10 +773,10 @@ class DistributedOptimizer:
 
     def _reduce_scatter(self, b_id):
         b = self.buckets[b_id]
-        if self.grid.dp > 1:  # sum over DP: the loss is already normalised by the global token count
+        if self.grid.dp_cp > 1:  # sum over DP and CP: the loss is already normalised by the global token count
             full = self.grad_buffer[b.start:b.start + b.size]
             b.reduce_work = dist.reduce_scatter_tensor(self.partition_grads[b_id], full,
-                                                       group=self.grid.dp_group, async_op=True)
+                                                       group=self.grid.dp_cp_group, async_op=True)
         b.ready = -1  # launched
 
     def finish_grads(self):
@@ -740,7 +797,7 @@ class DistributedOptimizer:
 
     def zero_grads(self):
         self.grad_buffer.zero_()
-        if self.grid.dp > 1:
+        if self.grid.dp_cp > 1:
             for g in self.partition_grads:
                 g.zero_()
 
@@ -782,7 +839,7 @@ class DistributedOptimizer:
         for pc, m in zip(self.pieces, self.masters):
             lo, _ = self._partition(pc.bucket)
             self.param_buffer[lo + pc.offset:lo + pc.offset + m.numel()].copy_(m)
-        if self.grid.dp == 1:
+        if self.grid.dp_cp == 1:
             return
         for b_id in reversed(range(len(self.buckets))):
             b = self.buckets[b_id]
@@ -790,7 +847,7 @@ class DistributedOptimizer:
             lo, hi = self._partition(b_id)
             mine = self.param_buffer[lo:hi]  # in place (NCCL); gloo wants an input apart from the output
             b.gather_work = dist.all_gather_into_tensor(full, mine.clone() if self.gloo else mine,
-                                                        group=self.grid.dp_group, async_op=True)
+                                                        group=self.grid.dp_cp_group, async_op=True)
 
     def wait_params(self, buckets=None):
         for b_id in (range(len(self.buckets)) if buckets is None else buckets):
@@ -803,7 +860,7 @@ class DistributedOptimizer:
         """Forward pre-hooks on the model's units (embedding, each block, the final norm, which also
         waits for the head): a unit waits only for the buckets that hold its parameters. The hooks run
         outside the compiled block forwards (model.compile_blocks compiles forward, not __call__)."""
-        if self.grid.dp == 1:
+        if self.grid.dp_cp == 1:
             return
         m = self.model
         units = [(m.model.embed_tokens, [m.model.embed_tokens]), *((b, [b]) for b in m.model.layers.values()),
@@ -842,7 +899,7 @@ def check_replicas(model, grid: Grid):
     Returns the names that differ (empty list when all is well)."""
     bad = []
     for name, p in model.named_parameters():
-        groups = [grid.dp_group] + ([grid.tp_group] if role_of(name, p).tp_dim is None else [])
+        groups = [grid.dp_cp_group] + ([grid.tp_group] if role_of(name, p).tp_dim is None else [])
         for group in groups:
             if _size(group) > 1:
                 ref = p.detach().clone()

@@ -19,6 +19,7 @@ FILE adds bench.py's rows); `format_time` prints it. `--search` ranks the layout
 prints the strong-scaling curve. `python train.py CONFIG --plan ...` is the same command.
 """
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -43,49 +44,55 @@ def _params(m):
 
 
 def with_layout(cfg, **keys):
-    """cfg with other layout keys: those of [parallel] (tp, pp, dp, virtual_stages, sequence_parallel) and
+    """cfg with other layout keys: those of [parallel] (tp, cp, pp, dp, virtual_stages, sequence_parallel) and
     of [train] (micro_batch_size, activation_checkpointing)."""
     par = {f.name for f in fields(parallel.ParallelConfig)}
     return {**cfg, "parallel": replace(cfg["parallel"], **{k: v for k, v in keys.items() if k in par}),
             "train": replace(cfg["train"], **{k: v for k, v in keys.items() if k not in par})}
 
 
-def activation_bytes_per_token(m, tp, sp, wb, compiled):
+def activation_bytes_per_token(m, tp, sp, wb, compiled, cp=1):
     """What autograd keeps for backward, per token and block, on one rank: tp splits the heads and the
-    MLP, sp (sequence parallelism) the norms' inputs; wb is the weights' bytes per element."""
+    MLP, sp (sequence parallelism) the norms' inputs; wb is the weights' bytes per element. Under context
+    parallelism (cp > 1) a rank's T/cp tokens keep, instead of their own K and V, the whole sequence's
+    (cp times as many, all-gathered) and the int64 order that sorts them (parallel.gather_kv)."""
     d, ff = m.hidden_size, m.intermediate_size / tp
     hq, hkv, H = m.num_attention_heads * m.head_dim / tp, m.num_key_value_heads * m.head_dim / tp, m.num_attention_heads / tp
+    # context parallelism: eager as measured (tests/test_context_parallel.py); compiled assumed alike, unmeasured
+    gathered = 2 * (cp - 1) * wb * hkv + 8 * cp if cp > 1 else 0
     if compiled:  # measured on an H100 in bf16 (bench.py, activation_bytes_per_token_layer): the inputs of
         # the two norms and four matmul groups, q before and after norm + RoPE, k likewise, v, the
         # attention output, the MLP's up projection and activation, and the fp32 logsumexp
-        return 4 * d / sp + 4 * d + 6 * hq + 8 * hkv + 4 * ff + 4 * H
+        return 4 * d / sp + 4 * d + 6 * hq + 8 * hkv + 4 * ff + 4 * H + gathered
     # eager, tensor by tensor (tests/test_train.py checks it against autograd's saved tensors): each norm
     # keeps its input in fp32 and its normalised output, each matmul group its input; q and k their fp32
     # copy, normalised and rotated values, v itself; the attention output (also o_proj's input, copied)
     # and the fp32 logsumexp; xIELU its input and intermediates (5 values and a mask per feature)
     return (2 * (4 + wb) * d / sp + 2 * wb * d + (4 + 4 * wb) * hq + (4 + 3 * wb) * hkv + 4 * H
-            + (1 + 5 * wb) * ff)
+            + (1 + 5 * wb) * ff + gathered)
 
 
 def memory_plan(cfg, tp, dp, stage=0):
     """Per-GPU memory of one pipeline stage of a layout (stage 0: the first): a dict of named byte counts
-    and the peak. Activations: see activation_bytes_per_token. Under 1F1B, stage s holds the activations
-    of min(pp - s, m) micro-batches at once; under the interleaved schedule (V virtual stages), those of
-    min((V+1) pp - 2s - 1, m V) chunks of L/(pp V) layers (parallel.pipeline_interleaved): on the first
-    stage L (1 + (pp-1)/(pp V)) layers' worth, Korthikanti et al. 2022 (arXiv 2205.05198), 4.2.3."""
+    and the peak. Activations: see activation_bytes_per_token, for the T/cp tokens of a sequence that a
+    rank computes under context parallelism. Under 1F1B, stage s holds the activations of min(pp - s, m)
+    micro-batches at once; under the interleaved schedule (V virtual stages), those of min((V+1) pp - 2s
+    - 1, m V) chunks of L/(pp V) layers (parallel.pipeline_interleaved): on the first stage L (1 + (pp-1)
+    /(pp V)) layers' worth, Korthikanti et al. 2022 (arXiv 2205.05198), 4.2.3."""
     m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
     pp = p.pp
     wb = 2 if t.dtype == "bfloat16" else 4
     moments = {"ademamix": 3 if t.beta1 != 0 else 2, "adamw": 2}[t.optimizer]
     B, T, d, L = t.micro_batch_size, cfg["data"].seq_len, m.hidden_size, m.num_hidden_layers
-    N = B * T  # tokens of one micro-batch
+    N = B * T / p.cp  # tokens of one micro-batch on this rank
+    zero = dp * p.cp  # ZeRO-1 partitions the optimizer over the dp x cp replicas of the weights
     first, last = stage == 0, stage == pp - 1
     embed = m.vocab_size * d
     per_layer = (_params(m) - 2 * embed - d) / L
     n = (per_layer * L / pp + embed * first + (embed + d) * last) / tp  # replicated norms: a rounding error
     sp = tp if p.sequence_parallel and tp > 1 else 1
     Vl = m.vocab_size / tp
-    per_tok = activation_bytes_per_token(m, tp, sp, wb, t.compile)
+    per_tok = activation_bytes_per_token(m, tp, sp, wb, t.compile, p.cp)
     V, micro = p.virtual_stages, t.global_batch_size // (dp * B)
     # in flight on this stage: 1F1B, micro-batches of its L/pp layers; interleaved, chunks of L/(pp V) layers
     held = min(pp - stage, micro) if V == 1 else min((V + 1) * pp - 2 * stage - 1, micro * V)
@@ -102,8 +109,8 @@ def memory_plan(cfg, tp, dp, stage=0):
     rows = {
         "weights": n * wb,
         "gradient buffer (fp32)": n * 4,
-        "gradient partition (fp32, dp > 1)": n * 4 / dp if dp > 1 else 0,
-        "fp32 master + optimizer moments": n * 4 * (1 + moments) / dp,
+        "gradient partition (fp32, dp > 1)": n * 4 / zero if zero > 1 else 0,
+        "fp32 master + optimizer moments": n * 4 * (1 + moments) / zero,
         f"activations ({what} in flight)": activations,
         "loss buffers (chunked head + cross-entropy)": loss,
         "head gradient handed to autograd": (4 + wb) * Vl * d if last else 0,  # at the start of backward
@@ -111,25 +118,25 @@ def memory_plan(cfg, tp, dp, stage=0):
     static = sum(v for k, v in rows.items() if k in ("weights", "gradient buffer (fp32)", "fp32 master + optimizer moments",
                                                         "gradient partition (fp32, dp > 1)"))
     # the update's fp32 temporaries (two per foreach batch of OPT_CHUNK elements) come after backward
-    peak = static + max(activations + loss + rows["head gradient handed to autograd"], 2 * 4 * min(train.OPT_CHUNK, n / dp))
+    peak = static + max(activations + loss + rows["head gradient handed to autograd"], 2 * 4 * min(train.OPT_CHUNK, n / zero))
     return rows, peak
 
 
 def plan_layout(cfg, tp=None, dp=None):
-    """The numbers of a layout (tp and dp default to the config's [parallel]): {"tp", "pp", "dp", "gpus",
+    """The numbers of a layout (tp and dp default to the config's [parallel]): {"tp", "cp", "pp", "dp", "gpus",
     "micro_batches", "stages": {(activation checkpointing, stage): (rows, peak bytes)}} for every stage
     that can be the largest (the first holds the most activations, the last the head and the loss)."""
     m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
     tp, dp = tp or p.tp, dp or p.dp or 1
-    parallel.check_layout(m, tp * p.pp * dp, tp, dp, t.global_batch_size, t.micro_batch_size,
-                          cfg["data"].seq_len, p.sequence_parallel, p.pp, p.virtual_stages)
+    parallel.check_layout(m, tp * p.cp * p.pp * dp, tp, dp, t.global_batch_size, t.micro_batch_size,
+                          cfg["data"].seq_len, p.sequence_parallel, p.pp, p.cp, p.virtual_stages)
     stages = {}
     for ckpt in (False, True):
         c = {**cfg, "train": replace(t, activation_checkpointing=ckpt)}
         for stage in sorted({0, p.pp - 1}):
             stages[ckpt, stage] = memory_plan(c, tp, dp, stage)
-    return dict(tp=tp, pp=p.pp, dp=dp, gpus=tp * p.pp * dp, micro_batches=t.global_batch_size // (dp * t.micro_batch_size),
-                stages=stages)
+    return dict(tp=tp, cp=p.cp, pp=p.pp, dp=dp, gpus=tp * p.cp * p.pp * dp,
+                micro_batches=t.global_batch_size // (dp * t.micro_batch_size), stages=stages)
 
 
 def peak_memory(cfg, tp, dp):
@@ -140,7 +147,8 @@ def peak_memory(cfg, tp, dp):
 def format_plan(cfg, plan):
     """The plan as text, one block per activation-checkpointing choice and stage."""
     t, p = cfg["train"], cfg["parallel"]
-    lines = [f"layout tp={plan['tp']} pp={plan['pp']} dp={plan['dp']} ({plan['gpus']} GPUs)"
+    cp = f" cp={plan['cp']}" if plan["cp"] > 1 else ""
+    lines = [f"layout tp={plan['tp']}{cp} pp={plan['pp']} dp={plan['dp']} ({plan['gpus']} GPUs)"
              f"{f', virtual_stages={p.virtual_stages}' if p.virtual_stages > 1 else ''}, micro_batch "
              f"{t.micro_batch_size} x seq_len {cfg['data'].seq_len}, {plan['micro_batches']} micro-batches per step, "
              f"{t.dtype} weights, {t.optimizer}, sequence_parallel={p.sequence_parallel}, compile={t.compile}"]
@@ -180,60 +188,66 @@ def stage_parameters(cfg, stage):
     return _CACHE[key]
 
 
-def step_bytes(cfg, stage=0, dp_rank=0, logged=True):
+def step_bytes(cfg, stage=0, dp_rank=0, logged=True, cp_rank=0):
     """What one training step hands to torch.distributed on one rank of a pipeline stage: {(kind, group):
-    [calls, bytes]}, kind all_reduce / all_gather / reduce_scatter / send / recv, group tp / pp / dp / world.
+    [calls, bytes]}, kind all_reduce / all_gather / reduce_scatter / send / recv, group tp / cp / pp / dp /
+    dp_cp (the dp x cp replicas of the weights, under context parallelism) / world.
     The bytes are the whole tensor's: the buffer all-reduced, the all-gather's output, the reduce-scatter's
     input, the tensor sent or received. The step writes its metrics.jsonl line (logged), and neither
     evaluates nor saves. tests/test_plan.py counts the same on gloo: a change of the code's communication
     that this does not follow fails there."""
     m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
-    tp, pp, dp, V = p.tp, p.pp, p.dp or 1, p.virtual_stages
+    tp, cp, pp, dp, V = p.tp, p.cp, p.pp, p.dp or 1, p.virtual_stages
     out = {}
 
     def add(kind, group, calls, nbytes):
         if calls:
             c = out.setdefault((kind, group), [0, 0])
             c[0], c[1] = c[0] + calls, c[1] + nbytes
-    if tp * pp * dp == 1:
+    if tp * cp * pp * dp == 1:
         return out
     wb, B, T, d = _wbytes(t), t.micro_batch_size, cfg["data"].seq_len, m.hidden_size
     micro = t.global_batch_size // (dp * B)            # micro-batches per step
-    act = B * T * d * wb                                  # one [B, T, d] activation, whole
+    act = B * T // cp * d * wb                            # one [B, T/cp, d] activation, whole over TP
     sp = p.sequence_parallel and tp > 1
+    blocks, ck = micro * m.num_hidden_layers // pp, t.activation_checkpointing
     first, last = stage == 0, stage == pp - 1
     if tp > 1:
         # BLOCK_PLAN: per block, f before and g after each sublayer, forward and backward: 4 all-reduces, or
         # under sequence parallelism 4 all-gathers (f forward, g backward) and 4 reduce-scatters. Activation
         # checkpointing reruns the forward in backward, up to what backward needs (torch.utils.checkpoint
         # stops early): both f, the attention's g. Then the embedding's g and the head's f, once each.
-        blocks, ck = micro * m.num_hidden_layers // pp, t.activation_checkpointing
         for kind, n in (("all_gather", 4 + 2 * ck), ("reduce_scatter", 4 + ck)) if sp else (("all_reduce", 4 + ck),):
             n = blocks * n + micro * (first + last)
             add(kind, "tp", n, n * act)
-        # context parallelism (issue 21) adds its all-gathers of K and V here: per block and micro-batch,
-        # forward (and again under checkpointing), and the reduce-scatters of their gradients backward
         if last:  # vocab-parallel cross-entropy: the max, the sum of exp and the target logit, fp32, per chunk
             rows = _loss_rows(t, m.vocab_size // tp)
-            add("all_reduce", "tp", 3 * micro * -(-B * T // rows), 3 * micro * B * T * 4)
+            add("all_reduce", "tp", 3 * micro * -(-B * T // cp // rows), 3 * micro * B * T // cp * 4)
+    if cp > 1:  # parallel.gather_kv: per block, K and V (this rank's KV heads) of the whole sequence gathered
+        # forward (again when checkpointing reruns it), their gradients reduce-scattered backward
+        kv = B * T * 2 * m.num_key_value_heads // tp * m.head_dim * wb
+        add("all_gather", "cp", blocks * (1 + ck), blocks * (1 + ck) * kv)
+        add("reduce_scatter", "cp", blocks, blocks * kv)
     if pp > 1:  # each unit's activation (its sequence slice) to the next stage, its gradient back
         units = micro * V  # the last stage's last chunk sends no activation, the first's first no gradient
         sends = 2 * units - micro * (first + last)
-        slice_bytes = act // (tp if sp else 1)
+        slice_bytes = act // (tp if sp else 1)  # [B, T/(cp tp), d] under sequence parallelism
         add("send", "pp", sends, sends * slice_bytes)
         add("recv", "pp", sends, sends * slice_bytes)
-    add("all_reduce", "dp", 2, 8)  # the global batch's token count and the loss (train.forward_backward)
+    replicas = "dp_cp" if cp > 1 else "dp"  # the ranks that hold the same weights (Grid.dp_cp_group)
+    add("all_reduce", "dp", 1, 4)  # the global batch's token count (train.forward_backward)
+    add("all_reduce", replicas, 1, 4)  # the loss, summed over the replicas
     if pp > 1:
-        add("all_reduce", "pp", 1, 4)  # the loss, from the last stage
+        add("all_reduce", "pp", 1, 4)  # ... and from the last stage
     params = stage_parameters(cfg, stage)
-    index, buckets = parallel.zero_layout([(n, k) for n, k, _ in params], dp, p.bucket_size)
-    if dp > 1:  # ZeRO-1: every bucket's fp32 gradients reduce-scattered, its updated weights all-gathered
+    index, buckets = parallel.zero_layout([(n, k) for n, k, _ in params], dp * cp, p.bucket_size)
+    if dp * cp > 1:  # ZeRO-1: every bucket's fp32 gradients reduce-scattered, its updated weights all-gathered
         size = sum(b.size for b in buckets)
-        add("reduce_scatter", "dp", len(buckets), 4 * size)
-        add("all_gather", "dp", len(buckets), wb * size)
+        add("reduce_scatter", replicas, len(buckets), 4 * size)
+        add("all_gather", replicas, len(buckets), wb * size)
     grid = parallel.Grid(tp=tp, sequence_parallel=sp)
     roles = {n: r for n, _, r in params}
-    pieces = parallel.zero_pieces(index, buckets, {n: k for n, k, _ in params}, dp_rank, dp)
+    pieces = parallel.zero_pieces(index, buckets, {n: k for n, k, _ in params}, dp_rank * cp + cp_rank, dp * cp)
     partial = sum(pc.end - pc.start for pc in pieces if parallel.tp_grad_is_partial(roles[pc.name], grid))
     if partial:  # the gradients each TP rank sees only part of, summed over TP after the DP reduction
         add("all_reduce", "tp", 1, 4 * partial)
@@ -249,7 +263,7 @@ def format_bytes(cfg):
              f"reduced, the all-gather's output, the reduce-scatter's input, the tensor sent or received)"]
     for stage in sorted({0, min(1, p.pp - 1), p.pp - 1}):
         name = "" if p.pp == 1 else f", stage {stage} of {p.pp}"
-        lines.append(f" tp={p.tp} pp={p.pp} dp={p.dp or 1}{name}:")
+        lines.append(f" tp={p.tp}{f' cp={p.cp}' if p.cp > 1 else ''} pp={p.pp} dp={p.dp or 1}{name}:")
         for (kind, group), (calls, nbytes) in sorted(step_bytes(cfg, stage).items()):
             lines.append(f"  {kind:<16}{group:<7}{calls:>10,} calls {nbytes:>22,} bytes")
     return "\n".join(lines)
@@ -362,10 +376,12 @@ def _bandwidth(machine, cfg, group):
     """Bytes/s one GPU gets in a collective of `group` (Megatron's order, parallel.py: TP groups are
     consecutive ranks, pipeline neighbours tp apart, DP groups span the world): NVLink when the group sits
     in one node (g - 1 links at once where each pair of GPUs has its own, one to the switch otherwise; a
-    send goes over one), else the network between nodes, the slower link of the ring."""
+    send goes over one), else the network between nodes, the slower link of the ring. CP groups are
+    tp apart, inside the pipeline stage's tp x cp ranks."""
     p = cfg["parallel"]
-    world = p.tp * p.pp * (p.dp or 1)
-    size, span = {"tp": (p.tp, p.tp), "pp": (2, p.tp * p.pp), "dp": (p.dp or 1, world), "world": (world, world)}[group]
+    world = p.tp * p.cp * p.pp * (p.dp or 1)
+    size, span = {"tp": (p.tp, p.tp), "cp": (p.cp, p.tp * p.cp), "pp": (2, p.tp * p.cp * p.pp), "dp": (p.dp or 1, world),
+                  "dp_cp": ((p.dp or 1) * p.cp, world), "world": (world, world)}[group]
     if span > machine["gpus_per_node"]:
         return machine["net_GBps"] * 1e9
     return machine["nvlink_GBps"] * 1e9 * (size - 1 if machine["nvlink_pairwise"] and size > 2 else 1)
@@ -383,7 +399,7 @@ def collective_s(kind, g, calls, nbytes, bw, latency_s=0.0):
 def _comm_s(cfg, machine, counts, keep):
     """Seconds of the collectives in step_bytes' counts whose (kind, group) `keep` accepts."""
     p = cfg["parallel"]
-    size = dict(tp=p.tp, pp=p.pp, dp=p.dp or 1, world=p.tp * p.pp * (p.dp or 1))
+    size = dict(tp=p.tp, cp=p.cp, pp=p.pp, dp=p.dp or 1, dp_cp=(p.dp or 1) * p.cp, world=p.tp * p.cp * p.pp * (p.dp or 1))
     return sum(collective_s(kind, size[group], calls, nbytes, _bandwidth(machine, cfg, group), machine["latency_us"] * 1e-6)
                for (kind, group), (calls, nbytes) in counts.items() if keep(kind, group))
 
@@ -392,13 +408,14 @@ def compute_s(cfg, stage, machine, mfu):
     """The FLOPs a rank of this stage runs in a step, over peak x efficiency. Per token (model.flops_per_token):
     6 x a layer's parameters + causal attention, 6 H D T, for each of its L/pp layers, and 6 x the head's (and
     the final norm's) on the last stage; activation checkpointing runs each block's forward again (8/6 of
-    its FLOPs). Each rank computes 1/tp of it, for its replica's global_batch x T / dp tokens."""
+    its FLOPs). Each rank computes 1/tp of it, for its replica's global_batch x T / dp tokens, 1/cp of them
+    under context parallelism (the head-tail split gives every CP rank the same causal attention work)."""
     m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
     T = cfg["data"].seq_len
     head = 6 * (m.vocab_size + 1) * m.hidden_size
     layer = (flops_per_token(m, T, _params(m)) - head) / m.num_hidden_layers
     flops = layer * m.num_hidden_layers / p.pp * (8 / 6 if t.activation_checkpointing else 1) + head * (stage == p.pp - 1)
-    return t.global_batch_size * T / (p.dp or 1) * flops / p.tp / (machine["peak_tflops"] * 1e12 * mfu)
+    return t.global_batch_size * T / ((p.dp or 1) * p.cp) * flops / p.tp / (machine["peak_tflops"] * 1e12 * mfu)
 
 
 def dp_exposed_s(cfg, stage, rs_s, ag_s, unit_f, unit_b):
@@ -420,7 +437,7 @@ def dp_exposed_s(cfg, stage, rs_s, ag_s, unit_f, unit_b):
         c = layers.index(int(n.split(".")[2])) * V // len(layers) if n.startswith("model.layers.") else \
             (0 if n.startswith("model.embed_tokens") else V - 1)
         share[c] += k / total
-    _, buckets = parallel.zero_layout([(n, k) for n, k, _ in params], p.dp or 1, p.bucket_size)
+    _, buckets = parallel.zero_layout([(n, k) for n, k, _ in params], (p.dp or 1) * p.cp, p.bucket_size)
     last = buckets[-1].size / sum(b.size for b in buckets)  # the bucket of the first layers, last in backward
     net, end = 0.0, ((V - 1) * pp + 1) * unit_b  # when the network is free; when this rank's backward ends
     for c in reversed(range(V)):
@@ -437,10 +454,11 @@ def optimizer_s(cfg, stage, machine):
     """The update, bound by memory bandwidth: update_bytes of the stage's parameters over the GPU's."""
     t = cfg["train"]
     n = sum(k for _, k, _ in stage_parameters(cfg, stage))
-    return update_bytes(n, cfg["parallel"].dp or 1, t.optimizer, _wbytes(t)) / (machine["hbm_GBps"] * 1e9)
+    return update_bytes(n, (cfg["parallel"].dp or 1) * cfg["parallel"].cp, t.optimizer, _wbytes(t)) / (machine["hbm_GBps"] * 1e9)
 
 
-TERMS = ("compute", "tensor/sequence-parallel collectives", "pipeline bubble", "pipeline point-to-point",
+TERMS = ("compute", "tensor/sequence-parallel collectives", "context-parallel K/V all-gathers", "pipeline bubble",
+         "pipeline point-to-point",
          "data-parallel reduce-scatter, not hidden", "data-parallel all-gather, not hidden",
          "optimizer step (memory-bound)", "small all-reduces (loss, token count, norm, flags)")
 
@@ -449,7 +467,7 @@ def step_time(cfg, machine, rows=EFFICIENCY):
     """One training step on `machine`: {"terms": {name: seconds}} that sum to "step_s", the stages they come
     from, "tokens_per_s_gpu", "mfu" and the efficiency "row". For the first and the last stage (the
     middle ones do less: no embedding, no head, a longer tail):
-        work(s) = compute + tensor-parallel collectives + point-to-point sends, over the step's units
+        work(s) = compute + tensor- and context-parallel collectives + point-to-point sends, over its units
         bubble  = (pp - 1) / (V m) x the largest work (Narayanan et al. 2021, arXiv 2104.04473, 2.2)
         tail(s) = reduce-scatter and all-gather not hidden + the update + the small all-reduces
         step    = the largest work + bubble + the largest tail
@@ -467,18 +485,19 @@ def step_time(cfg, machine, rows=EFFICIENCY):
         counts = step_bytes(cfg, s)
         c = compute_s(cfg, s, machine, row["compute_mfu"])
         tpc = _comm_s(cfg, machine, counts, lambda k, g: g == "tp")
+        cpc = _comm_s(cfg, machine, counts, lambda k, g: g == "cp")
         p2p = _comm_s(cfg, machine, counts, lambda k, g: k in ("send", "recv"))
-        rs, ag = dp_exposed_s(cfg, s, _comm_s(cfg, machine, counts, lambda k, g: k == "reduce_scatter" and g == "dp"),
-                              _comm_s(cfg, machine, counts, lambda k, g: k == "all_gather" and g == "dp"),
-                              (c + tpc) / (micro * V) * fwd, (c + tpc) / (micro * V) * (1 - fwd))
+        zero = lambda kind: _comm_s(cfg, machine, counts, lambda k, g: k == kind and g in ("dp", "dp_cp"))  # noqa: E731
+        unit = (c + tpc + cpc) / (micro * V)  # one micro-batch through one chunk, forward and backward
+        rs, ag = dp_exposed_s(cfg, s, zero("reduce_scatter"), zero("all_gather"), unit * fwd, unit * (1 - fwd))
         small = _comm_s(cfg, machine, counts, lambda k, g: k == "all_reduce" and g != "tp")
-        per[s] = dict(work=(c, tpc, p2p), tail=(rs, ag, optimizer_s(cfg, s, machine), small))
+        per[s] = dict(work=(c, tpc, cpc, p2p), tail=(rs, ag, optimizer_s(cfg, s, machine), small))
     w = max(per, key=lambda s: sum(per[s]["work"]))
     tl = max(per, key=lambda s: sum(per[s]["tail"]))
     bubble = (p.pp - 1) / (V * micro) * sum(per[w]["work"])
-    values = (*per[w]["work"][:2], bubble, per[w]["work"][2], *per[tl]["tail"])
+    values = (*per[w]["work"][:3], bubble, per[w]["work"][3], *per[tl]["tail"])
     step = sum(values)
-    gpus = p.tp * p.pp * dp
+    gpus = p.tp * p.cp * p.pp * dp
     tps = t.global_batch_size * cfg["data"].seq_len / step / gpus
     return dict(terms=dict(zip(TERMS, values)), step_s=step, tokens_per_s_gpu=tps, work_stage=w, tail_stage=tl,
                 mfu=tps * flops_per_token(m, cfg["data"].seq_len, _params(m)) / (machine["peak_tflops"] * 1e12),
@@ -487,7 +506,8 @@ def step_time(cfg, machine, rows=EFFICIENCY):
 
 def _layout_name(cfg):
     p, t = cfg["parallel"], cfg["train"]
-    return (f"tp={p.tp} pp={p.pp}{f' virtual_stages={p.virtual_stages}' if p.virtual_stages > 1 else ''} dp={p.dp or 1}, "
+    return (f"tp={p.tp}{f' cp={p.cp}' if p.cp > 1 else ''} pp={p.pp}"
+            f"{f' virtual_stages={p.virtual_stages}' if p.virtual_stages > 1 else ''} dp={p.dp or 1}, "
             f"micro-batch {t.micro_batch_size}{', sequence parallel' if p.sequence_parallel and p.tp > 1 else ''}"
             f"{', activation checkpointing' if t.activation_checkpointing else ''}")
 
@@ -501,7 +521,9 @@ def format_time(cfg, name, machine, r):
            "pipeline bubble": f"(pp-1)/(V m) = {p.pp - 1}/{p.virtual_stages * r['micro_batches']} of the stage's work",
            "tensor/sequence-parallel collectives": "not overlapped"}
     for k, v in r["terms"].items():
-        stage = r["work_stage"] if TERMS.index(k) < 4 else r["tail_stage"]
+        if k.startswith("context") and p.cp == 1:
+            continue
+        stage = r["work_stage"] if TERMS.index(k) < 5 else r["tail_stage"]
         where = f" (stage {stage})" if p.pp > 1 and k != "pipeline bubble" else ""
         lines.append(f"  {k:<52}{v:>9.3f} s{where}  {why.get(k, '')}".rstrip())
     lines.append(f"  {'step':<52}{r['step_s']:>9.3f} s  -> {r['tokens_per_s_gpu']:,.0f} tokens/s/GPU, MFU {r['mfu']:.1%} "
@@ -521,26 +543,28 @@ def _divisors(n):
 
 def search(cfg, machine, gpus, rows=EFFICIENCY):
     """Every layout of `gpus` GPUs that check_layout accepts and whose largest stage fits FIT of the GPU's
-    memory: tp (up to two nodes), pp, virtual stages, micro-batch (1 to 8), activation checkpointing and
-    sequence parallelism, dp the rest; ranked by predicted tokens/s/GPU: [(tokens/s/GPU, cfg, step_time)]."""
-    m, t = cfg["model"], cfg["train"]
+    memory: tp (up to two nodes), cp (while a rank keeps 4,096 tokens of a sequence or more: Apertus used it
+    from 32k tokens on, with 8k a rank), pp, virtual stages, micro-batch (1 to 8), activation checkpointing
+    and sequence parallelism, dp the rest; ranked by predicted tokens/s/GPU: [(tokens/s/GPU, cfg, step_time)]."""
+    m, t, T = cfg["model"], cfg["train"], cfg["data"].seq_len
+    tps = [k for k in (1, 2, 4, 8, 16) if k <= 2 * machine["gpus_per_node"]]
+    cps = [k for k in (1, 2, 4, 8, 16, 32) if k == 1 or T // k >= 4096]
     out = []
-    for tp in [k for k in (1, 2, 4, 8, 16) if k <= 2 * machine["gpus_per_node"] and gpus % k == 0]:
-        for pp in [k for k in _divisors(m.num_hidden_layers) if gpus % (tp * k) == 0]:
-            for V in _divisors(m.num_hidden_layers // pp) if pp > 1 else [1]:
-                for micro in (1, 2, 4, 8):
-                    for ckpt in (False, True):
-                        for sp in (False, True) if tp > 1 else (False,):
-                            c = with_layout(cfg, tp=tp, pp=pp, dp=gpus // (tp * pp), virtual_stages=V,
-                                            micro_batch_size=micro, activation_checkpointing=ckpt, sequence_parallel=sp)
-                            try:
-                                parallel.check_layout(m, gpus, tp, gpus // (tp * pp), t.global_batch_size, micro,
-                                                      cfg["data"].seq_len, sp, pp, V)
-                            except parallel.LayoutError:
-                                continue
-                            if peak_memory(c, tp, gpus // (tp * pp)) < FIT * machine["memory_GB"] * 1e9:
-                                r = step_time(c, machine, rows)
-                                out.append((r["tokens_per_s_gpu"], c, r))
+    for tp, cp, pp in itertools.product(tps, cps, _divisors(m.num_hidden_layers)):
+        if gpus % (tp * cp * pp):
+            continue
+        dp = gpus // (tp * cp * pp)
+        for V, micro, ckpt, sp in itertools.product(_divisors(m.num_hidden_layers // pp) if pp > 1 else [1], (1, 2, 4, 8),
+                                                    (False, True), (False, True) if tp > 1 else (False,)):
+            try:
+                parallel.check_layout(m, gpus, tp, dp, t.global_batch_size, micro, T, sp, pp, cp, V)
+            except parallel.LayoutError:
+                continue
+            c = with_layout(cfg, tp=tp, cp=cp, pp=pp, dp=dp, virtual_stages=V, micro_batch_size=micro,
+                            activation_checkpointing=ckpt, sequence_parallel=sp)
+            if peak_memory(c, tp, dp) < FIT * machine["memory_GB"] * 1e9:
+                r = step_time(c, machine, rows)
+                out.append((r["tokens_per_s_gpu"], c, r))
     return sorted(out, key=lambda x: -x[0])
 
 
@@ -548,14 +572,15 @@ def format_search(cfg, name, machine, gpus, ranked, top=10):
     t = cfg["train"]
     lines = [f"the {min(top, len(ranked))} fastest of {len(ranked)} layouts of {gpus:,} x {name} that fit {FIT:.0%} of "
              f"{machine['memory_GB']} GB (global batch {t.global_batch_size} x {cfg['data'].seq_len}):",
-             f"  {'#':>3} {'tp':>3} {'pp':>3} {'V':>3} {'dp':>5} {'micro':>5} {'sp':>3} {'ckpt':>4} {'peak GB':>8} "
+             f"  {'#':>3} {'tp':>3} {'cp':>3} {'pp':>3} {'V':>3} {'dp':>5} {'micro':>5} {'sp':>3} {'ckpt':>4} {'peak GB':>8} "
              f"{'step s':>8} {'tokens/s/GPU':>13} {'MFU':>6}"]
     for i, (tps, c, r) in enumerate(ranked[:top]):
         p, tt = c["parallel"], c["train"]
-        lines.append(f"  {i + 1:>3} {p.tp:>3} {p.pp:>3} {p.virtual_stages:>3} {p.dp:>5} {tt.micro_batch_size:>5} "
+        lines.append(f"  {i + 1:>3} {p.tp:>3} {p.cp:>3} {p.pp:>3} {p.virtual_stages:>3} {p.dp:>5} {tt.micro_batch_size:>5} "
                      f"{'y' if p.sequence_parallel else '-':>3} {'y' if tt.activation_checkpointing else '-':>4} "
                      f"{peak_memory(c, p.tp, p.dp) / 1e9:>8.1f} {r['step_s']:>8.3f} {tps:>13,.0f} {r['mfu']:>6.1%}")
-    mine = with_layout(cfg, dp=gpus // (cfg["parallel"].tp * cfg["parallel"].pp))
+    p = cfg["parallel"]
+    mine = with_layout(cfg, dp=gpus // (p.tp * p.cp * p.pp))
     key = lambda c: (_layout_name(c), c["train"].micro_batch_size)  # noqa: E731
     rank = next((i for i, (_, c, _) in enumerate(ranked) if key(c) == key(mine)), None)
     if rank is None:
@@ -576,11 +601,11 @@ def scaling(cfg, machine, gpus, rows=EFFICIENCY):
     the smallest layout's."""
     p = cfg["parallel"]
     out, dp = [], 1
-    while dp * p.tp * p.pp <= gpus:
+    while dp * p.tp * p.cp * p.pp <= gpus:
         c = with_layout(cfg, dp=dp)
         r = step_time(c, machine, rows)
         fits = peak_memory(c, p.tp, dp) < FIT * machine["memory_GB"] * 1e9
-        out.append((dp * p.tp * p.pp, c, r, r["tokens_per_s_gpu"] / (out[0][2] if out else r)["tokens_per_s_gpu"], fits))
+        out.append((dp * p.tp * p.cp * p.pp, c, r, r["tokens_per_s_gpu"] / (out[0][2] if out else r)["tokens_per_s_gpu"], fits))
         dp *= 2
     return out
 
@@ -661,10 +686,10 @@ def main(argv):
         machine = machine_from(opts.machine, what_if) if opts.machine else None
         p = cfg["parallel"]
         if opts.gpus is not None:
-            if opts.gpus < 1 or opts.gpus % (p.tp * p.pp):
-                raise ValueError(f"--gpus {opts.gpus} is not a positive multiple of tp x pp = {p.tp} x {p.pp}")
-            cfg = with_layout(cfg, dp=opts.gpus // (p.tp * p.pp))
-        gpus = p.tp * p.pp * (cfg["parallel"].dp or 1)
+            if opts.gpus < 1 or opts.gpus % (p.tp * p.cp * p.pp):
+                raise ValueError(f"--gpus {opts.gpus} is not a positive multiple of tp x cp x pp = {p.tp} x {p.cp} x {p.pp}")
+            cfg = with_layout(cfg, dp=opts.gpus // (p.tp * p.cp * p.pp))
+        gpus = p.tp * p.cp * p.pp * (cfg["parallel"].dp or 1)
         if opts.search:
             print(format_search(cfg, opts.machine, machine, gpus, search(cfg, machine, gpus, rows)))
         elif opts.scaling:

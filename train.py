@@ -13,11 +13,12 @@ Memory plan of a layout, without allocating anything (plan.py; `train.py CONFIG 
     python plan.py configs/apertus-70b.toml --parallel.tp=4 --parallel.pp=8 --parallel.dp=128
 
 Every key of the config can be overridden as --section.key=value. A run directory that holds a
-checkpoint is resumed from its newest good one, under any (tp, pp, dp) layout.
+checkpoint is resumed from its newest good one, under any (tp, cp, pp, dp) layout.
 """
 import contextlib
 import faulthandler
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -76,9 +77,15 @@ class TrainConfig:
     async_checkpoint: bool = False      # the loop waits only for a copy to host memory; a thread writes
     on_save_error: str = "stop"         # a failed save (full disk...): stop, or retry at the next interval
     hang_timeout_s: float = 0.0         # no step completed in this time: print every stack, exit 1 (0 = off)
-    init_from: str = ""                 # a Hugging Face Apertus directory to start from (ignored on resume)
+    init_from: str = ""                 # an HF Apertus directory or a ckpt-N to start from (ignored on resume)
     export_hf: bool = False             # write <out_dir>/hf (Hugging Face format) at the end
     export_hf_every: int = 0            # ... and every this many steps (0 = only at the end)
+    tensorboard: bool = False           # metrics.jsonl's scalars as TensorBoard events in <out_dir>/tb too (extra `track`)
+    wandb_project: str = ""             # ... and to this W&B project (extra `track`; mode from WANDB_MODE)
+    spike_guard: bool = False           # re-run a step whose loss spikes, skip its batch if it repeats (SpikeGuard)
+    spike_window: int = 128             # N: applied steps whose losses the spike score sees (OLMo-core's; README)
+    spike_sigma: float = 6.0            # k: a spike is above their mean + k std (OLMo-core's: ~1e-9 false alarms a step)
+    spike_max_faults: int = 3           # M: re-runs that disagree (hardware faults) before the run stops, exit 1
 
     def __post_init__(self):
         for key, allowed in (("device", ("auto", "cpu", "cuda")), ("dtype", ("bfloat16", "float32")),
@@ -373,12 +380,13 @@ def all_sum(x, *groups):
     return x
 
 
-def micro_loss(model, x, y, mask, n_tokens, hidden=None, chunk=None):
+def micro_loss(model, x, y, mask, n_tokens, hidden=None, chunk=None, cp_index=None):
     """One micro-batch on this rank's stage: its share of the global mean loss (the last stage), or the
-    activations for the next stage."""
+    activations for the next stage. Under context parallelism x, y and mask are the whole sequences and
+    the model runs the tokens at cp_index."""
     cfg = model.config
     doc = document_ids(x, cfg.eos_token_id, cfg.bos_token_id)
-    out = model(x, y, loss_mask=mask, doc_ids=doc, reduction="sum", hidden=hidden, chunk=chunk)
+    out = model(x, y, loss_mask=mask, doc_ids=doc, reduction="sum", hidden=hidden, cp_index=cp_index, chunk=chunk)
     return out / n_tokens if out.dim() == 0 else out  # the loss, or activations
 
 
@@ -394,19 +402,22 @@ def forward_backward(model, opt, batches, t, grid, train=True):
     masks = [loss_mask(x, y, t, cfg.eos_token_id) if train else x != cfg.eos_token_id for x, y, _ in batches]
     # a packed source (chat data) brings its own loss mask: only the assistant's tokens count
     masks = [m if packed is None else m & packed for m, (_, _, packed) in zip(masks, batches)]
+    # under CP every rank holds whole sequences: the masks (Goldfish's windows too) and count are one process's
     n_tokens = all_sum(sum(m.sum() for m in masks).float(), grid.dp_group)
-    steps = [functools.partial(micro_loss, model, x, y, m, n_tokens) for (x, y, _), m in zip(batches, masks)]
+    B, T = batches[0][0].shape
+    index = parallel.cp_positions(T, grid.cp, grid.cp_rank, grid.device) if grid.cp > 1 else None
+    steps = [functools.partial(micro_loss, model, x, y, m, n_tokens, cp_index=index)
+             for (x, y, _), m in zip(batches, masks)]
     t0 = time.perf_counter()
     if grid.pp > 1:  # every stage reads the same batch; the first uses the tokens, the last the targets
-        B, T = batches[0][0].shape
         sp = grid.tp if grid.sequence_parallel else 1
         dtype = next(model.parameters()).dtype
-        pipe = parallel.Pipe(grid, (B, T // sp, cfg.hidden_size), dtype)
+        pipe = parallel.Pipe(grid, (B, T // (grid.cp * sp), cfg.hidden_size), dtype)
         schedule = parallel.pipeline_1f1b if grid.virtual_stages == 1 else parallel.pipeline_interleaved
         total, _ = schedule(steps, pipe, opt, train)
-        waited, groups = pipe.wait_s, (grid.dp_group, grid.pp_group)
+        waited, groups = pipe.wait_s, (grid.dp_cp_group, grid.pp_group)
     else:
-        total, waited, groups = torch.zeros((), device=grid.device), 0.0, (grid.dp_group,)
+        total, waited, groups = torch.zeros((), device=grid.device), 0.0, (grid.dp_cp_group,)
         for i, step in enumerate(steps):
             opt.sync = i == len(steps) - 1  # only the last micro-step's backward reduces the buckets
             loss = step()
@@ -418,17 +429,63 @@ def forward_backward(model, opt, batches, t, grid, train=True):
     return all_sum(total, *groups).item(), waited, busy
 
 
-def train_step(model, opt, batches, lr, t, grid):
+def train_step(model, opt, batches, lr, t, grid, guard=None):
     """Forward and backward over the global batch, then the update. Returns (loss, grad_norm, seconds
     spent waiting in the pipeline, seconds of this rank's own work); a non-finite loss or gradient
-    skips the update."""
-    loss, waited, busy = forward_backward(model, opt, batches, t, grid)
-    if not math.isfinite(loss):
-        opt.skip_step()
-        return loss, float("nan"), waited, busy
-    norm = opt.step(lr, t.grad_clip).item()
-    parallel.wait_for_stream(grid.device)  # the step's own work, not the parameter all-gathers beside it
+    skips the update, and with the spike guard a step not applied is computed once more (SpikeGuard)."""
+    for _ in range(2 if guard else 1):
+        loss, waited, busy = forward_backward(model, opt, batches, t, grid)
+        applied = not guard.suspicious(loss) if guard else math.isfinite(loss)
+        norm = opt.step(lr, t.grad_clip).item() if applied else opt.skip_step() or float("nan")
+        parallel.wait_for_stream(grid.device)  # the step's own work, not the parameter all-gathers beside it
+        if math.isfinite(norm):  # opt.step skips a non-finite gradient too
+            break
     return loss, norm, waited, busy
+
+
+class SpikeGuard:
+    """train.spike_guard: Megatron-LM's re-run of a suspicious step, scored as OLMo-core scores spikes (a loss
+    above mean + k std of the last N applied steps' losses; the window restarts with each data stage). A step is
+      normal      finite loss and gradient norm, the loss under that bar (or the window not full): applied;
+      suspicious  else: its gradients dropped, the same batch computed again, then
+        data        the same loss (to the bit on CPU, within tol on CUDA), not normal again: the batch is
+                    skipped for good, its step number used up, and named;
+        hardware    else, a fault: the re-run applied if normal, else the batch skipped; M faults stop the run.
+    The window and the skipped batches go into meta.json; the loss is all-reduced, so every rank decides alike."""
+
+    def __init__(self, t, grid, stage_starts, state=None):
+        self.t, self.starts, self.tries, self.faults = t, set(stage_starts), [], 0
+        self.tol = 1e-3 if grid.device.type == "cuda" else 0.0  # Megatron-LM's bound for a non-deterministic backward
+        self.state = state or {"losses": [], "skipped": []}  # replaced, never changed: an async save may read it
+
+    def suspicious(self, loss):
+        self.tries.append(loss)
+        w = torch.tensor(self.state["losses"][-self.t.spike_window:], dtype=torch.float64)  # [<= N]
+        bar = (w.mean() + self.t.spike_sigma * w.std()).item() if len(w) >= max(self.t.spike_window, 2) else math.inf
+        return not math.isfinite(loss) or loss > bar
+
+    def judge(self, step, norm, loader, grid):
+        """After step `step` (train_step's tries, its gradient norm): its case, as metrics.jsonl's fields."""
+        (first, *again), self.tries, applied = self.tries, [], math.isfinite(norm)
+        losses = (self.state["losses"] + (again or [first]))[-self.t.spike_window:] if applied else self.state["losses"]
+        self.state = dict(self.state, losses=[] if step in self.starts else losses)
+        if not again:
+            return {}
+        again, say = again[0], f"step {step}: loss {first:.4f} (or its gradients) suspicious, {again[0]:.4f} on a re-run"
+        same = abs(first - again) <= self.tol * abs(first) or not (math.isfinite(first) or math.isfinite(again))
+        if not applied and same:
+            samples = loader.samples(step - 1)
+            self.state = dict(self.state, skipped=self.state["skipped"] + [{"step": step, "samples": samples}])
+            log(grid, f"{say}: the data, batch skipped for good; its samples {json.dumps(samples)}")
+            return {"spike": "data", "spike_loss": first, "skipped_samples": samples}
+        self.faults += 1
+        log(grid, f"{say}: a hardware fault ({self.faults} of {self.t.spike_max_faults}), "
+                  f"{'the re-run applied' if applied else 'batch skipped'}")
+        return {"spike": "hardware", "spike_loss": first}
+
+
+class HardwareFault(RuntimeError):
+    pass
 
 
 @torch.no_grad()
@@ -465,7 +522,7 @@ def setup(cfg):
     device_type = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     _, world, _ = parallel.env_rank()
     parallel.check_layout(mcfg, world, p.tp, None, t.global_batch_size, t.micro_batch_size, dcfg.seq_len,
-                          p.sequence_parallel, p.pp, p.virtual_stages)
+                          p.sequence_parallel, p.pp, p.cp, p.virtual_stages)
     grid = parallel.init_distributed(p, device_type)
     torch.manual_seed(t.seed * 1_000_003 + grid.rank)  # each rank's own stream, the same in every run
     tok = prepare.get_tokenizer(dcfg.tokenizer)
@@ -509,10 +566,11 @@ def start(cfg, grid, opt, loader):
     if path or t.init_from:
         lo, hi, total = across_ranks(nbytes / 1e6, grid)
         log(grid, f"{say} (read {lo:.1f} to {hi:.1f} MB per rank, {total:.1f} MB in all)")
-    log(grid, f"{param_count(cfg['model']):,} parameters, layout tp={grid.tp} pp={grid.pp} dp={grid.dp}, device "
-              f"{grid.device}, {t.global_batch_size // (grid.dp * t.micro_batch_size)} micro-batches of "
+    log(grid, f"{param_count(cfg['model']):,} parameters, layout tp={grid.tp} cp={grid.cp} pp={grid.pp} dp={grid.dp}, "
+              f"device {grid.device}, {t.global_batch_size // (grid.dp * t.micro_batch_size)} micro-batches of "
               f"{t.micro_batch_size} per rank per step")
-    return step, dict(config=config, optimizer=t.optimizer, export_dtype=export_dtype)
+    return step, dict(config=config, optimizer=t.optimizer, export_dtype=export_dtype,
+                      spike_guard=path and meta.get("spike_guard"))  # the spike guard's window and skipped batches
 
 
 def across_ranks(x, grid):
@@ -533,13 +591,27 @@ class Metrics:
         t, mcfg, seq_len = cfg["train"], cfg["model"], cfg["data"].seq_len
         self.t, self.grid, self.loader = t, grid, loader
         self.tokens, self.flops, self.peak = t.global_batch_size * seq_len, flops_per_token(mcfg, seq_len), peak_flops(grid.device)
+        for key, package in (("tensorboard", "tensorboard"), ("wandb_project", "wandb")):  # every rank: all stop
+            if getattr(t, key) and importlib.util.find_spec(package) is None:
+                raise ConfigError(f"train.{key} needs the {package} package: pip install -e \".[track]\"")
         self.file = open(os.path.join(t.out_dir, "metrics.jsonl"), "a") if grid.rank == 0 else None
         self.bar = tqdm(total=t.max_steps, initial=step, desc="train", dynamic_ncols=True) if grid.rank == 0 else None
+        self.tb = self.wandb = None
+        if t.tensorboard and grid.rank == 0:  # purge_step: a resume hides what a crashed run logged past it
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(t.out_dir, "tb"), purge_step=step or None)
+        if t.wandb_project and grid.rank == 0:  # WANDB_MODE=offline on a cluster; a restart resumes the same run
+            import wandb
+            id_file = os.path.join(t.out_dir, "wandb_id")
+            if not os.path.exists(id_file):
+                open(id_file, "w").write(os.urandom(6).hex())
+            self.wandb = wandb.init(project=t.wandb_project, id=open(id_file).read(), resume="allow", dir=t.out_dir,
+                                    name=t.out_dir, config={s: asdict(cfg[s]) for s in SECTIONS})
 
     def step(self, step, loss, norm, lr, seconds, waited, busy):
         """The record of a step that has just ended (a non-finite one is said: its update was skipped)."""
         grid = self.grid
-        if not math.isfinite(loss) or not math.isfinite(norm):
+        if not self.t.spike_guard and not (math.isfinite(loss) and math.isfinite(norm)):  # the guard says its own
             log(grid, f"step {step}: {'loss' if not math.isfinite(loss) else 'gradient norm'} is not finite, update skipped")
         record = dict(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_sec=round(self.tokens / seconds, 1),
                       mfu=round(self.flops * self.tokens / seconds / (self.peak * grid.world), 4) if self.peak else None)
@@ -560,17 +632,24 @@ class Metrics:
         return step % self.t.log_interval == 0 or step == self.t.max_steps
 
     def write(self, record):
-        if self.file and (self.logged(record["step"]) or "val_loss" in record or "checkpoint_block_s" in record):
+        if self.file and (self.logged(record["step"]) or {"val_loss", "checkpoint_block_s", "spike"} & record.keys()):
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+            scalars = {k: v for k, v in record.items() if type(v) in (int, float) and k != "step"}
+            for k, v in scalars.items() if self.tb else ():
+                self.tb.add_scalar(k, v, record["step"])
+            if self.wandb:
+                self.wandb.log(scalars, step=record["step"])
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        for closing in (self.bar, self.file):
+        for closing in (self.bar, self.file, self.tb):
             if closing:
                 closing.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 SIGNALLED = {"name": None}  # the signal handler's only state: the loop reads it after each step
@@ -714,24 +793,29 @@ def run(cfg):
     saver = checkpoint.Saver(t.out_dir, grid, t.keep_checkpoints, t.async_checkpoint)
     decay_start = t.decay_start if t.decay_start >= 0 else t.max_steps - t.decay_steps
     signal_seen = False
+    guard = SpikeGuard(t, grid, [s[0] for s in loader.stages], meta["spike_guard"]) if t.spike_guard else None
     model.train()
     with guarded(t), Metrics(cfg, grid, loader, step) as metrics:
         while step < t.max_steps:
             t0 = time.perf_counter()
             lr = wsd_lr(step, t.lr, t.min_lr, t.warmup_steps, decay_start, t.decay_steps, t.decay_shape)
-            loss, norm, waited, busy = train_step(model, opt, loader.get_batch(step), lr, t, grid)
+            loss, norm, waited, busy = train_step(model, opt, loader.get_batch(step), lr, t, grid, guard)
             step += 1
             watchdog(t)
             record = metrics.step(step, loss, norm, lr, time.perf_counter() - t0, waited, busy)
+            record.update(guard.judge(step, norm, loader, grid) if guard else {})
             signal_seen = signalled(grid, saver, t)
             if not signal_seen and due(step, t.eval_interval, t):
                 record.update(validate(model, loader, step, dcfg.eval_batches, t, grid, opt))
             export = t.export_hf and t.export_hf_every and step % t.export_hf_every == 0 and step != t.max_steps
             if due(step, t.checkpoint_interval, t) or signal_seen or export:
-                record["checkpoint_block_s"] = save(saver, t, step, opt, grid, meta, loader, signal_seen)
+                record["checkpoint_block_s"] = save(saver, t, step, opt, grid, dict(meta, spike_guard=guard and guard.state),
+                                                    loader, signal_seen)
             if export:
                 export_hf(t, grid, saver, meta["export_dtype"])
             metrics.write(record)
+            if guard and guard.faults >= t.spike_max_faults:
+                raise HardwareFault(f"{guard.faults} hardware faults, the last at step {step}: a node to drain, then resume")
             if signal_seen:
                 break
         failed = wait_for_save(grid, saver)  # the watchdog still armed: a commit that never comes is a hang too
@@ -756,7 +840,7 @@ def main(argv):
         if parallel.env_rank()[0] == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except SaveError as e:
+    except (SaveError, HardwareFault) as e:  # exit 1: the scheduler counts no success
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (data.DataError, checkpoint.CheckpointError) as e:

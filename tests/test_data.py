@@ -610,3 +610,42 @@ sources = [{name = "web", prefix = "data/web", weight = 0.6}, {name = "math", pr
             DataConfig(**kw)
     with pytest.raises(DataError, match=r"data.stages\[1\] starts at step 0"):
         data.stage_table(DataConfig(stages=[{"start_step": 0, "sources": mix}, {"start_tokens": 0, "sources": mix}]), 4)
+
+
+def test_min_doc_tokens_trains_exactly_as_a_dataset_of_the_kept_documents(tmp_path, monkeypatch):
+    """A source with min_doc_tokens = N reads the documents of at least N tokens back to back, in their
+    order: the same batches (blended, across a stage boundary, resumed) and validation samples as a dataset
+    written with those documents alone. Documents of several sequences count their sequences together;
+    the lengths are read a chunk of documents at a time (3 here)."""
+    rng = np.random.default_rng(0)
+    docs = [[rng.integers(3, 60000, rng.integers(1, 25)) for _ in range(rng.integers(1, 4))] for _ in range(300)]
+    N = 40
+    kept = [d for d in docs if sum(map(len, d)) >= N]
+    assert 30 < len(kept) < len(docs) - 30
+    full, only = write_megatron(tmp_path / "full", docs, np.uint16), write_megatron(tmp_path / "only", kept, np.uint16)
+    other = stream_source(tmp_path, "other", 3000)
+    monkeypatch.setattr(data.Source, "_keep", lambda self, n, chunk=3, keep=data.Source._keep: keep(self, n, chunk))
+    for stages in ([(0, [("long", full, 1.0, N)])], [(0, [("long", full, 0.6, N), ("other", other, 0.4)]),
+                                                      (3, [("other", other, 0.5), ("long", full, 0.5, N)])]):
+        same = [(start, [(n, only if p == full else p, w) for n, p, w, *_ in sources]) for start, sources in stages]
+        a, b = loader(stages, tmp_path), loader(same, tmp_path)
+        assert (a.sources[0].num_train, a.sources[0].num_val) == (b.sources[0].num_train, b.sources[0].num_val)
+        for step in range(8):
+            for x, y in zip(a.get_batch(step), b.get_batch(step)):
+                assert torch.equal(x.x, y.x) and torch.equal(x.y, y.y) and torch.equal(x.source, y.source)
+        assert all(torch.equal(x.x, y.x) for x, y in zip(a.val_batches(0, 1), b.val_batches(0, 1)))
+        resumed = loader(stages, tmp_path)
+        assert resumed.load_state(a.state(5))
+        assert all(torch.equal(x.x, y.x) for x, y in zip(resumed.get_batch(5), b.get_batch(5)))
+    with pytest.raises(DataError, match=r"^source 'long': min_doc_tokens = 1000 keeps no document of .*full.idx$"):
+        loader([(0, [("long", full, 1.0, 1000)])], tmp_path)
+    cfg = train.load_config(os.path.join(ROOT, "configs/tiny.toml"), [
+        '--data.sources=[{name="long",prefix="p",weight=1,min_doc_tokens=4096}]'])["data"]
+    assert data.stage_table(cfg, 4) == [(0, [("long", "p", 1.0, 4096)])]
+    for value, message in ((0, r"data.sources\[0\].min_doc_tokens must be a positive integer, got 0"),
+                           ("many", r"data.sources\[0\].min_doc_tokens must be a positive integer, got 'many'")):
+        with pytest.raises(ValueError, match=message):
+            DataConfig(sources=[{"name": "a", "prefix": "p", "weight": 1, "min_doc_tokens": value}])
+    with pytest.raises(ValueError, match=r"data.stages\[1\].sources\[0\]: source 'a' has min_doc_tokens 9 here and 0"):
+        DataConfig(stages=[{"start_step": 0, "sources": [{"name": "a", "prefix": "p", "weight": 1}]},
+                           {"start_step": 5, "sources": [{"name": "a", "prefix": "p", "weight": 1, "min_doc_tokens": 9}]}])

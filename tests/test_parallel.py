@@ -342,10 +342,10 @@ def test_a_layout_that_does_not_fit_is_refused(monkeypatch, capsys):
     as torchrun would set it for rank 0), so this process plays rank 0 and no worker is started."""
     import train
     monkeypatch.chdir(ROOT)
-    for nproc, args, message in ((3, ["--parallel.tp=2"], "layout refused: world size 3 is not divisible by tp x pp = 2 x 1"),
+    for nproc, args, message in ((3, ["--parallel.tp=2"], "layout refused: world size 3 is not divisible by tp x cp x pp = 2 x 1 x 1"),
                                  (3, ["--parallel.pp=3"], "layout refused: pp=3 does not divide the 4 layers"),
-                                 (3, ["--parallel.pp=2"], "layout refused: world size 3 is not divisible by tp x pp = 1 x 2"),
-                                 (1, ["--parallel.pp=0"], "layout refused: tp=1 and pp=0 must be at least 1"),
+                                 (3, ["--parallel.pp=2"], "layout refused: world size 3 is not divisible by tp x cp x pp = 1 x 1 x 2"),
+                                 (1, ["--parallel.pp=0"], "layout refused: tp=1, cp=1 and pp=0 must be at least 1"),
                                  (1, ["--plan", "--parallel.tp=8"], "tp=8 does not divide the KV heads (4)")):
         for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1").items():
             monkeypatch.setenv(k, v)

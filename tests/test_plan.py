@@ -17,10 +17,12 @@ import train
 RUN = ["configs/tiny.toml", "--train.max_steps=1", "--train.log_interval=1", "--train.eval_interval=0",
        "--train.checkpoint_interval=0", "--train.sample_tokens=0", "--data.seq_len=64", "--data.eval_batches=1",
        "--parallel.bucket_size=60000"]
-# (tp, pp, dp, sequence parallel, virtual stages, activation checkpointing): the three layouts with and
-# without sequence parallelism (none at tp = 1), the interleaved schedule and checkpointing among them
-LAYOUTS = [(2, 1, 2, False, 1, False), (2, 1, 2, True, 1, True), (1, 2, 2, False, 2, False),
-           (2, 2, 1, False, 2, False), (2, 2, 1, True, 1, False)]
+# (tp, pp, dp, sequence parallel, virtual stages, activation checkpointing, cp): the three layouts with and
+# without sequence parallelism (none at tp = 1), the interleaved schedule and checkpointing among them, and
+# context parallelism with tensor (and sequence) parallelism, and with the interleaved pipeline
+LAYOUTS = [(2, 1, 2, False, 1, False, 1), (2, 1, 2, True, 1, True, 1), (1, 2, 2, False, 2, False, 1),
+           (2, 2, 1, False, 2, False, 1), (2, 2, 1, True, 1, False, 1), (2, 1, 1, True, 1, True, 2),
+           (1, 2, 1, False, 2, False, 2)]
 COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "batch_isend_irecv", "broadcast",
                "barrier", "all_gather", "reduce_scatter", "send", "recv", "all_to_all_single")  # isend, irecv: P2POp checks them
 
@@ -35,8 +37,9 @@ def _record(grids, log, on):
     tensor sent or received) to log."""
     def label(group):
         g = grids[-1]
-        return "world" if group is None else {id(g.tp_group): "tp", id(g.pp_group): "pp", id(g.dp_group): "dp"}.get(
-            id(group), "other")
+        names = {id(g.dp_cp_group): "dp_cp", id(g.tp_group): "tp", id(g.cp_group): "cp", id(g.pp_group): "pp",
+                 id(g.dp_group): "dp"}  # without context parallelism dp_cp_group is dp_group: "dp"
+        return "world" if group is None else names.get(id(group), "other")
 
     def add(kind, group, nbytes):
         c = log.setdefault((kind, group), [0, 0])
@@ -75,19 +78,19 @@ def _bytes_worker(rank, world, port, ports, out_dir):
         return out
     train.train_step, train.signalled = step, signalled
     _record(grids, log, on)
-    for (tp, pp, dp, sp, vp, ckpt), port in zip(LAYOUTS, ports):
+    for (tp, pp, dp, sp, vp, ckpt, cp), port in zip(LAYOUTS, ports):
         os.environ["MASTER_PORT"] = str(port)
         args = RUN + [f"--parallel.tp={tp}", f"--parallel.pp={pp}", f"--parallel.sequence_parallel={str(sp).lower()}",
                       f"--parallel.virtual_stages={vp}", f"--train.activation_checkpointing={str(ckpt).lower()}",
-                      f"--train.out_dir={out_dir}/{tp}{pp}{dp}{sp}{vp}{ckpt}"]
+                      f"--parallel.cp={cp}", f"--train.out_dir={out_dir}/{tp}{pp}{dp}{sp}{vp}{ckpt}{cp}"]
         log.clear()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             assert train.main(args) == 0, args
         grid = grids[-1]
         cfg = plan.with_layout(train.load_config(os.path.join(ROOT, args[0]), args[1:]), dp=dp)
-        want = plan.step_bytes(cfg, grid.pp_rank, grid.dp_rank)
+        want = plan.step_bytes(cfg, grid.pp_rank, grid.dp_rank, cp_rank=grid.cp_rank)
         assert {k: tuple(v) for k, v in log.items()} == {k: tuple(v) for k, v in want.items()}, \
-            ((tp, pp, dp, sp, vp, ckpt), rank, sorted(log.items()), sorted(want.items()))
+            ((tp, pp, dp, sp, vp, ckpt, cp), rank, sorted(log.items()), sorted(want.items()))
 
 
 def test_the_plan_counts_the_bytes_the_code_sends(tmp_path, monkeypatch):
@@ -181,7 +184,7 @@ def test_plan_prints_the_step_beside_alps_measurements(tmp_path, monkeypatch):
     for args, message in ((("--machine", "gh200-alps", "--machine.nvlink=1"), "unknown machine key 'nvlink'"),
                           (("--machine.net_GBps=1",), "need --machine NAME"),
                           (("--machine", "tpu"), "unknown machine 'tpu'"),
-                          (("--machine", "gh200-alps", "--gpus", "100"), "is not a positive multiple of tp x pp")):
+                          (("--machine", "gh200-alps", "--gpus", "100"), "is not a positive multiple of tp x cp x pp")):
         rc, _, err = _main(*APERTUS_70B, *args)
         assert rc == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
     # bench.py's row of a GPU it ran on (the 70B's per-rank shapes of TP 4, as BENCHMARKS.md's), read back

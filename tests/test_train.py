@@ -279,7 +279,7 @@ def test_one_block_mask_per_micro_batch_shared_by_every_layer(monkeypatch):
     opt = parallel.DistributedOptimizer(m, grid, train.make_optimizer(cfg["train"]))
     built, seen = [], []
     real_make, real_attention = model_py.make_block_mask, model_py.attention
-    monkeypatch.setattr(model_py, "make_block_mask", lambda doc: built.append(real_make(doc)) or built[-1])
+    monkeypatch.setattr(model_py, "make_block_mask", lambda *a: built.append(real_make(*a)) or built[-1])
     monkeypatch.setattr(model_py, "attention", lambda q, k, v, mask=None: seen.append(mask) or real_attention(q, k, v, mask))
     x = torch.randint(3, 260, (6, 65))
     x[:, 20] = 2  # a document boundary

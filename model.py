@@ -285,7 +285,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps, tp_partial_grad=True)
         self.gather_kv = None  # context parallelism: parallel.py sets the all-gather of every rank's K and V
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache=None):
         B, T = x.shape[0], cos.shape[1]  # T: the full sequence (x may be a sequence-parallel slice)
         q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim))  # [B, T, Hq(/tp), D]
         k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim))  # [B, T, Hkv(/tp), D]
@@ -293,6 +293,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)         # QK-norm first, then RoPE
         if self.gather_kv is not None:  # T = this rank's tokens; K and V: [B, T x cp, Hkv(/tp), D]
             k, v = self.gather_kv(k, v)
+        if cache is not None:  # generation: the keys and values of the earlier positions, [B, S + T, Hkv, D]
+            k = cache["k"] = torch.cat((cache.get("k", k[:, :0]), k), 1)
+            v = cache["v"] = torch.cat((cache.get("v", v[:, :0]), v), 1)
         y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -316,8 +319,8 @@ class Block(nn.Module):
         self.feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=True)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None):
-        h = x + self.self_attn(self.attention_layernorm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        h = x + self.self_attn(self.attention_layernorm(x), cos, sin, mask, cache)
         return h + self.mlp(self.feedforward_layernorm(h))
 
 
@@ -456,9 +459,10 @@ class Apertus(nn.Module):
         return self
 
     def forward(self, input_ids, targets=None, loss_mask=None, doc_ids=None, reduction="mean", hidden=None,
-                cp_index=None, chunk=None):
+                cp_index=None, chunk=None, cache=None):
         """input_ids [B, T] -> logits [B, T, V] (V/tp under tensor parallelism); with targets, the loss:
-        the mean (or sum) over the tokens that count (loss_mask True and target != -100).
+        the mean (or sum, or each row's sum [B]: "sequence") over the tokens that count (loss_mask True and target
+        != -100). cache: a dict of the keys and values that the input continues (generation: the last logits only).
         doc_ids [B, T] (see document_ids) masks attention per document and restarts positions.
         A pipeline stage (parallel.keep_stage) lacks the embedding or the head: a later stage takes
         the previous stage's output as `hidden`, and a stage without the head returns its output.
@@ -466,9 +470,12 @@ class Apertus(nn.Module):
         positions and the mask come from the whole sequence, then only these tokens run. chunk (c, V):
         only the c-th of V equal runs of this stage's layers, the head after the last (interleaved)."""
         doc = torch.zeros_like(input_ids) if doc_ids is None else doc_ids
-        pos = document_positions(doc)
+        S, T = 0 if cache is None else cache["length"], input_ids.shape[1]  # S: the positions in the cache
+        pos = document_positions(doc) + S
         # built once here, shared by every layer
         mask = make_block_mask(doc, cp_index) if self.attn_backend == "flex" else sdpa_mask(doc, cp_index)
+        if cache is not None:  # causal, aligned at the end: query i sees the S cached keys and the new ones <= i
+            mask, cache["length"] = torch.ones(T, S + T, dtype=torch.bool, device=doc.device).tril(S), S + T
         if cp_index is not None:  # this rank's tokens from here on
             input_ids, pos = input_ids[:, cp_index], pos[:, cp_index]
             targets, loss_mask = (t if t is None else t[:, cp_index] for t in (targets, loss_mask))
@@ -476,19 +483,22 @@ class Apertus(nn.Module):
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
-        blocks = list(self.model.layers.values())
+        blocks = list(self.model.layers.items())
         c, V = chunk or (0, 1)
-        for block in blocks[c * len(blocks) // V:(c + 1) * len(blocks) // V]:
+        for name, block in blocks[c * len(blocks) // V:(c + 1) * len(blocks) // V]:
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask)
+                x = block(x, cos, sin, mask, None if cache is None else cache.setdefault(name, {}))
         if self.lm_head is None or c < V - 1:
             return x
         h = self.model.norm(x)
         if targets is None:
-            return self.lm_head(h)
+            return self.lm_head(h if cache is None else h[:, -1:])
         counted = targets != -100 if loss_mask is None else loss_mask & (targets != -100)
+        if reduction == "sequence":  # [B], row by row: minus each row's log-probability of its counted targets
+            return torch.stack([self.loss_fn(h[i:i + 1], self.lm_head, targets[i:i + 1].clamp(min=0), counted[i:i + 1],
+                                             compiled=self.compiled) for i in range(len(h))])
         loss = self.loss_fn(h, self.lm_head, targets.clamp(min=0), counted, compiled=self.compiled)
         return loss / counted.sum().clamp(min=1) if reduction == "mean" else loss
 
@@ -523,10 +533,12 @@ class Apertus(nn.Module):
         self.compiled = True
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample max_new_tokens after idx [B, T] (no KV cache: simple, and fine for a demo)."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cache=True):
+        """Sample max_new_tokens after idx [B, T] (temperature 0: greedy; cache=False: no KV cache, the reference)."""
+        kv = {"length": 0} if cache else None
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.max_position_embeddings:])[:, -1, :].float()
+            x = idx[:, kv["length"]:] if cache else idx[:, -self.config.max_position_embeddings:]
+            logits = self(x, cache=kv)[:, -1, :].float()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:

@@ -198,7 +198,7 @@ class IndexedDataset:
     the version, a known integer dtype that holds the ids of `vocab_size` (when given), the size of the
     .idx, the presence and size of the .bin."""
 
-    def __init__(self, prefix: str, vocab_size: int | None = None):
+    def __init__(self, prefix: str, vocab_size: int | None = None, values: bool = False):
         self.prefix, self.idx_path, self.bin_path = prefix, prefix + ".idx", prefix + ".bin"
         try:
             idx_size = os.path.getsize(self.idx_path)
@@ -218,7 +218,7 @@ class IndexedDataset:
         if code not in DTYPES:
             raise DataError(f"{self.idx_path}: unknown dtype code {code}")
         self.dtype = np.dtype(DTYPES[code]).newbyteorder("<")
-        if self.dtype.kind == "f":
+        if self.dtype.kind == "f" and not values:  # values: a float dataset (a preference source's rewards)
             raise DataError(f"{self.idx_path}: holds {self.dtype.name} values, not token ids")
         if vocab_size is not None and np.iinfo(self.dtype).max < vocab_size - 1:
             raise DataError(f"{self.idx_path}: dtype {self.dtype.name} cannot hold the ids of a vocabulary of "
@@ -388,13 +388,16 @@ class Source:
         them) and sample k is the window stream[k*T : k*T + T + 1];
     packed, when PREFIX.mask.idx/.bin lies next to it (a uint8 0/1 dataset of the same sequences): sample
         k is sequence k, of exactly T + 1 tokens, and position j of y counts in the loss where its mask
-        at j + 1 is 1 (chat data packed and masked ahead of time).
+        at j + 1 is 1 (chat data packed and masked ahead of time);
+    pairs, when PREFIX.rewards.idx/.bin lies beside the mask too (prepare --preferences): sample k is the pair
+        of packed sequences 2k (prompt + chosen completion) and 2k + 1 (prompt + rejected); rewards sequence k
+        (float64) is [R(chosen), R(rejected), the rewards of the reference model's completions...] or empty.
     min_doc_tokens = N: a plain source's stream is its documents of at least N tokens, back to back."""
 
     def __init__(self, name: str, prefix: str, seq_len: int, val_fraction: float, vocab_size: int | None,
                  min_doc_tokens: int = 0):
         self.name, self.seq_len, self.kept = name, seq_len, None
-        self.data, self.mask = IndexedDataset(prefix, vocab_size), None
+        self.data, self.mask, self.rewards = IndexedDataset(prefix, vocab_size), None, None
         if min_doc_tokens and os.path.exists(prefix + ".mask.idx"):
             raise DataError(f"source {name!r}: min_doc_tokens keeps documents of a plain source; {prefix} is packed")
         if os.path.exists(prefix + ".mask.idx"):
@@ -403,6 +406,10 @@ class Source:
                 raise DataError(f"{self.mask.idx_path}: a loss mask must be uint8 with one sequence per sequence "
                                 f"of {self.data.idx_path} ({len(self.data)}), not {self.mask.dtype.name} x {len(self.mask)}")
             total = len(self.data)
+            if os.path.exists(prefix + ".rewards.idx"):  # preference pairs: a sample is two sequences
+                self.rewards, total = IndexedDataset(prefix + ".rewards", values=True), len(self.data) // 2
+                if 2 * len(self.rewards) != len(self.data):
+                    raise DataError(f"{self.rewards.idx_path}: must hold one sequence per two of {self.data.idx_path}")
         else:
             self._check_back_to_back()
             self.kept = self._keep(min_doc_tokens) if min_doc_tokens else None
@@ -428,6 +435,7 @@ class Source:
         T = self.seq_len
         if self.mask is None:
             return self._windows(samples * T, T + 1).astype(np.int64), None
+        samples = samples if self.rewards is None else np.stack([2 * samples, 2 * samples + 1], 1).reshape(-1)
         rows, masks = self.data.sequences(samples), self.mask.sequences(samples)
         for k, row in zip(samples, rows):
             if len(row) != T + 1:
@@ -529,6 +537,9 @@ class Batch:
     y: torch.Tensor                  # [m, T] int64, the targets (x shifted by one)
     loss_mask: torch.Tensor | None   # [m, T] bool, True where y counts (packed sources); None: everywhere
     source: torch.Tensor             # [m] int64, each row's source: an index into DataLoader.source_names
+    sample: torch.Tensor | None = None     # [m] int64, each row's sample in its source (a pair: both its rows)
+    rewards: torch.Tensor | None = None    # pairs: [m/2, 2 + n] float64, their rewards sequences NaN-padded
+    ref_logps: torch.Tensor | None = None  # pairs: [m/2, 2] float64, from DataLoader.reference
 
 
 class DataLoader:
@@ -547,11 +558,12 @@ class DataLoader:
     sample, in this stage and the ones before it: the loader keeps it as it goes, and `state(step)` /
     `load_state(...)` carry it through a checkpoint. Without one, `get_batch(step)` recomputes it from
     step 0: the same order, at about 1 microsecond per sample (an hour for 3.7 billion samples; a step of
-    1,024, about 1 ms)."""
+    1,024, about 1 ms). pairs: a sample is a pair, two adjacent rows (chosen, rejected) of one micro-batch (batch
+    sizes count pairs), with its reference log-probabilities once train.py sets `reference`."""
 
     def __init__(self, stages: list, seq_len: int, global_batch: int, micro_batch: int, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, vocab_size: int | None = None, val_fraction: float = 0.01,
-                 token_vocab: int | None = None):
+                 token_vocab: int | None = None, pairs: bool = False):
         assert 0 <= dp_rank < dp_size, (dp_rank, dp_size)
         if seq_len < 1:
             raise DataError(f"seq_len {seq_len} must be positive")
@@ -568,6 +580,9 @@ class DataLoader:
         # the token dtype must hold the tokenizer's ids (token_vocab); the ids must be under the model's vocab_size
         self.sources = [Source(n, p, seq_len, val_fraction, token_vocab or vocab_size, *least)
                         for n, (p, *least) in prefixes.items()]
+        for src in [s for s in self.sources if (s.rewards is not None) != pairs]:  # dpo and qrpo train on pairs alone
+            raise DataError(f"{src.data.idx_path}: {'not ' * pairs}preference pairs (train.objective dpo, qrpo)")
+        self.pairs, self.reference = pairs, None
         self.stages = []  # (start step, the loader's index of each source, weights as Megatron normalises them)
         for start, sources in stages:
             self.stages.append((start, [self.source_names.index(s[0]) for s in sources],
@@ -650,8 +665,8 @@ class DataLoader:
         return True
 
     def tokens_seen(self, step: int) -> dict:
-        """{source name: tokens of its samples in global batches 0 ... step-1} (T per sample, the targets)."""
-        return {name: n * self.seq_len for name, n in self.state(step)["samples"].items()}
+        """{source name: tokens of its samples in global batches 0 ... step-1} (T per row, the targets)."""
+        return {name: n * self.seq_len * (1 + self.pairs) for name, n in self.state(step)["samples"].items()}
 
     def stage_weights(self, step: int) -> dict:
         """{source name: normalised weight} of the stage that global batch `step` belongs to."""
@@ -673,23 +688,25 @@ class DataLoader:
         self._remember(after)
         part = slice(self.dp_rank * self.per_rank, (self.dp_rank + 1) * self.per_rank)
         source, position = source[part], position[part]
-        rows, masks = np.empty((self.per_rank, self.seq_len + 1), np.int64), None
+        rows, masks = np.empty((self.per_rank * (1 + self.pairs), self.seq_len + 1), np.int64), None
+        sample = np.empty(self.per_rank, np.int64)
         for s in np.unique(source):
             at = source == s
-            read, mask = self._read(s, self.sources[s].train_samples(position[at], self.seed))
-            rows[at] = read
+            sample[at] = self.sources[s].train_samples(position[at], self.seed)
+            read, mask = self._read(s, sample[at])
+            rows[np.repeat(at, 1 + self.pairs)] = read  # a pair's two rows side by side
             if mask is not None:
                 masks = np.ones(rows.shape, bool) if masks is None else masks
-                masks[at] = mask
-        return self._micro_batches(rows, masks, source)
+                masks[np.repeat(at, 1 + self.pairs)] = mask
+        return self._micro_batches(rows, masks, source, sample)
 
     def val_batches(self, source: int, i: int) -> list[Batch]:
         """This DP rank's micro-batches of validation batch i of one source: its held-out samples in
         order (global batch i holds samples i*G ... i*G + G-1, modulo their number)."""
         src = self.sources[source]
         j = i * self.global_batch + self.dp_rank * self.per_rank + np.arange(self.per_rank)
-        rows, masks = self._read(source, src.num_train + j % src.num_val)
-        return self._micro_batches(rows, masks, np.full(self.per_rank, source))
+        sample = src.num_train + j % src.num_val
+        return self._micro_batches(*self._read(source, sample), np.full(self.per_rank, source), sample)
 
     def _read(self, s, samples):
         rows, masks = self.sources[s].read(samples)
@@ -701,13 +718,24 @@ class DataLoader:
             raise DataError(f"{path}: holds a negative token id {low}")
         return rows, masks
 
-    def _micro_batches(self, rows, masks, source):
-        rows, source = torch.from_numpy(rows), torch.from_numpy(np.asarray(source, dtype=np.int64))
-        masks = None if masks is None else torch.from_numpy(masks[:, 1:])  # the mask of y = positions 1..T
-        m = self.micro_batch
+    def _micro_batches(self, rows, masks, source, sample):
+        r = 1 + self.pairs  # rows per sample
+        rows, masks = torch.from_numpy(rows), None if masks is None else torch.from_numpy(masks[:, 1:])  # y's mask
+        source, sample = (torch.from_numpy(np.repeat(np.asarray(a, dtype=np.int64), r)) for a in (source, sample))
+        pairs, rewards, ref = list(zip(source[::2].tolist(), sample[::2].tolist())) if self.pairs else [], None, None
+        if pairs:
+            seqs = [self.sources[s].rewards.sequence(k).astype(np.float64) for s, k in pairs]
+            rewards = torch.tensor(np.array([np.pad(q, (0, max(map(len, seqs)) - len(q)), constant_values=np.nan)
+                                             for q in seqs]))
+        if pairs and self.reference is not None:
+            ref = torch.tensor(np.array([self.reference[s][k] for s, k in pairs]))
+            if ref.isnan().any():  # computed before step 1, for the max_steps and eval_batches of then
+                raise DataError("a pair has no reference log-probability: a run longer than begun needs a new out_dir")
+        m = self.micro_batch * r
         return [Batch(rows[a:a + m, :-1].contiguous(), rows[a:a + m, 1:].contiguous(),
-                      None if masks is None else masks[a:a + m].contiguous(), source[a:a + m].clone())
-                for a in range(0, len(rows), m)]
+                      None if masks is None else masks[a:a + m].contiguous(), source[a:a + m].clone(),
+                      sample[a:a + m].clone(), None if rewards is None else rewards[a // r:(a + m) // r],
+                      None if ref is None else ref[a // r:(a + m) // r]) for a in range(0, len(rows), m)]
 
 
 if __name__ == "__main__":

@@ -6,12 +6,15 @@ training run imports it only for the tokenizer of its sample and the demo corpus
     python prepare.py corpus/ extra.jsonl --out data/mine                              # byte tokenizer
     python prepare.py corpus/ --out data/mine-tekken --tokenizer path/to/tekken_240718.json
     python prepare.py --chat chats.jsonl --tokenizer Apertus-8B-2509/ --out data/chats --seq-len 4096
+    python prepare.py --preferences prefs.jsonl --tokenizer Apertus-8B-2509/ --out data/prefs --seq-len 4096
     python prepare.py demo                 # prepare the demo corpus once, print its path prefix
     python prepare.py bench-index --documents 100000000   # open a 100M-document index, time the first batch
 
 Text: one sequence per document, [BOS] + tokens + [EOS] (Apertus wraps every document in <s> ... </s>),
 uint16 ids when the vocabulary fits, else int32. Conversations: packed into sequences of exactly
---seq-len + 1 tokens with a loss mask beside them (PREFIX.mask.bin/.idx), see prepare_chat.
+--seq-len + 1 tokens with a loss mask beside them (PREFIX.mask.bin/.idx), see prepare_chat. Preference
+pairs: two sequences each, with the mask beside them and their rewards beside that (PREFIX.rewards.bin/.idx,
+float64), see prepare_preferences.
 """
 import argparse
 import base64
@@ -19,6 +22,7 @@ import contextlib
 import datetime
 import functools
 import json
+import math
 import multiprocessing
 import os
 import resource
@@ -193,7 +197,8 @@ def check_chat_tokenizer(tok: Tokenizer) -> None:
         raise DataError(f"tokenizer {tok.name} has no {missing[0]} token; chat data needs Apertus' tokenizer.json")
 
 
-def chat_tokens(tok: Tokenizer, messages, date: str = CHAT_DATE) -> tuple[list[int], list[bool]]:
+def chat_tokens(tok: Tokenizer, messages, date: str = CHAT_DATE,
+                generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """A conversation [{"role": "system" | "user" | "assistant", "content": str}, ...] as Apertus-Instruct sees it:
 
         <s><|system_start|>{system}<|system_end|><|developer_start|>Deliberation: disabled
@@ -211,7 +216,9 @@ def chat_tokens(tok: Tokenizer, messages, date: str = CHAT_DATE) -> tuple[list[i
     but for two things. The template closes an assistant turn only when a user turn follows, so that a prompt
     ends open; here the last assistant turn gets its <|assistant_end|> too. And the template renders turns in
     any order (two assistant messages in a row become one turn); here they must alternate, user first and
-    assistant last, else a DataError says what is wrong.
+    assistant last, else a DataError says what is wrong. With generation_prompt, the conversation ends with
+    a user message instead and the ids with <|assistant_start|>: what a model completes (chat.py), the
+    prompt of a preference pair (prepare_preferences).
     """
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise DataError('a conversation must be a non-empty list of {"role": ..., "content": ...} objects')
@@ -228,8 +235,10 @@ def chat_tokens(tok: Tokenizer, messages, date: str = CHAT_DATE) -> tuple[list[i
         if role != want:
             raise DataError(f"message {k}: expected role {want!r}, got {role!r} (after an optional system message, "
                             f"user and assistant messages alternate)")
-    if messages[-1]["role"] != "assistant":
+    if messages[-1]["role"] != "assistant" and not generation_prompt:
         raise DataError("a conversation must end with an assistant message (the loss is on the assistant's words)")
+    if messages[-1]["role"] != "user" and generation_prompt:
+        raise DataError("a prompt must end with a user message (the model's answer comes next)")
     try:
         if datetime.date.fromisoformat(date).isoformat() != date:  # Python 3.11 also reads "20250902"
             raise ValueError
@@ -246,9 +255,95 @@ def chat_tokens(tok: Tokenizer, messages, date: str = CHAT_DATE) -> tuple[list[i
             pieces += [([c["<|user_start|>"]], False), (tok.encode(m["content"]), False), ([c["<|user_end|>"]], False)]
         else:
             pieces += [([c["<|assistant_start|>"]], False), (tok.encode(m["content"]) + [c["<|assistant_end|>"]], True)]
+    if generation_prompt:
+        pieces.append(([c["<|assistant_start|>"]], False))
     ids = [i for piece, _ in pieces for i in piece]
     loss_mask = [learn for piece, learn in pieces for _ in piece]
     return ids, loss_mask
+
+
+# -----------------------------------------------------------------------------
+# preferences: pairs of completions of a prompt, for DPO and QRPO
+
+
+def _reward(x, what):
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise DataError(f"{what} must be a finite number, got {x!r}")
+    return float(x)
+
+
+def preference_pair(tok: Tokenizer, record, date: str = CHAT_DATE):
+    """One line of preferences, {"prompt": [messages...], "chosen": {"content": str, "reward": r},
+    "rejected": {"content": str, "reward": r}, "ref_rewards": [r1, ..., rn]} (the rewards and ref_rewards
+    are for QRPO; DPO needs none), as ([(ids, loss_mask) of prompt + chosen, of prompt + rejected],
+    rewards: [R(chosen), R(rejected), r1, ..., rn] or []). Each completion is the assistant turn after the
+    prompt in the chat template (chat_tokens: the prompt ends with <|assistant_start|>), and its mask
+    covers its content and its <|assistant_end|> only: assistant turns inside the prompt are context."""
+    if not isinstance(record, dict) or not {"prompt", "chosen", "rejected"} <= set(record):
+        raise DataError('a preference record must be an object with "prompt", "chosen" and "rejected"')
+    prompt, _ = chat_tokens(tok, record["prompt"], date, generation_prompt=True)
+    pair, rewards = [], []
+    for key in ("chosen", "rejected"):
+        y = record[key]
+        if not isinstance(y, dict) or not isinstance(y.get("content"), str):
+            raise DataError(f'"{key}" must be an object with a string "content"')
+        ids = tok.encode(y["content"]) + [tok.special["<|assistant_end|>"]]
+        pair.append((prompt + ids, [False] * len(prompt) + [True] * len(ids)))
+        if "reward" in y:
+            rewards.append(_reward(y["reward"], f'"{key}": "reward"'))
+    ref = record.get("ref_rewards")
+    if ref is not None and (not isinstance(ref, list) or not ref):
+        raise DataError('"ref_rewards" must be a non-empty list of numbers')
+    if (len(rewards), ref is None) not in ((0, True), (2, False)):
+        raise DataError('the rewards of "chosen" and "rejected" and "ref_rewards" come together (QRPO) or not at all (DPO)')
+    return pair, rewards + [_reward(r, f'"ref_rewards"[{i}]') for i, r in enumerate(ref or [])]
+
+
+def prepare_preferences(path: str, out: str, tokenizer: str, seq_len: int, date: str = CHAT_DATE) -> dict:
+    """Preference pairs (JSON lines, see preference_pair) -> out.bin/.idx: two sequences per pair, prompt +
+    chosen then prompt + rejected, each padded to seq_len + 1 tokens; out.mask.bin/.idx their loss masks (1
+    on the completion and its <|assistant_end|>, 0 elsewhere and on the padding); out.rewards.bin/.idx,
+    float64, one sequence per pair: [R(chosen), R(rejected), r1, ..., rn], or empty when the file has no
+    rewards (DPO). Every pair has rewards or none does. A pair whose longer sequence exceeds seq_len + 1
+    tokens is dropped, never cut, and counted. Returns {"pairs", "dropped", "rewards", "tokens"}."""
+    tok = get_tokenizer(tokenizer)
+    check_chat_tokenizer(tok)
+    if seq_len < 1:
+        raise DataError(f"--seq-len {seq_len} must be positive")
+    _check_out(out)
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    dtype, counts, first = token_dtype(tok.vocab_size), dict(pairs=0, dropped=0, rewards=False, tokens=0), None
+    with IndexedDatasetWriter(out, dtype) as data_w, IndexedDatasetWriter(out + ".mask", np.uint8) as mask_w, \
+            IndexedDatasetWriter(out + ".rewards", np.float64) as rewards_w, open(path, "rb") as f, \
+            tqdm(total=size, unit="B", unit_scale=True, desc="preferences") as bar:
+        for line, raw in enumerate(f, 1):
+            bar.update(len(raw))
+            if not raw.strip():
+                continue
+            try:
+                pair, rewards = preference_pair(tok, json.loads(raw), date)
+                if first is not None and bool(rewards) != bool(first[1]):
+                    raise DataError(f"{'has' if rewards else 'has no'} rewards, line {first[0]} {'has none' if rewards else 'has'}: "
+                                    f"every pair has rewards (QRPO) or none does (DPO)")
+            except (DataError, ValueError) as e:  # ValueError: not JSON
+                raise DataError(f"{path}:{line}: {e if isinstance(e, DataError) else f'not valid JSON ({e})'}") from None
+            first = first or (line, rewards)
+            if max(len(ids) for ids, _ in pair) > seq_len + 1:
+                counts["dropped"] += 1
+                continue
+            for ids, mask in pair:  # padding: masked out, and after the completion (causal: never seen)
+                data_w.add_document(np.array(ids + [tok.eos_id] * (seq_len + 1 - len(ids)), dtype=dtype))
+                mask_w.add_document(np.array(mask + [False] * (seq_len + 1 - len(ids)), dtype=np.uint8))
+                counts["tokens"] += len(ids)
+            rewards_w.add_document(np.array(rewards, dtype=np.float64))
+            counts["pairs"] += 1
+        if not counts["pairs"]:
+            raise DataError(f"{path}: no pair fits in seq_len {seq_len} + 1 tokens ({counts['dropped']} dropped)")
+        counts["rewards"] = bool(first[1])
+    return counts
 
 
 # -----------------------------------------------------------------------------
@@ -326,8 +421,8 @@ def _tokenize_piece(task):
 
 
 def _check_out(out: str) -> None:
-    """prepare and prepare --chat never overwrite a dataset, nor leave a stale loss mask beside a new one."""
-    for path in (out + ".idx", out + ".bin", out + ".mask.idx", out + ".mask.bin"):
+    """prepare never overwrites a dataset, nor leaves a stale loss mask or rewards beside a new one."""
+    for path in (out + ".idx", out + ".bin", out + ".mask.idx", out + ".mask.bin", out + ".rewards.idx", out + ".rewards.bin"):
         if os.path.exists(path):
             raise DataError(f"{path}: already exists; remove it or choose another --out")
 
@@ -548,7 +643,11 @@ def main(argv=None) -> int:
         parser.add_argument("inputs", nargs="*", help="text files, directories (recursive) and .jsonl files")
         parser.add_argument("--chat", metavar="JSONL", help='conversations ({"messages": [...]} per line) packed '
                             "into sequences of --seq-len tokens, with loss masks (PREFIX.mask.bin/.idx)")
-        parser.add_argument("--seq-len", type=int, default=4096, help="with --chat: the training sequence length")
+        parser.add_argument("--preferences", metavar="JSONL", help='preference pairs ({"prompt": [...], "chosen": {...}, '
+                            '"rejected": {...}, "ref_rewards": [...]} per line), two sequences each, with loss masks '
+                            "and rewards (PREFIX.mask.bin/.idx, PREFIX.rewards.bin/.idx)")
+        parser.add_argument("--seq-len", type=int, default=4096, help="with --chat or --preferences: the training "
+                            "sequence length")
         parser.add_argument("--out", required=True, help="the path prefix of the dataset to create")
         parser.add_argument("--workers", type=int, default=0, help="processes; 0 = one per CPU core")
     if command != "bench-index":
@@ -562,13 +661,19 @@ def main(argv=None) -> int:
         parser.add_argument("--dir", default=None, help="where to write the synthetic files (default: the temp dir)")
     args = parser.parse_args(argv if command == "prepare" else argv[1:])
     try:
-        if command == "prepare" and args.chat:
+        if command == "prepare" and args.chat and args.preferences:
+            raise DataError("give --chat or --preferences, not both")
+        if command == "prepare" and args.preferences:
+            c = prepare_preferences(args.preferences, args.out, args.tokenizer, args.seq_len)
+            print(f"{args.out}: {c['pairs']} pairs ({2 * c['pairs']} sequences, {c['tokens']} tokens, "
+                  f"{'with' if c['rewards'] else 'without'} rewards); {c['dropped']} longer than {args.seq_len} + 1 tokens dropped")
+        elif command == "prepare" and args.chat:
             c = prepare_chat(args.chat, args.out, args.tokenizer, args.seq_len)
             print(f"{args.out}: {c['packed']} of {c['conversations']} conversations in {c['sequences']} sequences of "
                   f"{args.seq_len} + 1 tokens ({c['tokens']} tokens); {c['dropped']} longer than that dropped")
         elif command == "prepare":
             if not args.inputs:
-                raise DataError("prepare needs input files (or --chat JSONL)")
+                raise DataError("prepare needs input files (or --chat JSONL, or --preferences JSONL)")
             counts = prepare(args.inputs, args.out, args.tokenizer, args.workers)
             print(f"{args.out}: {counts['tokens']} tokens, {counts['documents']} documents")
         elif command == "demo":

@@ -29,6 +29,7 @@ import tomllib
 import typing
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -86,11 +87,15 @@ class TrainConfig:
     spike_window: int = 128             # N: applied steps whose losses the spike score sees (OLMo-core's; README)
     spike_sigma: float = 6.0            # k: a spike is above their mean + k std (OLMo-core's: ~1e-9 false alarms a step)
     spike_max_faults: int = 3           # M: re-runs that disagree (hardware faults) before the run stops, exit 1
+    objective: str = "lm"               # lm (pretraining, SFT), or dpo or qrpo on pairs (batch sizes count pairs)
+    beta: float = 0.1                   # dpo, qrpo: the pull towards the reference (the initial weights)
+    length_normalize: bool = False      # dpo, qrpo: beta / |y| for each completion y (Apertus' QRPO)
+    beta_max: float = 0.1               # qrpo: each completion's beta clamped at this (Apertus; 0 = no clamp)
 
     def __post_init__(self):
         for key, allowed in (("device", ("auto", "cpu", "cuda")), ("dtype", ("bfloat16", "float32")),
                              ("optimizer", ("ademamix", "adamw")), ("decay_shape", ("1-sqrt", "linear")),
-                             ("on_save_error", ("stop", "retry"))):
+                             ("on_save_error", ("stop", "retry")), ("objective", ("lm", "dpo", "qrpo"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"train.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
 
@@ -328,6 +333,33 @@ def loss_mask(x, y, t: TrainConfig, eos_id):
     return mask & ~goldfish_mask(y, t.goldfish_k, t.goldfish_h) if t.goldfish else mask
 
 
+def dpo_loss(logps, ref_logps, lengths, beta, length_normalize=False):
+    """DPO (Rafailov et al. 2023, arXiv 2305.18290; TRL's dpo_loss) per pair. logps, ref_logps, lengths [P, 2]:
+    log pi(y|x), log pi_ref(y|x) and |y| (masked tokens) of the chosen c and the rejected r completion:
+        margin = b_c (log pi(c) - log pi_ref(c)) - b_r (log pi(r) - log pi_ref(r)),  loss = -log sigmoid(margin)
+    b = beta, or beta / |y| length-normalised. Returns (losses [P], margins [P]: the implied reward margin)."""
+    r = (beta / lengths.double() if length_normalize else beta) * (logps - ref_logps)
+    return -torch.nn.functional.logsigmoid(r[:, 0] - r[:, 1]), r[:, 0] - r[:, 1]
+
+
+def qrpo_loss(logps, ref_logps, lengths, rewards, ref_rewards, beta, length_normalize=False, beta_max=0.1):
+    """QRPO (Matrenok, Moalla and Gulcehre 2025, arXiv 2507.08068; Apertus' qrpo_loss) per pair: logps,
+    ref_logps, lengths as dpo_loss's, rewards [P, 2] R(y), ref_rewards [P, n] the rewards of the reference
+    model's completions of the prompt (NaN-padded where a prompt has fewer). For each completion y:
+        R_q(y) = (number of ref_rewards <= R(y)) / n,   log Z = log(b (exp(1/b) - 1)),
+        l(y)   = (R_q(y) - b log Z - b (log pi(y) - log pi_ref(y)))^2,   loss = (l(c) + l(r)) / 2
+    b = beta, or beta / |y| length-normalised, then clamped at beta_max (Apertus' code: 0.1, "otherwise grad
+    norm is too high"; 0 = no clamp). Returns (losses [P], margins [P] as dpo_loss's, R_q [P, 2])."""
+    b = (beta / lengths.double() if length_normalize else torch.full_like(lengths, beta, dtype=torch.float64))
+    b = b.clamp(max=beta_max or math.inf)
+    quantile = (ref_rewards[:, None, :] <= rewards[:, :, None]).sum(-1) / (~ref_rewards.isnan()).sum(-1, keepdim=True)
+    # log Z exactly, without the overflow of exp(1/b) at small b: this replaces Apertus' approximation
+    # b log Z ~ b log b + 1 (used for b <= 0.2; off by less than 5e-6 below the clamp at 0.1)
+    log_z = torch.log(b) + 1 / b + torch.log1p(-torch.exp(-1 / b))
+    r = b * (logps - ref_logps)
+    return ((quantile - b * log_z - r) ** 2).mean(1), r[:, 0] - r[:, 1], quantile
+
+
 # dense bf16 peak (no sparsity) per GPU, from NVIDIA's datasheets; looked up by the device name, the
 # longest matching key first ("H100 PCIe" before "H100", "GH200" before "H200")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H800": 989e12, "GH200": 989e12,
@@ -380,23 +412,39 @@ def all_sum(x, *groups):
     return x
 
 
-def micro_loss(model, x, y, mask, n_tokens, hidden=None, chunk=None, cp_index=None):
+def micro_loss(model, x, y, mask, n_tokens, hidden=None, chunk=None, cp_index=None, pairs=None):
     """One micro-batch on this rank's stage: its share of the global mean loss (the last stage), or the
     activations for the next stage. Under context parallelism x, y and mask are the whole sequences and
-    the model runs the tokens at cp_index."""
+    the model runs the tokens at cp_index. pairs: the share from the rows' summed losses [B] (pair_loss)."""
     cfg = model.config
     doc = document_ids(x, cfg.eos_token_id, cfg.bos_token_id)
-    out = model(x, y, loss_mask=mask, doc_ids=doc, reduction="sum", hidden=hidden, cp_index=cp_index, chunk=chunk)
-    return out / n_tokens if out.dim() == 0 else out  # the loss, or activations
+    out = model(x, y, mask, doc, "sequence" if pairs else "sum", hidden=hidden, cp_index=cp_index, chunk=chunk)
+    return out if out.dim() > 1 else pairs(out) if pairs else out / n_tokens  # activations, or the loss
 
 
-def forward_backward(model, opt, batches, t, grid, train=True):
+def pair_loss(b, mask, t, sums, cp_group, out):
+    """Micro-batch b of whole pairs (rows 2i chosen, 2i + 1 rejected), out [B] its rows' summed losses: its
+    pairs' losses over the global batch's pairs; margins, accuracy (a tie: half) and quantile rewards go to
+    sums. Without b.ref_logps (in the reference pass) these log-probabilities become b.ref_logps."""
+    out = parallel.ReduceFromTP.apply(out, cp_group) if cp_group else out  # CP: every rank's part of each row
+    logps, lengths = -out.view(-1, 2), mask.view(-1, 2, mask.shape[1]).sum(-1)  # [P, 2]: chosen, rejected
+    b.ref_logps = logps.detach().double() if b.ref_logps is None else b.ref_logps
+    ref, r, norm = b.ref_logps.to(out.device), b.rewards.to(out.device), t.length_normalize
+    if t.objective == "qrpo":
+        losses, margins, quantiles = qrpo_loss(logps, ref, lengths, r[:, :2], r[:, 2:], t.beta, norm, t.beta_max)
+    else:
+        (losses, margins), quantiles = dpo_loss(logps, ref, lengths, t.beta, norm), ref * 0
+    sums += torch.stack([margins.sum(), (margins > 0).sum() + (margins == 0).sum() / 2, quantiles.mean(1).sum()])
+    return losses.sum() / t.global_batch_size
+
+
+def forward_backward(model, opt, batches, t, grid, train=True, stats=None):
     """One global batch on this rank: the micro-batches' losses summed and normalised by the number of
     tokens that count in the WHOLE global batch, so that the gradient does not depend on the layout or
     the micro-batch split. Returns the global mean loss (a float: one host sync per step), the seconds
     this pipeline stage spent waiting for its neighbours, and the seconds of this rank's own work
-    (forward and backward, the waiting left out: a straggler shows there)."""
-    cfg = model.config
+    (forward and backward, the waiting left out: a straggler shows there). Pairs: the mean over the pairs."""
+    cfg, pairs = model.config, batches
     batches = [(b.x.to(grid.device, non_blocking=True), b.y.to(grid.device, non_blocking=True),
                 None if b.loss_mask is None else b.loss_mask.to(grid.device, non_blocking=True)) for b in batches]
     masks = [loss_mask(x, y, t, cfg.eos_token_id) if train else x != cfg.eos_token_id for x, y, _ in batches]
@@ -408,6 +456,11 @@ def forward_backward(model, opt, batches, t, grid, train=True):
     index = parallel.cp_positions(T, grid.cp, grid.cp_rank, grid.device) if grid.cp > 1 else None
     steps = [functools.partial(micro_loss, model, x, y, m, n_tokens, cp_index=index)
              for (x, y, _), m in zip(batches, masks)]
+    if t.objective != "lm":  # a micro-batch holds whole pairs: each pair's loss where both its sequences are
+        sums, stats = torch.zeros(3, dtype=torch.float64, device=grid.device), {} if stats is None else stats
+        steps = [functools.partial(micro_loss, model, x, y, m, None, cp_index=index,
+                                   pairs=functools.partial(pair_loss, b, m, t, sums, grid.cp_group))
+                 for b, (x, y, m) in zip(pairs, batches)]
     t0 = time.perf_counter()
     if grid.pp > 1:  # every stage reads the same batch; the first uses the tokens, the last the targets
         sp = grid.tp if grid.sequence_parallel else 1
@@ -426,20 +479,27 @@ def forward_backward(model, opt, batches, t, grid, train=True):
             total += loss.detach()
     parallel.wait_for_stream(grid.device)
     busy = time.perf_counter() - t0 - waited
+    if t.objective != "lm":  # the means over the global batch's pairs, summed over calls (validate divides)
+        sums = (all_sum(sums, *groups) / t.global_batch_size).tolist()
+        names = ("margin", "accuracy", "quantile_reward")[:2 + (t.objective == "qrpo")]
+        stats.update({k: stats.get(k, 0.0) + v for k, v in zip(names, sums)})
     return all_sum(total, *groups).item(), waited, busy
 
 
-def train_step(model, opt, batches, lr, t, grid, guard=None):
+def train_step(model, opt, batches, lr, t, grid, guard=None, stats=None):
     """Forward and backward over the global batch, then the update. Returns (loss, grad_norm, seconds
     spent waiting in the pipeline, seconds of this rank's own work); a non-finite loss or gradient
-    skips the update, and with the spike guard a step not applied is computed once more (SpikeGuard)."""
+    skips the update, and with the spike guard a step not applied is computed once more (SpikeGuard).
+    stats: the pairs' metrics of the last computation (see forward_backward)."""
     for _ in range(2 if guard else 1):
-        loss, waited, busy = forward_backward(model, opt, batches, t, grid)
+        loss, waited, busy = forward_backward(model, opt, batches, t, grid, stats=(run := {}))
         applied = not guard.suspicious(loss) if guard else math.isfinite(loss)
         norm = opt.step(lr, t.grad_clip).item() if applied else opt.skip_step() or float("nan")
         parallel.wait_for_stream(grid.device)  # the step's own work, not the parameter all-gathers beside it
         if math.isfinite(norm):  # opt.step skips a non-finite gradient too
             break
+    if stats is not None:
+        stats.update(run)
     return loss, norm, waited, busy
 
 
@@ -489,13 +549,41 @@ class HardwareFault(RuntimeError):
 
 
 @torch.no_grad()
-def evaluate(model, loader, n_batches, t, grid, opt):
-    """{source name: mean loss over n_batches global batches of its held-out samples}."""
+def evaluate(model, loader, n_batches, t, grid, opt, stats=None):
+    """{source name: mean loss over n_batches global batches of its held-out samples} (pairs: stats)."""
     model.eval()
-    losses = {name: sum(forward_backward(model, opt, loader.val_batches(s, i), t, grid, train=False)[0]
+    losses = {name: sum(forward_backward(model, opt, loader.val_batches(s, i), t, grid, False, stats)[0]
                         for i in range(n_batches)) / n_batches for s, name in enumerate(loader.source_names)}
     model.train()
     return losses
+
+
+@torch.no_grad()
+def reference_pass(model, loader, t, grid, opt, eval_batches):
+    """The initial weights' log-probabilities of the pairs of steps 1 ... max_steps and of the validation
+    batches, before step 1 (once the weights move, the reference is gone), by this layout, each rank for its
+    own micro-batches (a pair in several epochs, each time); in out_dir keyed by pair, not by rank or layout
+    (reference_logps.npz, {source name: float64 [pairs, 2]}): a run that finds it uses it, under any layout."""
+    path = os.path.join(t.out_dir, "reference_logps.npz")
+    saved = np.load(path) if os.path.exists(path) else None
+    tables = {i: np.full((s.num_train + s.num_val, 2), np.nan) if saved is None else saved[s.name]
+              for i, s in enumerate(loader.sources)}
+    todo = [] if saved is not None else [functools.partial(loader.get_batch, k) for k in range(t.max_steps)] + [
+        functools.partial(loader.val_batches, i, k) for i in range(len(loader.sources)) for k in range(eval_batches)]
+    for get in tqdm(todo, desc="reference log-probabilities", disable=grid.rank != 0):
+        forward_backward(model, opt, batches := get(), t, grid, train=False)  # the last stage fills b.ref_logps
+        for b in batches if grid.last_stage else ():
+            for s, k, v in zip(b.source[::2].tolist(), b.sample[::2].tolist(), b.ref_logps.tolist()):
+                tables[s][k] = v
+    for table in tables.values() if todo else ():  # every pair, from the rank that computed it
+        v = torch.from_numpy(np.nan_to_num(table, nan=np.inf)).to(grid.device)
+        for g in (grid.dp_group, grid.pp_group) if grid.world > 1 else ():
+            torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MIN, group=g)
+        table[:] = np.where(np.isinf(v.cpu().numpy()), np.nan, v.cpu().numpy())
+    if todo and grid.rank == 0:  # written whole, then renamed
+        np.savez(path + ".tmp.npz", **{s.name: tables[i] for i, s in enumerate(loader.sources)})
+        os.replace(path + ".tmp.npz", path)
+    loader.reference = tables
 
 
 def sample(model, tok, t, device):
@@ -535,7 +623,9 @@ def setup(cfg):
     if grid.rank == 0 and grid.world > 1:
         torch.distributed.barrier()
     loader = data.DataLoader(stages, dcfg.seq_len, t.global_batch_size, t.micro_batch_size, grid.dp_rank, grid.dp,
-                             t.seed, mcfg.vocab_size, dcfg.val_fraction, token_vocab=tok.vocab_size)
+                             t.seed, mcfg.vocab_size, dcfg.val_fraction, tok.vocab_size, t.objective != "lm")
+    if t.objective == "qrpo" and any(s.rewards.lengths(0, 1)[0] < 3 for s in loader.sources):  # all pairs or none
+        raise ConfigError('train.objective = "qrpo" needs rewards and ref_rewards, which these pairs lack: use "dpo"')
     model = build(cfg, grid, grid.device)
     opt = parallel.DistributedOptimizer(model, grid, make_optimizer(t), p.bucket_size)
     return grid, tok, loader, model, opt
@@ -590,7 +680,8 @@ class Metrics:
     def __init__(self, cfg, grid, loader, step):
         t, mcfg, seq_len = cfg["train"], cfg["model"], cfg["data"].seq_len
         self.t, self.grid, self.loader = t, grid, loader
-        self.tokens, self.flops, self.peak = t.global_batch_size * seq_len, flops_per_token(mcfg, seq_len), peak_flops(grid.device)
+        self.tokens = t.global_batch_size * seq_len * (1 if t.objective == "lm" else 2)  # a pair: two sequences
+        self.flops, self.peak = flops_per_token(mcfg, seq_len), peak_flops(grid.device)
         for key, package in (("tensorboard", "tensorboard"), ("wandb_project", "wandb")):  # every rank: all stop
             if getattr(t, key) and importlib.util.find_spec(package) is None:
                 raise ConfigError(f"train.{key} needs the {package} package: pip install -e \".[track]\"")
@@ -708,9 +799,10 @@ def signalled(grid, saver, t):
 def validate(model, loader, step, n_batches, t, grid, opt):
     """The validation part of a step's record: val_loss (the sources weighted as the stage of the last
     step mixes them) and val_loss/<source>."""
-    losses = evaluate(model, loader, n_batches, t, grid, opt)
+    losses = evaluate(model, loader, n_batches, t, grid, opt, stats := {})
     record = {"val_loss": sum(w * losses[n] for n, w in loader.stage_weights(step - 1).items())}
     record.update({f"val_loss/{name}": v for name, v in losses.items()})
+    record.update({f"val_{k}": v / (n_batches * len(losses)) for k, v in stats.items()})
     log(grid, f"step {step}: val loss {record['val_loss']:.4f}")
     watchdog(t)
     return record
@@ -790,6 +882,8 @@ def run(cfg):
     t, dcfg = cfg["train"], cfg["data"]
     grid, tok, loader, model, opt = setup(cfg)
     step, meta = start(cfg, grid, opt, loader)
+    if t.objective != "lm":
+        reference_pass(model, loader, t, grid, opt, dcfg.eval_batches)
     saver = checkpoint.Saver(t.out_dir, grid, t.keep_checkpoints, t.async_checkpoint)
     decay_start = t.decay_start if t.decay_start >= 0 else t.max_steps - t.decay_steps
     signal_seen = False
@@ -799,10 +893,10 @@ def run(cfg):
         while step < t.max_steps:
             t0 = time.perf_counter()
             lr = wsd_lr(step, t.lr, t.min_lr, t.warmup_steps, decay_start, t.decay_steps, t.decay_shape)
-            loss, norm, waited, busy = train_step(model, opt, loader.get_batch(step), lr, t, grid, guard)
+            loss, norm, waited, busy = train_step(model, opt, loader.get_batch(step), lr, t, grid, guard, stats := {})
             step += 1
             watchdog(t)
-            record = metrics.step(step, loss, norm, lr, time.perf_counter() - t0, waited, busy)
+            record = metrics.step(step, loss, norm, lr, time.perf_counter() - t0, waited, busy) | stats
             record.update(guard.judge(step, norm, loader, grid) if guard else {})
             signal_seen = signalled(grid, saver, t)
             if not signal_seen and due(step, t.eval_interval, t):

@@ -83,7 +83,8 @@ def memory_plan(cfg, tp, dp, stage=0):
     pp = p.pp
     wb = 2 if t.dtype == "bfloat16" else 4
     moments = {"ademamix": 3 if t.beta1 != 0 else 2, "adamw": 2}[t.optimizer]
-    B, T, d, L = t.micro_batch_size, cfg["data"].seq_len, m.hidden_size, m.num_hidden_layers
+    seqs = 2 if t.objective != "lm" else 1  # dpo and qrpo: a pair is two sequences (the batch sizes count pairs)
+    B, T, d, L = t.micro_batch_size * seqs, cfg["data"].seq_len, m.hidden_size, m.num_hidden_layers
     N = B * T / p.cp  # tokens of one micro-batch on this rank
     zero = dp * p.cp  # ZeRO-1 partitions the optimizer over the dp x cp replicas of the weights
     first, last = stage == 0, stage == pp - 1
@@ -93,7 +94,7 @@ def memory_plan(cfg, tp, dp, stage=0):
     sp = tp if p.sequence_parallel and tp > 1 else 1
     Vl = m.vocab_size / tp
     per_tok = activation_bytes_per_token(m, tp, sp, wb, t.compile, p.cp)
-    V, micro = p.virtual_stages, t.global_batch_size // (dp * B)
+    V, micro = p.virtual_stages, t.global_batch_size // (dp * t.micro_batch_size)  # both count pairs under dpo, qrpo
     # in flight on this stage: 1F1B, micro-batches of its L/pp layers; interleaved, chunks of L/(pp V) layers
     held = min(pp - stage, micro) if V == 1 else min((V + 1) * pp - 2 * stage - 1, micro * V)
     if t.activation_checkpointing:  # block inputs, plus one block recomputed during backward
@@ -104,8 +105,10 @@ def memory_plan(cfg, tp, dp, stage=0):
     chunk = model_py.LOSS_CHUNK_ELEMENTS
     chunk = chunk if isinstance(chunk, int) else chunk["cpu" if t.device == "cpu" else "cuda"]
     chunk = min(max(1, chunk // Vl), N) * Vl  # whole rows of logits, at most the micro-batch's (model.lm_head_loss)
-    # fp32 head gradient and input gradient, and one chunk: its logits and gradient (and, eager, fp32 temporaries)
-    loss = (4 * Vl * d + 4 * N * d + chunk * (2 * wb + (0 if t.compile else 12))) if last else 0
+    # fp32 head gradient and input gradient, and one chunk: its logits and gradient (and, eager, fp32 temporaries);
+    # dpo and qrpo run the head row by row (model.forward's reduction="sequence"): a head gradient per sequence
+    heads = B if seqs == 2 else 1
+    loss = (4 * Vl * d * heads + 4 * N * d + chunk * (2 * wb + (0 if t.compile else 12))) if last else 0
     rows = {
         "weights": n * wb,
         "gradient buffer (fp32)": n * 4,
@@ -148,10 +151,11 @@ def format_plan(cfg, plan):
     """The plan as text, one block per activation-checkpointing choice and stage."""
     t, p = cfg["train"], cfg["parallel"]
     cp = f" cp={plan['cp']}" if plan["cp"] > 1 else ""
+    pairs = f" pairs (x 2 sequences: {t.objective})" if t.objective != "lm" else ""
     lines = [f"layout tp={plan['tp']}{cp} pp={plan['pp']} dp={plan['dp']} ({plan['gpus']} GPUs)"
              f"{f', virtual_stages={p.virtual_stages}' if p.virtual_stages > 1 else ''}, micro_batch "
-             f"{t.micro_batch_size} x seq_len {cfg['data'].seq_len}, {plan['micro_batches']} micro-batches per step, "
-             f"{t.dtype} weights, {t.optimizer}, sequence_parallel={p.sequence_parallel}, compile={t.compile}"]
+             f"{t.micro_batch_size}{pairs} x seq_len {cfg['data'].seq_len}, {plan['micro_batches']} micro-batches per "
+             f"step, {t.dtype} weights, {t.optimizer}, sequence_parallel={p.sequence_parallel}, compile={t.compile}"]
     for (ckpt, stage), (rows, peak) in plan["stages"].items():
         if stage == 0:
             lines.append(f" {'with' if ckpt else 'without'} activation checkpointing:")

@@ -295,7 +295,8 @@ def preference_pair(tok: Tokenizer, record, date: str = CHAT_DATE):
     if ref is not None and (not isinstance(ref, list) or not ref):
         raise DataError('"ref_rewards" must be a non-empty list of numbers')
     if (len(rewards), ref is None) not in ((0, True), (2, False)):
-        raise DataError('the rewards of "chosen" and "rejected" and "ref_rewards" come together (QRPO) or not at all (DPO)')
+        raise DataError('the rewards of "chosen" and "rejected" and "ref_rewards" come together (QRPO) or not at '
+                        'all (DPO)')
     return pair, rewards + [_reward(r, f'"ref_rewards"[{i}]') for i, r in enumerate(ref or [])]
 
 
@@ -326,10 +327,12 @@ def prepare_preferences(path: str, out: str, tokenizer: str, seq_len: int, date:
             try:
                 pair, rewards = preference_pair(tok, json.loads(raw), date)
                 if first is not None and bool(rewards) != bool(first[1]):
-                    raise DataError(f"{'has' if rewards else 'has no'} rewards, line {first[0]} {'has none' if rewards else 'has'}: "
-                                    f"every pair has rewards (QRPO) or none does (DPO)")
+                    has = ("has", "has none") if rewards else ("has no", "has")
+                    raise DataError(f"{has[0]} rewards, line {first[0]} {has[1]}: every pair has rewards (QRPO) or none "
+                                    f"does (DPO)")
             except (DataError, ValueError) as e:  # ValueError: not JSON
-                raise DataError(f"{path}:{line}: {e if isinstance(e, DataError) else f'not valid JSON ({e})'}") from None
+                why = e if isinstance(e, DataError) else f"not valid JSON ({e})"
+                raise DataError(f"{path}:{line}: {why}") from None
             first = first or (line, rewards)
             if max(len(ids) for ids, _ in pair) > seq_len + 1:
                 counts["dropped"] += 1
@@ -422,7 +425,7 @@ def _tokenize_piece(task):
 
 def _check_out(out: str) -> None:
     """prepare never overwrites a dataset, nor leaves a stale loss mask or rewards beside a new one."""
-    for path in (out + ".idx", out + ".bin", out + ".mask.idx", out + ".mask.bin", out + ".rewards.idx", out + ".rewards.bin"):
+    for path in (out + ext for ext in (".idx", ".bin", ".mask.idx", ".mask.bin", ".rewards.idx", ".rewards.bin")):
         if os.path.exists(path):
             raise DataError(f"{path}: already exists; remove it or choose another --out")
 
@@ -643,9 +646,9 @@ def main(argv=None) -> int:
         parser.add_argument("inputs", nargs="*", help="text files, directories (recursive) and .jsonl files")
         parser.add_argument("--chat", metavar="JSONL", help='conversations ({"messages": [...]} per line) packed '
                             "into sequences of --seq-len tokens, with loss masks (PREFIX.mask.bin/.idx)")
-        parser.add_argument("--preferences", metavar="JSONL", help='preference pairs ({"prompt": [...], "chosen": {...}, '
-                            '"rejected": {...}, "ref_rewards": [...]} per line), two sequences each, with loss masks '
-                            "and rewards (PREFIX.mask.bin/.idx, PREFIX.rewards.bin/.idx)")
+        parser.add_argument("--preferences", metavar="JSONL", help='preference pairs ({"prompt": [...], "chosen": '
+                            '{...}, "rejected": {...}, "ref_rewards": [...]} per line), two sequences each, with loss '
+                            "masks and rewards (PREFIX.mask.bin/.idx, PREFIX.rewards.bin/.idx)")
         parser.add_argument("--seq-len", type=int, default=4096, help="with --chat or --preferences: the training "
                             "sequence length")
         parser.add_argument("--out", required=True, help="the path prefix of the dataset to create")
@@ -666,7 +669,8 @@ def main(argv=None) -> int:
         if command == "prepare" and args.preferences:
             c = prepare_preferences(args.preferences, args.out, args.tokenizer, args.seq_len)
             print(f"{args.out}: {c['pairs']} pairs ({2 * c['pairs']} sequences, {c['tokens']} tokens, "
-                  f"{'with' if c['rewards'] else 'without'} rewards); {c['dropped']} longer than {args.seq_len} + 1 tokens dropped")
+                  f"{'with' if c['rewards'] else 'without'} rewards); {c['dropped']} longer than {args.seq_len} + 1 "
+                  f"tokens dropped")
         elif command == "prepare" and args.chat:
             c = prepare_chat(args.chat, args.out, args.tokenizer, args.seq_len)
             print(f"{args.out}: {c['packed']} of {c['conversations']} conversations in {c['sequences']} sequences of "

@@ -352,12 +352,12 @@ def qrpo_loss(logps, ref_logps, lengths, rewards, ref_rewards, beta, length_norm
     norm is too high"; 0 = no clamp). Returns (losses [P], margins [P] as dpo_loss's, R_q [P, 2])."""
     b = (beta / lengths.double() if length_normalize else torch.full_like(lengths, beta, dtype=torch.float64))
     b = b.clamp(max=beta_max or math.inf)
-    quantile = (ref_rewards[:, None, :] <= rewards[:, :, None]).sum(-1) / (~ref_rewards.isnan()).sum(-1, keepdim=True)
+    rq = (ref_rewards[:, None] <= rewards[..., None]).double().sum(-1) / (~ref_rewards.isnan()).sum(-1, keepdim=True)
     # log Z exactly, without the overflow of exp(1/b) at small b: this replaces Apertus' approximation
     # b log Z ~ b log b + 1 (used for b <= 0.2; off by less than 5e-6 below the clamp at 0.1)
     log_z = torch.log(b) + 1 / b + torch.log1p(-torch.exp(-1 / b))
     r = b * (logps - ref_logps)
-    return ((quantile - b * log_z - r) ** 2).mean(1), r[:, 0] - r[:, 1], quantile
+    return ((rq - b * log_z - r) ** 2).mean(1), r[:, 0] - r[:, 1], rq
 
 
 # dense bf16 peak (no sparsity) per GPU, from NVIDIA's datasheets; looked up by the device name, the
@@ -570,7 +570,7 @@ def reference_pass(model, loader, t, grid, opt, eval_batches):
               for i, s in enumerate(loader.sources)}
     todo = [] if saved is not None else [functools.partial(loader.get_batch, k) for k in range(t.max_steps)] + [
         functools.partial(loader.val_batches, i, k) for i in range(len(loader.sources)) for k in range(eval_batches)]
-    for get in tqdm(todo, desc="reference log-probabilities", disable=grid.rank != 0):
+    for get in tqdm(todo, desc="reference log-probabilities", disable=grid.rank != 0 or not todo):
         forward_backward(model, opt, batches := get(), t, grid, train=False)  # the last stage fills b.ref_logps
         for b in batches if grid.last_stage else ():
             for s, k, v in zip(b.source[::2].tolist(), b.sample[::2].tolist(), b.ref_logps.tolist()):

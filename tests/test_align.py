@@ -316,7 +316,7 @@ def test_a_short_run_learns_the_preferences(prefs, tmp_path, objective):
         assert "quantile_reward" not in rows[30]
 
 
-def test_objectives_refuse_the_wrong_data_in_one_line(prefs, tmp_path):
+def test_objectives_refuse_the_wrong_data_in_one_line_and_dpo_needs_no_rewards(prefs, tmp_path):
     out = train_in_process(*run_args(prefs, tmp_path / "lm", "--train.max_steps=1"))
     assert out.returncode == 2 and "prefs.idx: preference pairs (train.objective dpo, qrpo)" in out.stderr
     rng = random.Random(0)
@@ -326,6 +326,9 @@ def test_objectives_refuse_the_wrong_data_in_one_line(prefs, tmp_path):
     args = run_args(prefs, tmp_path / "q", *QRPO, "--train.max_steps=1", f"--data.dataset={tmp_path / 'norewards'}")
     out = train_in_process(*args)
     assert out.returncode == 2 and 'train.objective = "qrpo" needs rewards and ref_rewards' in out.stderr
+    out = train_in_process(*run_args(prefs, tmp_path / "d", *DPO, "--train.max_steps=2", "--train.global_batch_size=2",
+                                     "--train.micro_batch_size=2", f"--data.dataset={tmp_path / 'norewards'}"))
+    assert out.returncode == 0 and sorted(losses(tmp_path / "d")) == [1, 2], out.stderr[-2000:]  # dpo needs none
 
 
 def test_qrpo_configs_are_apertus_and_the_8b_plan_fits_one_4_gpu_h100_node(prefs):

@@ -479,27 +479,24 @@ def forward_backward(model, opt, batches, t, grid, train=True, stats=None):
             total += loss.detach()
     parallel.wait_for_stream(grid.device)
     busy = time.perf_counter() - t0 - waited
-    if t.objective != "lm":  # the means over the global batch's pairs, summed over calls (validate divides)
+    if t.objective != "lm":  # the pairs' means: a training step's, or summed over evaluations (validate divides)
         sums = (all_sum(sums, *groups) / t.global_batch_size).tolist()
         names = ("margin", "accuracy", "quantile_reward")[:2 + (t.objective == "qrpo")]
-        stats.update({k: stats.get(k, 0.0) + v for k, v in zip(names, sums)})
+        stats.update({k: v + (0.0 if train else stats.get(k, 0.0)) for k, v in zip(names, sums)})
     return all_sum(total, *groups).item(), waited, busy
 
 
 def train_step(model, opt, batches, lr, t, grid, guard=None, stats=None):
     """Forward and backward over the global batch, then the update. Returns (loss, grad_norm, seconds
     spent waiting in the pipeline, seconds of this rank's own work); a non-finite loss or gradient
-    skips the update, and with the spike guard a step not applied is computed once more (SpikeGuard).
-    stats: the pairs' metrics of the last computation (see forward_backward)."""
+    skips the update, and with the spike guard a step not applied is computed once more (SpikeGuard)."""
     for _ in range(2 if guard else 1):
-        loss, waited, busy = forward_backward(model, opt, batches, t, grid, stats=(run := {}))
+        loss, waited, busy = forward_backward(model, opt, batches, t, grid, stats=stats)
         applied = not guard.suspicious(loss) if guard else math.isfinite(loss)
         norm = opt.step(lr, t.grad_clip).item() if applied else opt.skip_step() or float("nan")
         parallel.wait_for_stream(grid.device)  # the step's own work, not the parameter all-gathers beside it
         if math.isfinite(norm):  # opt.step skips a non-finite gradient too
             break
-    if stats is not None:
-        stats.update(run)
     return loss, norm, waited, busy
 
 

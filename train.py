@@ -549,7 +549,7 @@ class HardwareFault(RuntimeError):
 def evaluate(model, loader, n_batches, t, grid, opt, stats=None):
     """{source name: mean loss over n_batches global batches of its held-out samples} (pairs: stats)."""
     model.eval()
-    losses = {name: sum(forward_backward(model, opt, loader.val_batches(s, i), t, grid, False, stats)[0]
+    losses = {name: sum(forward_backward(model, opt, loader.val_batches(s, i), t, grid, False, stats=stats)[0]
                         for i in range(n_batches)) / n_batches for s, name in enumerate(loader.source_names)}
     model.train()
     return losses

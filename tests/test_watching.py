@@ -88,12 +88,12 @@ def faults(at_grads, at_forward):
     def infinite_grad(module, args, out):
         out.register_hook(lambda g: g * float("inf"))
 
-    def forward_backward(model, opt, batches, t, grid, train=True):
+    def forward_backward(model, opt, batches, t, grid, train=True, **kw):
         state["tries"] += train
         fault = {at_grads: infinite_grad, at_forward: lambda m, a, o: o * 4}.get(state["step"])
         hook = model.model.norm.register_forward_hook(fault) if train and state["tries"] == 1 and fault else None
         try:
-            return real_fb(model, opt, batches, t, grid, train)
+            return real_fb(model, opt, batches, t, grid, train, **kw)
         finally:
             if hook:
                 hook.remove()

@@ -470,7 +470,7 @@ class Apertus(nn.Module):
         positions and the mask come from the whole sequence, then only these tokens run. chunk (c, V):
         only the c-th of V equal runs of this stage's layers, the head after the last (interleaved)."""
         doc = torch.zeros_like(input_ids) if doc_ids is None else doc_ids
-        S, T = 0 if cache is None else cache["length"], input_ids.shape[1]  # S: the positions in the cache
+        S, T = 0 if cache is None else cache.setdefault("length", 0), input_ids.shape[1]  # S: positions in the cache
         pos = document_positions(doc) + S
         # built once here, shared by every layer
         mask = make_block_mask(doc, cp_index) if self.attn_backend == "flex" else sdpa_mask(doc, cp_index)

@@ -479,11 +479,11 @@ def forward_backward(model, opt, batches, t, grid, train=True, stats=None):
             total += loss.detach()
     parallel.wait_for_stream(grid.device)
     busy = time.perf_counter() - t0 - waited
-    if t.objective != "lm":  # the pairs' means: a training step's, or summed over evaluations (validate divides)
-        sums = (all_sum(sums, *groups) / t.global_batch_size).tolist()
+    if t.objective != "lm":  # the pairs' means (every CP rank has all its pairs): a step's, or summed over evaluations
+        sums = (all_sum(sums, *groups) / (t.global_batch_size * grid.cp)).tolist()
         names = ("margin", "accuracy", "quantile_reward")[:2 + (t.objective == "qrpo")]
         stats.update({k: v + (0.0 if train else stats.get(k, 0.0)) for k, v in zip(names, sums)})
-    return all_sum(total, *groups).item(), waited, busy
+    return all_sum(total, *groups).item() / (grid.cp if t.objective != "lm" else 1), waited, busy
 
 
 def train_step(model, opt, batches, lr, t, grid, guard=None, stats=None):
@@ -563,8 +563,7 @@ def reference_pass(model, loader, t, grid, opt, eval_batches):
     (reference_logps.npz, {source name: float64 [pairs, 2]}): a run that finds it uses it, under any layout."""
     path = os.path.join(t.out_dir, "reference_logps.npz")
     saved = np.load(path) if os.path.exists(path) else None
-    tables = {i: np.full((s.num_train + s.num_val, 2), np.nan) if saved is None else saved[s.name]
-              for i, s in enumerate(loader.sources)}
+    tables = dict(enumerate(np.full((len(s.rewards), 2), np.nan) if saved is None else saved[s.name] for s in loader.sources))
     todo = [] if saved is not None else [functools.partial(loader.get_batch, k) for k in range(t.max_steps)] + [
         functools.partial(loader.val_batches, i, k) for i in range(len(loader.sources)) for k in range(eval_batches)]
     for get in tqdm(todo, desc="reference log-probabilities", disable=grid.rank != 0 or not todo):

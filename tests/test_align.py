@@ -247,13 +247,14 @@ def _layouts_worker(rank, world, ports, runs):
 PARITY = ["--train.max_steps=5", "--train.global_batch_size=4", "--train.micro_batch_size=1", "--train.lr=1e-2",
           "--train.checkpoint_interval=3", "--train.eval_interval=5", "--data.eval_batches=1"]
 LAYOUTS = {"dpo": {"tp2pp2": ["--parallel.tp=2", "--parallel.pp=2"], "pp2dp2": ["--parallel.pp=2"]},
-           "qrpo": {"tp2pp2": ["--parallel.tp=2", "--parallel.pp=2"], "tp2dp2": ["--parallel.tp=2"]}}
+           "qrpo": {"tp2pp2": ["--parallel.tp=2", "--parallel.pp=2"], "tp2dp2": ["--parallel.tp=2"],
+                    "cp2dp2": ["--parallel.cp=2"]}}  # context parallelism: a row's log-probability summed over CP
 
 
 @pytest.fixture(scope="module")
 def parity(prefs):
     """dpo and qrpo from init_from for 5 steps on one process, and on 4 processes under layouts that give each
-    objective tp = 2, pp = 2 and dp = 2 (one set of workers for the four runs)."""
+    objective tp = 2, pp = 2 and dp = 2, and qrpo cp = 2 (one set of workers for the five runs)."""
     base, objectives = prefs / "parity", {"dpo": DPO, "qrpo": QRPO}
     for name, obj in objectives.items():
         out = train_in_process(*run_args(prefs, base / name / "single", *PARITY, *obj, f"--train.init_from={prefs / 'hf'}"),

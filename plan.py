@@ -72,6 +72,11 @@ def activation_bytes_per_token(m, tp, sp, wb, compiled, cp=1):
             + (1 + 5 * wb) * ff + gathered)
 
 
+def sequences(t):
+    """Sequences per sample: dpo and qrpo count pairs in train.global_batch_size and micro_batch_size, two each."""
+    return 2 if t.objective != "lm" else 1
+
+
 def memory_plan(cfg, tp, dp, stage=0):
     """Per-GPU memory of one pipeline stage of a layout (stage 0: the first): a dict of named byte counts
     and the peak. Activations: see activation_bytes_per_token, for the T/cp tokens of a sequence that a
@@ -83,7 +88,7 @@ def memory_plan(cfg, tp, dp, stage=0):
     pp = p.pp
     wb = 2 if t.dtype == "bfloat16" else 4
     moments = {"ademamix": 3 if t.beta1 != 0 else 2, "adamw": 2}[t.optimizer]
-    seqs = 2 if t.objective != "lm" else 1  # dpo and qrpo: a pair is two sequences (the batch sizes count pairs)
+    seqs = sequences(t)
     B, T, d, L = t.micro_batch_size * seqs, cfg["data"].seq_len, m.hidden_size, m.num_hidden_layers
     N = B * T / p.cp  # tokens of one micro-batch on this rank
     zero = dp * p.cp  # ZeRO-1 partitions the optimizer over the dp x cp replicas of the weights
@@ -210,8 +215,8 @@ def step_bytes(cfg, stage=0, dp_rank=0, logged=True, cp_rank=0):
             c[0], c[1] = c[0] + calls, c[1] + nbytes
     if tp * cp * pp * dp == 1:
         return out
-    wb, B, T, d = _wbytes(t), t.micro_batch_size, cfg["data"].seq_len, m.hidden_size
-    micro = t.global_batch_size // (dp * B)            # micro-batches per step
+    wb, B, T, d = _wbytes(t), t.micro_batch_size * sequences(t), cfg["data"].seq_len, m.hidden_size
+    micro = t.global_batch_size // (dp * t.micro_batch_size)  # micro-batches per step
     act = B * T // cp * d * wb                            # one [B, T/cp, d] activation, whole over TP
     sp = p.sequence_parallel and tp > 1
     blocks, ck = micro * m.num_hidden_layers // pp, t.activation_checkpointing
@@ -419,7 +424,8 @@ def compute_s(cfg, stage, machine, mfu):
     head = 6 * (m.vocab_size + 1) * m.hidden_size
     layer = (flops_per_token(m, T, _params(m)) - head) / m.num_hidden_layers
     flops = layer * m.num_hidden_layers / p.pp * (8 / 6 if t.activation_checkpointing else 1) + head * (stage == p.pp - 1)
-    return t.global_batch_size * T / ((p.dp or 1) * p.cp) * flops / p.tp / (machine["peak_tflops"] * 1e12 * mfu)
+    tokens = t.global_batch_size * sequences(t) * T / ((p.dp or 1) * p.cp)  # this replica's, 1/cp of them
+    return tokens * flops / p.tp / (machine["peak_tflops"] * 1e12 * mfu)
 
 
 def dp_exposed_s(cfg, stage, rs_s, ag_s, unit_f, unit_b):
@@ -502,7 +508,7 @@ def step_time(cfg, machine, rows=EFFICIENCY):
     values = (*per[w]["work"][:3], bubble, per[w]["work"][3], *per[tl]["tail"])
     step = sum(values)
     gpus = p.tp * p.cp * p.pp * dp
-    tps = t.global_batch_size * cfg["data"].seq_len / step / gpus
+    tps = t.global_batch_size * sequences(t) * cfg["data"].seq_len / step / gpus
     return dict(terms=dict(zip(TERMS, values)), step_s=step, tokens_per_s_gpu=tps, work_stage=w, tail_stage=tl,
                 mfu=tps * flops_per_token(m, cfg["data"].seq_len, _params(m)) / (machine["peak_tflops"] * 1e12),
                 row=row, micro_batches=micro, gpus=gpus, counts={s: step_bytes(cfg, s) for s in per})

@@ -2,21 +2,18 @@
 Face safetensors in and out. The two halves share the slicing: whatever layout wrote a tensor, each rank
 reads only the byte ranges of its own slice.
 
-    Saver / find_resume / load_checkpoint
-                                       training checkpoints: each rank writes what it owns, synchronously
-                                       or in the background; a resume verifies, falls back, and reads
-                                       only its share under any (tp, cp, pp, dp) layout (slice_runs)
-    load_hf(path) -> Apertus           a Hugging Face Apertus directory (config.json + safetensors)
-    save_hf(model, path)               the same format back (transformers' from_pretrained loads it)
-    load_hf_into(opt, path, grid)      HF weights straight into a training run of any layout, each rank
-                                       reading only its slices (safetensors get_slice)
-    init_from_config / load_init_from / export_hf
-                                       what train.init_from (an HF directory or a checkpoint) means: its
-                                       architecture, weights, dtype and tokenizer files
+    Saver, find_resume, load_checkpoint  training checkpoints (README "Checkpoints"): each rank writes what
+                                         it owns, synchronously or in the background; a resume verifies,
+                                         falls back and reads its share under any (tp, cp, pp, dp) layout
+    load_hf(path), save_hf(model, path)  a Hugging Face Apertus directory (config.json + safetensors) in
+                                         and out; transformers' from_pretrained loads what save_hf writes
+    load_hf_into, init_from_config,      what train.init_from (an HF directory or a checkpoint) means, each
+    load_init_from, export_hf            rank reading only its slices (safetensors get_slice)
 
     python checkpoint.py consolidate RUN_DIR/ckpt-00001000 OUT_DIR   # training checkpoint -> HF, no GPU
 """
 import bisect
+import contextlib
 import json
 import math
 import os
@@ -41,17 +38,12 @@ class CheckpointError(Exception):
 
 
 # ----------------------------------------------------------------------------- writing, with a checksum
-# A checkpoint is a directory ckpt-00001000/ holding one rank-00003.safetensors per rank and meta.json
-# (step, config, layout, and each file's size and CRC-32). Rank files hold what that rank owns under
-# ZeRO-1: for each parameter piece, elements [start, end) of the flattened tensor-parallel slice
-# `tp_rank`, as "{kind}|{name}|{tp_rank}|{start}|{end}" (kind: master, the fp32 weights, or an
-# optimizer moment); parameters replicated over TP are written by tp_rank 0 only. Commit protocol:
-# every rank writes ckpt-N.tmp/rank-R.safetensors, fsyncs it, then writes rank-R.json (its size and
-# checksum); rank 0 waits for all of them, writes meta.json, fsyncs, renames ckpt-N.tmp to ckpt-N and
-# only then deletes older checkpoints. A crash at any moment leaves the previous checkpoint whole.
-# CRC-32 (zlib, in the standard library): fast enough to checksum while writing, and it catches
-# truncation and any flipped byte, which is all a resume needs (it guards against accidents, not
-# tampering).
+# ckpt-00001000/ holds one rank-00003.safetensors per rank and meta.json (step, config, layout, each file's
+# size and CRC-32). A rank file holds what its rank owns under ZeRO-1: for each parameter piece, elements
+# [start, end) of the flattened tensor-parallel slice tp_rank, as "{kind}|{name}|{tp_rank}|{start}|{end}"
+# (kind: master, the fp32 weights, or an optimizer moment); a parameter replicated over TP is written by
+# tp_rank 0 only. CRC-32 (zlib): fast enough to compute while writing, and it catches truncation and any
+# flipped byte, which is all a resume needs (it guards against accidents, not tampering).
 _ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16",
               torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
 WRITE_BLOCK = 64 << 20
@@ -67,15 +59,16 @@ def write_safetensors(path, tensors: dict, metadata: dict) -> dict:
     tensors themselves (no second copy in memory), fsynced. Returns {"bytes": size, "crc32": checksum}."""
     header, offset = {"__metadata__": metadata}, 0
     for name, t in tensors.items():
-        n = t.numel() * t.element_size()
+        n = _nbytes(t)
         header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
+    views = [memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()) for t in tensors.values()]  # zero-copy
     crc, size = 0, 0
     with open(path, "wb") as f:
         for data in [struct.pack("<Q", len(head)), head] + [
-                _bytes(t)[i:i + WRITE_BLOCK] for t in tensors.values() for i in range(0, _nbytes(t), WRITE_BLOCK)]:
+                v[i:i + WRITE_BLOCK] for v in views for i in range(0, len(v), WRITE_BLOCK)]:
             _write_bytes(f, data)
             crc, size = zlib.crc32(data, crc), size + len(data)
         f.flush()
@@ -85,11 +78,6 @@ def write_safetensors(path, tensors: dict, metadata: dict) -> dict:
 
 def _nbytes(t):
     return t.numel() * t.element_size()
-
-
-def _bytes(t):
-    """A zero-copy byte view of a contiguous CPU tensor."""
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def file_crc32(path, block=WRITE_BLOCK):
@@ -124,10 +112,12 @@ def _barrier(grid):
 
 # ----------------------------------------------------------------------------- saving
 class Saver:
-    """Training checkpoints every so often, synchronous or asynchronous. The step loop waits only for
-    snapshot(): this rank's tensors copied to (pinned) host memory. With async_save a background
-    thread then writes, fsyncs and (rank 0) commits; otherwise save() does it all before returning.
-    A failed save (a full disk, a permission) is kept in self.error: the previous checkpoints stay."""
+    """Training checkpoints every so often. The step loop waits only for snapshot(): this rank's tensors
+    copied to (pinned) host memory. Then, in a background thread with async_save or else before save()
+    returns, the commit: every rank writes and fsyncs ckpt-N.tmp/rank-R.safetensors, then rank-R.json (its
+    size and CRC-32); rank 0 waits for all of them, writes meta.json, fsyncs, renames ckpt-N.tmp to ckpt-N
+    and only then deletes older checkpoints. A crash at any moment leaves the previous checkpoint whole; a
+    failed save (a full disk, a permission) is kept in self.error, and the previous checkpoints stay."""
 
     def __init__(self, out_dir, grid, keep=3, async_save=False, commit_timeout_s=3600.0):
         self.out_dir, self.grid, self.keep, self.async_save = out_dir, grid, keep, async_save
@@ -143,36 +133,32 @@ class Saver:
         tmp = os.path.join(self.out_dir, f"ckpt-{step:08d}.tmp")
         if self.grid.rank == 0:  # what a crash or a failed save left must not lend its files to this one
             try:
-                for old in _unfinished(self.out_dir):
+                for old in [c for c in _ckpt_dirs(self.out_dir) if c.endswith(".tmp")]:
                     shutil.rmtree(old, ignore_errors=True)
                 os.makedirs(tmp)
             except OSError as e:  # every rank's write then fails too, and says so the same way
                 self.error = _save_error(tmp, e)
         _barrier(self.grid)
-        tensors = self.snapshot(opt)
-        meta = {**meta, "step": step, "optimizer_steps": opt.state()[1],
-                "layout": dict(tp=self.grid.tp, cp=self.grid.cp, pp=self.grid.pp, dp=self.grid.dp, world=self.grid.world,
-                               virtual_stages=self.grid.virtual_stages, bucket_size=opt.bucket_size)}
+        tensors, g = self.snapshot(opt), self.grid
+        meta = {**meta, "step": step, "optimizer_steps": opt.state()[1], "layout": dict(
+            tp=g.tp, cp=g.cp, pp=g.pp, dp=g.dp, world=g.world, virtual_stages=g.virtual_stages,
+            bucket_size=opt.bucket_size)}
         blocked = time.perf_counter() - t0
         if self.async_save:
             self.thread = threading.Thread(target=self._write_and_commit, args=(tmp, tensors, meta),
                                            name=f"checkpoint-{step}", daemon=True)
             self.thread.start()
-        else:
-            self._write_and_commit(tmp, tensors, meta)
-            _barrier(self.grid)
-            blocked = time.perf_counter() - t0
-        return blocked
+            return blocked
+        self._write_and_commit(tmp, tensors, meta)
+        _barrier(self.grid)
+        return time.perf_counter() - t0
 
     def snapshot(self, opt):
         """This rank's pieces as host tensors (pinned on CUDA, reused from save to save)."""
-        pieces, _ = opt.state()
-        tensors = {}
-        for piece, named in pieces:
-            role = opt.roles[piece.name]
-            if role.tp_dim is not None or self.grid.tp_rank == 0:  # replicated over TP: tp_rank 0 writes it
-                for kind, value in named.items():
-                    tensors[f"{kind}|{piece.name}|{self.grid.tp_rank}|{piece.start}|{piece.end}"] = value
+        tensors, tp_rank = {}, self.grid.tp_rank
+        for pc, named in opt.state()[0]:
+            if opt.roles[pc.name].tp_dim is not None or tp_rank == 0:  # replicated over TP: tp_rank 0 writes it
+                tensors.update({f"{kind}|{pc.name}|{tp_rank}|{pc.start}|{pc.end}": v for kind, v in named.items()})
         tensors["rng|torch"] = torch.get_rng_state()
         if self.grid.device.type == "cuda":
             tensors["rng|cuda"] = torch.cuda.get_rng_state(self.grid.device)
@@ -194,15 +180,12 @@ class Saver:
             _write_json(os.path.join(tmp, name + ".json"), info)  # complete or absent: rank 0 polls for it
             if self.grid.rank == 0:
                 self._commit(tmp, meta)
-        except Exception as e:  # noqa: BLE001  any failure, not only OSError: rank 0 must not wait for this rank
+        except Exception as e:  # noqa: BLE001  any failure, not only OSError
             self.error = self.error or _save_error(tmp, e)
-            try:  # tell rank 0 not to wait for this rank
+            with contextlib.suppress(OSError):  # tell rank 0 not to wait for this rank
                 _write_json(os.path.join(tmp, name + ".failed"), self.error)
-            except OSError:
-                pass
 
-    def _commit(self, tmp, meta):
-        """Rank 0: once every rank's file is durable, meta.json, the rename, then old checkpoints go."""
+    def _commit(self, tmp, meta):  # rank 0
         world, deadline = self.grid.world, time.monotonic() + self.commit_timeout_s
         files = {}
         while len(files) < world:
@@ -244,19 +227,15 @@ def _save_error(tmp, e):
     return f"checkpoint {name} not saved: {type(e).__name__}: {e}"
 
 
-def _unfinished(out_dir):
-    """ckpt-N.tmp directories: saves that a crash or a failure left unfinished."""
-    if not os.path.isdir(out_dir):
-        return []
-    return [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.startswith("ckpt-") and n.endswith(".tmp")]
+def _ckpt_dirs(out_dir):
+    """out_dir's ckpt-N and ckpt-N.tmp (a save that a crash or a failure left unfinished), by name."""
+    names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    return [os.path.join(out_dir, n) for n in names if n.startswith("ckpt-")]
 
 
 def committed_checkpoints(out_dir):
-    """Committed checkpoints (ckpt-N with meta.json; a ckpt-N.tmp is a save that never finished), oldest first."""
-    if not os.path.isdir(out_dir):
-        return []
-    return [os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir))
-            if n.startswith("ckpt-") and not n.endswith(".tmp") and os.path.exists(os.path.join(out_dir, n, "meta.json"))]
+    """Committed checkpoints (ckpt-N with meta.json), oldest first."""
+    return [c for c in _ckpt_dirs(out_dir) if not c.endswith(".tmp") and os.path.exists(os.path.join(c, "meta.json"))]
 
 
 def latest_checkpoint(out_dir):
@@ -369,23 +348,22 @@ class CheckpointReader:
         lay = self.meta["layout"]
         self.tp, self.pp, self.dp, self.cp = lay["tp"], lay["pp"], lay["dp"], lay.get("cp", 1)
         zero = self.dp * self.cp  # ZeRO-1 partitions, in dp_cp_rank order: partition z is at (d, c) = divmod(z, cp)
-        self.sources, self.shapes = {}, {}  # name -> [(tp_rank, start, end, file)], name -> (tp_dim, full shape)
+        self.sources, self.shapes = {}, {}  # name -> [(tp_rank, start, end, file's rank)], name -> (tp_dim, full shape)
         for pp_rank in range(self.pp):
             named = _stage_parameters(self.cfg, self.tp, self.pp, pp_rank, lay.get("virtual_stages", 1))
             index, buckets = parallel.zero_layout([(n, p.numel()) for n, p in named], zero, lay["bucket_size"])
             numels = {n: p.numel() for n, p in named}
-            for n, p in named:
-                self.shapes[n] = (p.role.tp_dim, full_shape(n, p))
+            self.shapes.update({n: (p.role.tp_dim, full_shape(n, p)) for n, p in named})
             for z in range(zero):
+                d, c = divmod(z, self.cp)
                 for pc in parallel.zero_pieces(index, buckets, numels, z, zero):
-                    tp_ranks = range(self.tp) if self.shapes[pc.name][0] is not None else [0]
-                    for t in tp_ranks:
-                        d, c = divmod(z, self.cp)
+                    for t in range(self.tp) if self.shapes[pc.name][0] is not None else [0]:
                         rank = ((d * self.pp + pp_rank) * self.cp + c) * self.tp + t  # parallel.init_distributed's
-                        self.sources.setdefault(pc.name, []).append((t, pc.start, pc.end, f"rank-{rank:05d}.safetensors"))
+                        self.sources.setdefault(pc.name, []).append((t, pc.start, pc.end, rank))
         self.files, self.bytes_read = {}, 0
 
-    def _open(self, file):
+    def _open(self, rank):
+        file = f"rank-{rank:05d}.safetensors"
         if file not in self.files:
             try:
                 self.files[file] = safe_open(os.path.join(self.path, file), framework="pt")
@@ -403,18 +381,18 @@ class CheckpointReader:
         dim = tp_dim if tp_dim is not None else dim
         split = (tp, tp_rank, self.tp) if dim is not None else (1, 0, 1)
         out = torch.empty(end - start, dtype=torch.float32)
-        pieces = {}  # the writer's tp rank -> its pieces (start, end, file), in order
-        for t, s, e, file in sorted(self.sources[name]):
-            pieces.setdefault(t, []).append((s, e, file))
+        pieces = {}  # the writer's tp rank -> its pieces (start, end, file's rank), in order
+        for t, s, e, rank in sorted(self.sources[name]):
+            pieces.setdefault(t, []).append((s, e, rank))
         starts = {t: [s for s, _, _ in p] for t, p in pieces.items()}
         for src, src_start, length, at in slice_runs(shape, dim, *split, start, end):
             k = max(bisect.bisect_right(starts.get(src, []), src_start) - 1, 0)
-            for s, e, file in pieces.get(src, [])[k:]:  # the pieces that overlap the run
+            for s, e, rank in pieces.get(src, [])[k:]:  # the pieces that overlap the run
                 if s >= src_start + length:
                     break
                 lo, hi = max(src_start, s), min(src_start + length, e)
                 if lo < hi:
-                    piece = self._open(file).get_slice(f"{kind}|{name}|{src}|{s}|{e}")
+                    piece = self._open(rank).get_slice(f"{kind}|{name}|{src}|{s}|{e}")
                     out[at + lo - src_start:at + hi - src_start] = piece[lo - s:hi - s]
                     self.bytes_read += (hi - lo) * 4
         return out
@@ -450,12 +428,11 @@ def load_checkpoint(path, opt, grid, optimizer_name):
         raise CheckpointError(f"{path} holds {ck.meta['optimizer']} state, this run uses {optimizer_name}")
     opt.load_state(ck.meta["optimizer_steps"], ck.piece_reader(opt, grid))
     if ck.meta["layout"]["world"] == grid.world:  # RNG streams belong to ranks: only meaningful for the same world
-        f = ck._open(f"rank-{grid.rank:05d}.safetensors")
+        f = ck._open(grid.rank)
         torch.set_rng_state(f.get_tensor("rng|torch"))
         if grid.device.type == "cuda" and "rng|cuda" in f.keys():
             torch.cuda.set_rng_state(f.get_tensor("rng|cuda"), grid.device)
     return ck.meta["step"], ck.meta, ck.bytes_read
-
 
 
 # ============================================================================= Hugging Face
@@ -470,13 +447,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
     scaling = rope or hf.get("rope_scaling")
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
-        if kind == "default":
-            scaling = None
-        elif kind != "llama3":
+        if kind not in ("default", "llama3"):
             raise CheckpointError(f"unsupported RoPE type {kind!r} (only llama3 or default)")
-        else:
-            scaling = {"rope_type": "llama3", **{k: float(scaling[k]) for k in (
-                "factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}}
+        scaling = None if kind == "default" else {"rope_type": "llama3", **{k: float(scaling[k]) for k in (
+            "factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}}
     try:
         heads = hf["num_attention_heads"]
         return ModelConfig(
@@ -496,13 +470,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     # the transformers 4.x spelling of RoPE, which the released checkpoints use and transformers 5 reads
+    same = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                         "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
+                                         "rope_theta")}  # ModelConfig speaks HF's names
     return {
-        "architectures": ["ApertusForCausalLM"], "model_type": "apertus",
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
-        "rope_theta": cfg.rope_theta,
+        "architectures": ["ApertusForCausalLM"], "model_type": "apertus", **same,
         # spelled out even when off: transformers 5 would otherwise fill in Apertus' llama3 default
         "rope_scaling": cfg.rope_scaling or {"rope_type": "default"}, "rms_norm_eps": cfg.rms_norm_eps,
         "hidden_act": "xielu", "tie_word_embeddings": False, "attention_bias": False,
@@ -529,32 +501,19 @@ def read_hf_config(path) -> ModelConfig:
         raise CheckpointError(f"{cfg_path}: {e}") from None
 
 
-def hf_files(path) -> list[str]:
-    """The safetensors files of an HF directory: the ones its index names, or the single file."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
-    files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no .safetensors files")
-    return files
-
-
 @torch.no_grad()
 def load_hf(path, device="cpu", dtype=torch.float32) -> Apertus:
     """Build the model from a Hugging Face Apertus directory, streaming tensor by tensor: the model is
     allocated once (empty) and each tensor is copied into place as it is read."""
-    cfg = read_hf_config(path)
     with torch.device("meta"):
-        model = Apertus(cfg)
+        model = Apertus(read_hf_config(path))
     model = model.to_empty(device=device).to(dtype)
     for m in model.modules():  # buffers the file may lack (beta, eps): their defined values
         if isinstance(m, XIELU):
             m.reset_parameters()
     expected = dict(model.state_dict(keep_vars=True))
     params = {n for n, _ in model.named_parameters()}
-    for file in hf_files(path):
+    for file in sorted(set(hf_index(path).values())):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 if name.endswith("rotary_emb.inv_freq"):
@@ -585,23 +544,21 @@ def write_hf(cfg: ModelConfig, tensors, path, dtype, max_file_bytes=5 * 2**30):
     held in memory. Above max_file_bytes the weights are split into model-0000i-of-0000n.safetensors
     plus model.safetensors.index.json, as transformers writes them."""
     os.makedirs(path, exist_ok=True)
-    files, current, size = [], {}, 0
+    files, current, size, total = [], {}, 0, 0  # files: (temporary name, tensor names) of each one written
     for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
+        nbytes = _nbytes(t)
         if current and size + nbytes > max_file_bytes:
             files.append(_write_hf_file(path, len(files), current))
             current, size = {}, 0
         current[name] = t.detach().contiguous().cpu()
-        size += nbytes
+        size, total = size + nbytes, total + nbytes
     files.append(_write_hf_file(path, len(files), current))
     n = len(files)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map, total = {}, 0
-    for (tmp, keys, nbytes), name in zip(files, names):
+    for (tmp, _), name in zip(files, names):
         os.replace(tmp, os.path.join(path, name))
-        weight_map.update({k: name for k in keys})
-        total += nbytes
     if n > 1:
+        weight_map = {k: name for (_, keys), name in zip(files, names) for k in keys}
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -611,18 +568,22 @@ def write_hf(cfg: ModelConfig, tensors, path, dtype, max_file_bytes=5 * 2**30):
 def _write_hf_file(path, i, tensors):
     tmp = os.path.join(path, f".file-{i}.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
-    return tmp, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
+    return tmp, list(tensors)
 
 
 # ----------------------------------------------------------------------------- HF weights into a training run
 def hf_index(path) -> dict:
-    """tensor name -> the safetensors file of an HF directory that holds it (headers only are read)."""
+    """tensor name -> the safetensors file of an HF directory that holds it: the index's weight_map, or the
+    headers of the files."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
             return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors files")
     where = {}
-    for file in hf_files(path):
+    for file in files:
         with safe_open(file, framework="pt") as f:
             where.update({k: file for k in f.keys()})
     return where
@@ -668,7 +629,7 @@ def load_hf_into(opt, path, grid):
             lo = grid.tp_rank * w + (r0 if role.tp_dim == 0 else 0)
             index[role.tp_dim] = slice(lo, lo + (r1 - r0 if role.tp_dim == 0 else w))
         block = sl[tuple(index)] if local else sl[:]
-        nbytes += block.numel() * block.element_size()
+        nbytes += _nbytes(block)
         return block.flatten()[piece.start - r0 * row:piece.end - r0 * row]
     opt.load_state(opt.state()[1], read, kinds=("master",))
     return nbytes
@@ -705,10 +666,8 @@ def init_from_config(init_from, out_dir, mine: ModelConfig, keys) -> ModelConfig
     config file sets; each must agree (init_std apart: a config.json has none; ROPE_KEYS: the file wins)."""
     theirs, where = None, latest_checkpoint(out_dir)
     if where:
-        try:
+        with contextlib.suppress(CheckpointError):  # the resume will say so and fall back
             theirs, where = read_meta(where)[1], os.path.join(where, "meta.json")
-        except CheckpointError:
-            pass  # the resume will say so and fall back
     if theirs is None:
         try:
             if os.path.exists(os.path.join(init_from, "meta.json")):  # a training checkpoint

@@ -1,14 +1,7 @@
-"""Bytes on disk: training checkpoints that survive crashes, bad files and changes of layout, and Hugging
-Face safetensors in and out. The two halves share the slicing: whatever layout wrote a tensor, each rank
-reads only the byte ranges of its own slice.
-
-    Saver, find_resume, load_checkpoint  training checkpoints (README "Checkpoints"): each rank writes what
-                                         it owns, synchronously or in the background; a resume verifies,
-                                         falls back and reads its share under any (tp, cp, pp, dp) layout
-    load_hf(path), save_hf(model, path)  a Hugging Face Apertus directory (config.json + safetensors) in
-                                         and out; transformers' from_pretrained loads what save_hf writes
-    load_hf_into, init_from_config,      what train.init_from (an HF directory or a checkpoint) means, each
-    load_init_from, export_hf            rank reading only its slices (safetensors get_slice)
+"""Bytes on disk, in two halves: training checkpoints that survive crashes, bad files and changes of layout
+(Saver, find_resume, load_checkpoint; README "Checkpoints"), then Hugging Face safetensors in and out
+(load_hf, save_hf, consolidate, and what train.init_from means). The two share the slicing: whatever layout
+wrote a tensor, each rank reads only the byte ranges of its own slice.
 
     python checkpoint.py consolidate RUN_DIR/ckpt-00001000 OUT_DIR   # training checkpoint -> HF, no GPU
 """
@@ -186,8 +179,7 @@ class Saver:
                 _write_json(os.path.join(tmp, name + ".failed"), self.error)
 
     def _commit(self, tmp, meta):  # rank 0
-        world, deadline = self.grid.world, time.monotonic() + self.commit_timeout_s
-        files = {}
+        world, deadline, files = self.grid.world, time.monotonic() + self.commit_timeout_s, {}
         while len(files) < world:
             for r in range(world):
                 stem = os.path.join(tmp, f"rank-{r:05d}")
@@ -246,8 +238,7 @@ def latest_checkpoint(out_dir):
 
 def verify(path, grid) -> str | None:
     """None if this rank's share of the checkpoint is whole, else why not. File i is checked (size, then
-    CRC-32) by rank i mod world alone: together the ranks read the checkpoint once, and a bad file is
-    reported by one rank."""
+    CRC-32) by rank i mod world alone: the ranks read the checkpoint once, and one rank reports a bad file."""
     try:
         with open(os.path.join(path, "meta.json")) as f:
             files = json.load(f)["files"]
@@ -501,6 +492,23 @@ def read_hf_config(path) -> ModelConfig:
         raise CheckpointError(f"{cfg_path}: {e}") from None
 
 
+def hf_index(path) -> dict:
+    """tensor name -> the safetensors file of an HF directory that holds it: the index's weight_map, or the
+    headers of the files."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors files")
+    where = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            where.update({k: file for k in f.keys()})
+    return where
+
+
 @torch.no_grad()
 def load_hf(path, device="cpu", dtype=torch.float32) -> Apertus:
     """Build the model from a Hugging Face Apertus directory, streaming tensor by tensor: the model is
@@ -572,23 +580,6 @@ def _write_hf_file(path, i, tensors):
 
 
 # ----------------------------------------------------------------------------- HF weights into a training run
-def hf_index(path) -> dict:
-    """tensor name -> the safetensors file of an HF directory that holds it: the index's weight_map, or the
-    headers of the files."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
-    files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no .safetensors files")
-    where = {}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            where.update({k: file for k in f.keys()})
-    return where
-
-
 def hf_dtype(path) -> torch.dtype:
     """The dtype of an HF directory's weights (read off one tensor's header)."""
     where = hf_index(path)

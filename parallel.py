@@ -44,6 +44,7 @@ Words: a tensor-parallel rank holds a *slice* of a weight; a data-parallel rank 
 each gradient bucket, and its *pieces* are the parts of parameters that fall in that partition.
 Debugging: start with check_replicas(model), which says which replicated tensor differs across ranks.
 """
+import contextlib
 import itertools
 import os
 import sys
@@ -102,14 +103,8 @@ class Grid:
     virtual_stages: int = 1
     dp_cp = property(lambda self: self.dp * self.cp)  # (Megatron's "data-parallel group with context parallelism")
     dp_cp_rank = property(lambda self: self.dp_rank * self.cp + self.cp_rank)
-
-    @property
-    def first_stage(self):
-        return self.pp_rank == 0
-
-    @property
-    def last_stage(self):
-        return self.pp_rank == self.pp - 1
+    first_stage = property(lambda self: self.pp_rank == 0)
+    last_stage = property(lambda self: self.pp_rank == self.pp - 1)
 
 
 def env_rank():
@@ -171,32 +166,26 @@ def init_distributed(pcfg: ParallelConfig, device_type: str) -> Grid:
              pcfg.sequence_parallel and tp > 1, pp, (rank // (tp * cp)) % pp, None, cp, (rank // tp) % cp,
              virtual_stages=pcfg.virtual_stages)
     if world > 1:  # one call each, made by every rank with the same lists: the groups all ranks agree on
-        def groups(*axes):  # the ranks that differ only along axes of (d, p, c, t), rank r at the r-th coordinates
+        def group(*axes):  # the ranks that differ only along axes of (d, p, c, t), rank r at the r-th coordinates
             out = {}
             for r, at in enumerate(itertools.product(range(dp), range(pp), range(cp), range(tp))):
                 out.setdefault(tuple(v for i, v in enumerate(at) if i not in axes), []).append(r)
-            return list(out.values())
-        g.tp_group, _ = dist.new_subgroups_by_enumeration(groups(3))
-        g.pp_group, _ = dist.new_subgroups_by_enumeration(groups(1))
-        g.dp_group, _ = dist.new_subgroups_by_enumeration(groups(0))
-        g.cp_group = dist.new_subgroups_by_enumeration(groups(2))[0] if cp > 1 else None
-        g.dp_cp_group = dist.new_subgroups_by_enumeration(groups(0, 2))[0] if cp > 1 else g.dp_group
+            return dist.new_subgroups_by_enumeration(list(out.values()))[0]
+        g.tp_group, g.pp_group, g.dp_group = group(3), group(1), group(0)
+        g.cp_group, g.dp_cp_group = (group(2), group(0, 2)) if cp > 1 else (None, g.dp_group)
     return g
 
 
 def shutdown(grid: Grid, opt=None):
-    """Leave cleanly: finish this rank's outstanding collectives, wait until every rank has (no rank
-    tears its process group down while another is still talking to it), then destroy the groups and
-    drop the grid's references to them, the last ones (the layers read the groups from the grid), so
-    that freeing the groups joins their backends' threads here, while the interpreter is whole. An
-    autograd graph through a parallel layer holds its group too: a caller that keeps one drops it first.
-
-    Why: a gloo worker thread frees a finished collective's tensors a moment after wait() returned.
-    If the interpreter has begun to exit by then, that needs a GIL that is gone, the thread is ended
-    and the C++ runtime aborts a run that succeeded ("terminate called without an active exception").
-    torch.distributed.nn would hold the world group to the end too: it binds the group as its
-    functions' default argument when imported, and torch imports it lazily (with dynamo), so this
-    module imports it before any group exists."""
+    """Leave cleanly (README, Debugging): finish this rank's collectives, wait at a barrier for every rank
+    (none tears its groups down while another still talks to it), destroy the groups and drop the grid's
+    references to them, the last ones (layers read the groups from the grid; an autograd graph through one
+    holds its group too: a caller drops it first), so that their threads are joined here, while the
+    interpreter is whole. A gloo thread frees a finished collective's tensors a moment after wait()
+    returned: once the interpreter has begun to exit, that needs a GIL that is gone, and the C++ runtime
+    aborts a run that succeeded ("terminate called without an active exception"). torch.distributed.nn,
+    imported lazily by torch (with dynamo), would keep the world group as its functions' default argument:
+    this module imports it before any group exists."""
     if opt is not None:
         opt.wait_params()
     if grid.world > 1 and dist.is_initialized():
@@ -210,17 +199,13 @@ def shutdown(grid: Grid, opt=None):
 
 def gloo_threads():
     """The names of this process's gloo threads (Linux; [] elsewhere)."""
+    names = []
     try:
-        tasks = os.listdir("/proc/self/task")
+        for t in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{t}/comm") as f:  # a thread may end meanwhile
+                names.append(f.read().strip())
     except OSError:
         return []
-    names = []
-    for t in tasks:
-        try:
-            with open(f"/proc/self/task/{t}/comm") as f:
-                names.append(f.read().strip())
-        except OSError:  # the thread ended meanwhile
-            pass
     return [n for n in names if "gloo" in n]
 
 
@@ -229,17 +214,10 @@ def _size(group):
 
 
 # ----------------------------------------------------------------------------- f / g operators
-def _gather_seq(x, group):  # [B, T/tp, ...] -> [B, T, ...]
+def _seq(x, group, gather):  # all-gather [B, T/tp, ...] -> [B, T, ...], else reduce-scatter: summed, back to T/tp
     xt = x.transpose(0, 1).contiguous()
-    out = xt.new_empty((xt.shape[0] * _size(group), *xt.shape[1:]))
-    dist.all_gather_into_tensor(out, xt, group=group)
-    return out.transpose(0, 1)
-
-
-def _reduce_scatter_seq(x, group):  # [B, T, ...] -> summed [B, T/tp, ...]
-    xt = x.transpose(0, 1).contiguous()
-    out = xt.new_empty((xt.shape[0] // _size(group), *xt.shape[1:]))
-    dist.reduce_scatter_tensor(out, xt, group=group)
+    out = xt.new_empty((xt.shape[0] * _size(group) if gather else xt.shape[0] // _size(group), *xt.shape[1:]))
+    (dist.all_gather_into_tensor if gather else dist.reduce_scatter_tensor)(out, xt, group=group)
     return out.transpose(0, 1)
 
 
@@ -277,11 +255,11 @@ class GatherFromSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _gather_seq(x, group)
+        return _seq(x, group, gather=True)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter_seq(grad, ctx.group), None
+        return _seq(grad, ctx.group, gather=False), None
 
 
 class ReduceScatterToSP(torch.autograd.Function):
@@ -289,11 +267,11 @@ class ReduceScatterToSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _reduce_scatter_seq(x, group)
+        return _seq(x, group, gather=False)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather_seq(grad, ctx.group), None
+        return _seq(grad, ctx.group, gather=True), None
 
 
 def _f(x, group, sp):
@@ -357,17 +335,14 @@ class VocabParallelEmbedding(nn.Module):
 
 
 def prepare_input(module: nn.Module, grid: Grid):
-    """Apply f to a sublayer's input once, for all the column-parallel layers that read it
-    (torchtitan's PrepareModuleInput): q, k and v share one all-reduce (or all-gather) instead of three."""
+    """Apply f to a sublayer's input once, for all its column-parallel layers (torchtitan's PrepareModuleInput)."""
     module.register_forward_pre_hook(lambda m, args: (_f(args[0], grid.tp_group, grid.sequence_parallel), *args[1:]))
 
 
 def vocab_parallel_loss(grid: Grid):
     """The loss on this rank's vocabulary slice of the head; the [B, T, V] logits never exist."""
-    ops = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
-
-    def all_reduce(x, op):
-        dist.all_reduce(x, op=ops[op], group=grid.tp_group)
+    def all_reduce(x, op):  # op: "max" or "sum"
+        dist.all_reduce(x, op=getattr(dist.ReduceOp, op.upper()), group=grid.tp_group)
 
     def loss_fn(h, head, targets, mask, compiled=False):
         h = _f(h, grid.tp_group, grid.sequence_parallel)  # the head's input collective
@@ -377,20 +352,14 @@ def vocab_parallel_loss(grid: Grid):
 
 # The tensor-parallel plan of one block (torchtitan's parallelize_module, written out): "input" applies
 # f once to the submodule's input; "column" / "row" swap an nn.Linear for its parallel version.
-BLOCK_PLAN = {
-    "self_attn": "input",
-    "self_attn.q_proj": "column", "self_attn.k_proj": "column", "self_attn.v_proj": "column",
-    "self_attn.o_proj": "row",
-    "mlp": "input",
-    "mlp.up_proj": "column",
-    "mlp.down_proj": "row",
-}
+BLOCK_PLAN = {"self_attn": "input", "self_attn.q_proj": "column", "self_attn.k_proj": "column",
+              "self_attn.v_proj": "column", "self_attn.o_proj": "row",
+              "mlp": "input", "mlp.up_proj": "column", "mlp.down_proj": "row"}
 
 
 def parallelize(model, grid: Grid):
-    """Apply BLOCK_PLAN to every block and split the embedding and the head over the vocabulary, in
-    place (call it on the meta device: the new layers have slice shapes and are filled later by init
-    or a checkpoint)."""
+    """Apply BLOCK_PLAN to every block and split the embedding and the head over the vocabulary, in place, on
+    the meta device (the new layers have slice shapes, filled later by init or a checkpoint)."""
     for block in model.model.layers.values() if grid.cp > 1 else ():  # attention sees every rank's K and V
         block.self_attn.gather_kv = lambda k, v: gather_kv(k, v, grid)
     if grid.tp == 1:
@@ -443,10 +412,9 @@ class GatherKV(GatherFromSP):
 
 
 def gather_kv(k, v, grid: Grid):
-    """k, v [B, T/cp, Hkv, D] of this rank's tokens -> [B, T, Hkv, D] each, every token in sequence order:
-    one all-gather of both (rank after rank, then put in order by cp_owner); backward, their gradients
-    reduce-scattered, each rank getting its own keys' gradient summed over every rank's queries. With
-    GQA, K and V are small next to the rest of a block."""
+    """k, v [B, T/cp, Hkv, D] of this rank's tokens -> [B, T, Hkv, D] each, in sequence order: one all-gather of
+    both (rank after rank, put in order by cp_owner); backward, a reduce-scatter: each rank gets its own keys'
+    gradient summed over every rank's queries. With GQA, K and V are small next to the rest of a block."""
     T = k.shape[1] * grid.cp
     kv = GatherKV.apply(torch.cat((k, v), 2), grid.cp_group)
     rank, index = cp_owner(torch.arange(T, device=k.device), T, grid.cp)
@@ -483,20 +451,16 @@ class Pipe:
         self.next, self.prev = ring + (grid.pp_rank + 1) % grid.pp * step, ring + (grid.pp_rank - 1) % grid.pp * step
 
     def _exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
-        ops, got = [], {}
-        if send_next is not None:
-            ops.append(dist.P2POp(dist.isend, send_next.contiguous(), self.next))
-        if send_prev is not None:
-            ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), self.prev))
+        ops = [dist.P2POp(dist.isend, t.contiguous(), peer)
+               for t, peer in ((send_next, self.next), (send_prev, self.prev)) if t is not None]
+        got = {}
         for key, peer, wanted in (("prev", self.prev, recv_prev), ("next", self.next, recv_next)):
             if wanted:
                 got[key] = torch.empty(self.shape, dtype=self.dtype, device=self.grid.device)
                 ops.append(dist.P2POp(dist.irecv, got[key], peer))
         if not ops:
             return got
-        # time the wait, not the compute queued before it (the current stream only: the parameter
-        # all-gathers running beside it are not this stage's waiting)
-        wait_for_stream(self.grid.device)
+        wait_for_stream(self.grid.device)  # time the wait, not the compute queued before it
         t0 = time.perf_counter()
         for req in dist.batch_isend_irecv(ops):
             req.wait()
@@ -519,9 +483,7 @@ class Pipe:
             self._exchange(send_prev=grad)
 
     def send_forward_recv_backward(self, y):
-        if self.grid.last_stage:
-            return None
-        return self._exchange(send_next=y.detach(), recv_next=True)["next"]
+        return None if self.grid.last_stage else self._exchange(send_next=y.detach(), recv_next=True)["next"]
 
     def send_backward_recv_forward(self, grad):
         if self.grid.first_stage:
@@ -530,9 +492,8 @@ class Pipe:
 
 
 def wait_for_stream(device):
-    """Wait for the work this rank queued on its current stream, not for the parameter all-gathers
-    running beside it (a device-wide synchronize would wait for those too and undo their overlap with
-    the next forward)."""
+    """Wait for the work this rank queued on its current stream only: a device-wide synchronize would wait for
+    the parameter all-gathers running beside it too, and undo their overlap with the next forward."""
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
 
@@ -561,51 +522,43 @@ def pipeline_1f1b(micro_steps, pipe: Pipe, opt, train=True):
     activations. Returns (the sum of the micro-batch losses on the last stage, else 0; the most
     micro-batches held at once)."""
     grid, m = pipe.grid, len(micro_steps)
-    total = torch.zeros((), device=grid.device)
-    if not train:  # evaluation: forwards only
-        for step in micro_steps:
-            y = step(pipe.recv_forward())
-            pipe.send_forward(y)
-            total += y.detach() if grid.last_stage else 0
-        return total, 1
-    warmup = min(grid.pp - grid.pp_rank - 1, m)
-    inputs, outputs, held = [], [], 0
+    warmup = min(grid.pp - grid.pp_rank - 1, m) if train else m  # evaluation: forwards only
+    total, units, held = torch.zeros((), device=grid.device), [], 0  # units: (input, output) until their backward
     for i in range(warmup):                                      # warmup: forwards only
         x = pipe.recv_forward()
         y = micro_steps[i](x)
         pipe.send_forward(y)
-        inputs.append(x), outputs.append(y)
-        held = max(held, len(inputs))
         total += y.detach() if grid.last_stage else 0
+        if train:
+            units.append((x, y))
+            held = max(held, len(units))
+    if not train:
+        return total, 1
     x = pipe.recv_forward() if warmup < m else None
     for i in range(warmup, m):                                   # steady: one forward, one backward
         y = micro_steps[i](x)
         total += y.detach() if grid.last_stage else 0
         grad_y = pipe.send_forward_recv_backward(y)
-        inputs.append(x), outputs.append(y)
-        held = max(held, len(inputs))
+        units.append((x, y))
+        held = max(held, len(units))
         opt.sync = i - warmup == m - 1  # the gradient buckets reduce during the last backward only
-        grad_x = _stage_backward(inputs.pop(0), outputs.pop(0), grad_y)
-        if i < m - 1:
-            x = pipe.send_backward_recv_forward(grad_x)
-        else:
-            pipe.send_backward(grad_x)
+        grad_x = _stage_backward(*units.pop(0), grad_y)
+        x = pipe.send_backward_recv_forward(grad_x) if i < m - 1 else pipe.send_backward(grad_x)
     for j in range(warmup):                                      # cooldown: the warmup's backwards
         grad_y = pipe.recv_backward()
         opt.sync = j == warmup - 1
-        pipe.send_backward(_stage_backward(inputs.pop(0), outputs.pop(0), grad_y))
+        pipe.send_backward(_stage_backward(*units.pop(0), grad_y))
     return total, held
 
 
 def pipeline_interleaved(micro_steps, pipe: Pipe, opt, train=True):
-    """Megatron-LM's interleaved 1F1B (Narayanan et al. 2021, arXiv 2104.04473, section 2.2): rank s
-    holds V chunks of layers, chunk c being virtual stage c pp + s of pp V (keep_stage), so a micro-batch
-    goes V times round the ring of ranks and the bubble shrinks V-fold, to (pp-1)/(V m) of the work.
-    Micro-batches go in groups of pp; a rank runs its m V forward units in the order (group, chunk,
-    micro-batch), its backward units likewise with the chunks reversed. Rank s runs forward unit k in
-    round s + k and backward unit k in round (V+1) pp - s - 2 + k; a round ends in one exchange with
-    both neighbours, and what arrives in it is used in the next round. pp = 2, V = 2, m = 4 (F/B: forward /
-    backward, a/b: chunk 0/1, then the micro-batch; rank 1's chunk b is the last stage, with the loss):
+    """Megatron-LM's interleaved 1F1B (Narayanan et al. 2021, arXiv 2104.04473, section 2.2): rank s holds V
+    chunks of layers, chunk c being virtual stage c pp + s of pp V (keep_stage), so a micro-batch goes V times
+    round the ring and the bubble shrinks V-fold, to (pp-1)/(V m) of the work. A rank runs its m V forward
+    units in the order (group of pp micro-batches, chunk, micro-batch), its backward units likewise with the
+    chunks reversed: forward unit k in round s + k, backward unit k in round (V+1) pp - s - 2 + k; a round
+    ends in one exchange with both neighbours, whose arrivals the next round uses. pp = 2, V = 2, m = 4
+    (F/B: forward / backward, a/b: chunk 0/1, then the micro-batch; rank 1's chunk b is the last stage):
 
         round:  0   1   2   3       4       5       6       7       8       9       10  11
         rank 0: Fa0 Fa1 Fb0 Fb1     Fa2 Bb0 Fa3 Bb1 Fb2 Ba0 Fb3 Ba1 Bb2     Bb3     Ba2 Ba3
@@ -642,6 +595,7 @@ def pipeline_interleaved(micro_steps, pipe: Pipe, opt, train=True):
                              recv_prev=sends_fwd(r, (s - 1) % pp), recv_next=sends_bwd(r, (s + 1) % pp))
         x, grad_y = got["prev"].requires_grad_() if "prev" in got else None, got.get("next")
     return total, most
+
 
 def tp_slice(full, role, grid: Grid):
     """This rank's slice of a full tensor (the whole tensor where the role says it is not split)."""
@@ -715,20 +669,17 @@ def zero_pieces(index, buckets, numels, dp_rank, dp):
 
 
 class DistributedOptimizer:
-    """ZeRO-1 around an optimizer of this project (train.AdEMAMix, train.AdamW). Model parameters (bf16
-    or fp32) are views into one flat buffer; gradients accumulate into a flat fp32 buffer through
-    post-accumulate-grad hooks; on the last micro-step each bucket is reduce-scattered over DP as soon
-    as its last gradient has arrived. The optimizer sees only this rank's fp32 master pieces (one
-    tensor per piece, so each keeps its parameter's weight decay), and step() gathers the updated
-    weights back asynchronously."""
+    """ZeRO-1 (module docstring) around an optimizer of this project (train.AdEMAMix, train.AdamW). Parameters
+    (bf16 or fp32) are views into one flat buffer, gradients accumulate into a flat fp32 one through
+    post-accumulate-grad hooks; the optimizer sees only this rank's fp32 master pieces (one tensor per
+    piece, so each keeps its parameter's weight decay)."""
 
     def __init__(self, model, grid: Grid, make_optimizer, bucket_size=25_000_000):
-        self.model, self.grid = model, grid
+        self.model, self.grid, self.bucket_size = model, grid, bucket_size
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.roles = {n: role_of(n, p) for n, p in self.params}
         self.sync = True  # set False before the forward of micro-steps that only accumulate
         dp = grid.dp_cp  # weights are replicated over dp x cp: partitioned over both
-        self.bucket_size = bucket_size
         self.index, self.buckets = zero_layout([(n, p.numel()) for n, p in self.params], dp, bucket_size)
         p0 = self.params[0][1]
         size = self.buckets[-1].start + self.buckets[-1].size
@@ -742,8 +693,7 @@ class DistributedOptimizer:
             self.param_buffer[off:off + p.numel()].copy_(p.detach().flatten())
             p.data = self.param_buffer[off:off + p.numel()].view_as(p)
             p.register_post_accumulate_grad_hook(self._grad_hook(n))
-        numels = dict((n, p.numel()) for n, p in self.params)
-        self.pieces = zero_pieces(self.index, self.buckets, numels, grid.dp_cp_rank, dp)
+        self.pieces = zero_pieces(self.index, self.buckets, {n: p.numel() for n, p in self.params}, grid.dp_cp_rank, dp)
         named = dict(self.params)
         self.masters = [named[pc.name].detach().flatten()[pc.start:pc.end].float().clone() for pc in self.pieces]
         for piece, m in zip(self.pieces, self.masters):
@@ -752,11 +702,6 @@ class DistributedOptimizer:
         self.partial = [i for i, pc in enumerate(self.pieces) if tp_grad_is_partial(self.roles[pc.name], grid)]
         self.gloo = grid.world > 1 and dist.get_backend() == "gloo"
         self._register_param_waits()
-
-    def _partition(self, b_id):
-        b = self.buckets[b_id]
-        lo = b.start + self.grid.dp_cp_rank * (b.size // self.grid.dp_cp)
-        return lo, lo + b.size // self.grid.dp_cp
 
     # --------------------------------------------------------------- gradients: reduce-scatter
     def _grad_hook(self, name):
@@ -834,18 +779,15 @@ class DistributedOptimizer:
     @torch.no_grad()
     def publish(self):
         """Master pieces -> this rank's partition of the parameter buffer, then every bucket is
-        all-gathered over DP asynchronously, in the order the forward uses them (the first layers'
-        buckets first); each block waits for its buckets just before its forward."""
+        all-gathered asynchronously, in the order the forward uses them (the first layers' buckets first)."""
         for pc, m in zip(self.pieces, self.masters):
-            lo, _ = self._partition(pc.bucket)
-            self.param_buffer[lo + pc.offset:lo + pc.offset + m.numel()].copy_(m)
+            start = self.index[pc.name][0] + pc.start  # = its partition's start + pc.offset
+            self.param_buffer[start:start + m.numel()].copy_(m)
         if self.grid.dp_cp == 1:
             return
-        for b_id in reversed(range(len(self.buckets))):
-            b = self.buckets[b_id]
+        for b in reversed(self.buckets):
             full = self.param_buffer[b.start:b.start + b.size]
-            lo, hi = self._partition(b_id)
-            mine = self.param_buffer[lo:hi]  # in place (NCCL); gloo wants an input apart from the output
+            mine = full.chunk(self.grid.dp_cp)[self.grid.dp_cp_rank]  # in place (NCCL); gloo wants an input apart
             b.gather_work = dist.all_gather_into_tensor(full, mine.clone() if self.gloo else mine,
                                                         group=self.grid.dp_cp_group, async_op=True)
 

@@ -16,20 +16,18 @@ Tensor parallelism (Megatron-LM, arXiv 1909.08053), for Y = X A:
     RowParallelLinear     A = [A_0 ; A_1 ; ... ]  rank r holds rows A_r: Y = g(sum_r X_r A_r);
                           g = all-reduce forward, identity backward
 
-q/k/v and up_proj are column-parallel (each rank owns n_heads/tp query heads, n_kv_heads/tp KV heads,
-ff/tp MLP features), o_proj and down_proj row-parallel. f is applied ONCE to the input of the attention
-(shared by q, k and v) and once to the MLP's: one collective per sublayer forward and one backward,
-4 per block in all, as Megatron-LM. The embedding and the head are split over the vocabulary; the loss
-is computed on the vocabulary slices (model.LMHeadLoss with all-reduces of the max, the target logit
-and the sum of exp) and the full logits are never gathered. With sequence parallelism
-(arXiv 2205.05198) f / g become all-gather / reduce-scatter along the sequence, and the norms and
-residuals between sublayers run on [B, T/tp, d] slices (4 all-gathers and 4 reduce-scatters a block).
+q/k/v and up_proj are column-parallel (each rank owns n_heads/tp query heads, n_kv_heads/tp KV heads, ff/tp MLP
+features), o_proj and down_proj row-parallel. f is applied ONCE to the input of the attention (shared by q, k and v)
+and once to the MLP's: one collective per sublayer forward and one backward, 4 per block in all, as Megatron-LM. The
+embedding and the head are split over the vocabulary, and so is the loss (model.LMHeadLoss, with all-reduces of the
+max, the target logit and the sum of exp). With sequence parallelism (arXiv 2205.05198) f / g become all-gather /
+reduce-scatter along the sequence, and the norms and residuals between sublayers run on [B, T/tp, d] slices (4
+all-gathers and 4 reduce-scatters a block).
 
-Data parallelism is a ZeRO-1 distributed optimizer (DistributedOptimizer): gradients land in flat
-fp32 buckets that are reduce-scattered while backward goes on; each DP rank keeps fp32 master weights
-and optimizer state for its partition (1/dp) of every bucket; after the step the updated weights are
-all-gathered back, bucket by bucket and asynchronously, and each block waits only for its own
-buckets just before its forward (Megatron's overlapped parameter gather).
+Data parallelism is a ZeRO-1 distributed optimizer (DistributedOptimizer): gradients land in flat fp32 buckets
+reduce-scattered while backward goes on; each DP rank keeps fp32 master weights and optimizer state for its partition
+(1/dp) of every bucket; after the step the updated weights are all-gathered back asynchronously, bucket by bucket,
+each block waiting only for its own just before its forward (Megatron's overlapped parameter gather).
 
 Context parallelism (Llama 3, arXiv 2407.21783, 3.3.2): a CP group's ranks hold two chunks each of every
 sequence (cp_positions); attention all-gathers K and V over the group and reduce-scatters their gradients
@@ -40,16 +38,16 @@ Pipeline parallelism (Megatron-LM's 1F1B schedule, picotron's pipeline file): st
 activations and their gradients go point-to-point between neighbouring stages (pipeline_1f1b), or round
 a ring of them V times with virtual_stages = V, Megatron's interleaved schedule (pipeline_interleaved).
 
-Words: a tensor-parallel rank holds a *slice* of a weight; a data-parallel rank owns a *partition* of
-each gradient bucket, and its *pieces* are the parts of parameters that fall in that partition.
-Debugging: start with check_replicas(model), which says which replicated tensor differs across ranks.
+Words: a tensor-parallel rank holds a *slice* of a weight; a data-parallel rank owns a *partition* of each
+gradient bucket, and its *pieces* are the parts of parameters that fall in that partition. Debugging: start with
+check_replicas(model), which says which replicated tensor differs across ranks.
 """
 import contextlib
 import itertools
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -108,10 +106,9 @@ class Grid:
 
 
 def env_rank():
-    """(rank, world, local_rank) from torchrun's environment, else from srun's. Only srun's own
-    variables count (SLURM_STEP_NUM_TASKS is set for the tasks of a job step, not for the batch
-    script): `python train.py` typed inside an sbatch allocation is one process, not rank 0 of
-    SLURM_NTASKS ranks that will never come."""
+    """(rank, world, local_rank) from torchrun's environment, else from srun's own: SLURM_STEP_NUM_TASKS is set
+    for the tasks of a job step, not for the batch script, so `python train.py` typed inside an sbatch
+    allocation is one process, not rank 0 of SLURM_NTASKS ranks that will never come."""
     if "RANK" in os.environ:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     if int(os.environ.get("SLURM_STEP_NUM_TASKS", 1)) > 1:
@@ -177,15 +174,14 @@ def init_distributed(pcfg: ParallelConfig, device_type: str) -> Grid:
 
 
 def shutdown(grid: Grid, opt=None):
-    """Leave cleanly (README, Debugging): finish this rank's collectives, wait at a barrier for every rank
-    (none tears its groups down while another still talks to it), destroy the groups and drop the grid's
-    references to them, the last ones (layers read the groups from the grid; an autograd graph through one
-    holds its group too: a caller drops it first), so that their threads are joined here, while the
-    interpreter is whole. A gloo thread frees a finished collective's tensors a moment after wait()
-    returned: once the interpreter has begun to exit, that needs a GIL that is gone, and the C++ runtime
-    aborts a run that succeeded ("terminate called without an active exception"). torch.distributed.nn,
-    imported lazily by torch (with dynamo), would keep the world group as its functions' default argument:
-    this module imports it before any group exists."""
+    """Leave cleanly (README, Debugging): finish this rank's collectives, wait at a barrier for every rank (none
+    tears its groups down while another still talks to it), destroy the groups and drop the grid's references to
+    them, the last ones (layers read the groups from the grid; an autograd graph through one holds its group
+    too: a caller drops it first), so that their threads are joined here, while the interpreter is whole. A gloo
+    thread frees a finished collective's tensors a moment after wait() returned: once the interpreter has begun
+    to exit, that needs a GIL that is gone, and the C++ runtime aborts a run that succeeded ("terminate called
+    without an active exception"). torch.distributed.nn, imported lazily by torch (with dynamo), would keep the
+    world group as its functions' default argument: this module imports it before any group exists."""
     if opt is not None:
         opt.wait_params()
     if grid.world > 1 and dist.is_initialized():
@@ -517,10 +513,9 @@ def pipeline_1f1b(micro_steps, pipe: Pipe, opt, train=True):
         stage 2:  .  .  F0 F1 B0 F2 B1 F3 B2 F4 B3 F5 B4 .  B5 .  .
         stage 3:  .  .  .  F0 B0 F1 B1 F2 B2 F3 B3 F4 B4 F5 B5 .  .
 
-    Stage s first runs warmup = min(pp - s - 1, m) forwards, then alternates one forward and one
-    backward, then runs the warmup's backwards: it never holds more than min(pp - s, m) micro-batches'
-    activations. Returns (the sum of the micro-batch losses on the last stage, else 0; the most
-    micro-batches held at once)."""
+    Stage s first runs warmup = min(pp - s - 1, m) forwards, then alternates one forward and one backward,
+    then runs the warmup's backwards: it never holds more than min(pp - s, m) micro-batches' activations.
+    Returns (the sum of the micro-batch losses on the last stage, else 0; the most micro-batches held at once)."""
     grid, m = pipe.grid, len(micro_steps)
     warmup = min(grid.pp - grid.pp_rank - 1, m) if train else m  # evaluation: forwards only
     total, units, held = torch.zeros((), device=grid.device), [], 0  # units: (input, output) until their backward
@@ -742,9 +737,8 @@ class DistributedOptimizer:
 
     def zero_grads(self):
         self.grad_buffer.zero_()
-        if self.grid.dp_cp > 1:
-            for g in self.partition_grads:
-                g.zero_()
+        if self.grid.dp_cp > 1:  # else the partitions are views of the buffer
+            torch._foreach_zero_(self.partition_grads)
 
     def grad_norm(self):
         """The true global norm: every element counted once over TP and DP (replicated parameters

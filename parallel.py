@@ -781,7 +781,7 @@ class DistributedOptimizer:
             return
         for b in reversed(self.buckets):
             full = self.param_buffer[b.start:b.start + b.size]
-            mine = full.chunk(self.grid.dp_cp)[self.grid.dp_cp_rank]  # in place (NCCL); gloo wants an input apart
+            mine = full.chunk(self.grid.dp_cp)[self.grid.dp_cp_rank]  # in place (NCCL); gloo needs a separate input
             b.gather_work = dist.all_gather_into_tensor(full, mine.clone() if self.gloo else mine,
                                                         group=self.grid.dp_cp_group, async_op=True)
 

@@ -25,17 +25,9 @@ little endian:
 prepare.py writes one sequence per document, [BOS] + tokens + [EOS] (Apertus wraps every document in
 <s> ... </s>), so the document indices are 0, 1, ..., S; uint16 ids when the vocabulary fits, else int32.
 
-Training samples (see Source): a source's .bin is one token stream and sample k is the window
-[k*T, k*T + T + 1) (x = its first T tokens, y = its last T: one token of overlap, as in Megatron-LM);
-the last `val_fraction` of a source's samples are its validation part. Train samples are read in a
-pseudo-random order, a new one each epoch, computed on the fly (a Feistel bijection: no permutation
-of every sequence is ever held). Sources are blended as Megatron's BlendedDataset does (see `blend`),
-in curriculum stages that each start a fresh blend. The order is a pure function of (seed, step, the
-stage table); DP rank r takes the slice [r*G/dp, (r+1)*G/dp) of global batch `step`, so every layout
-sees the same samples. The blend's position at a step (how many samples each source gave so far) has
-no known cheap exact formula (see `blend`), so the loader carries it forward as a small cursor that
-checkpoints store (DataLoader.state / load_state); without one (or with one made under another stage
-table) it is recomputed from step 0, which gives the same order, only slower.
+How a run reads them: Source (a dataset's samples, in a new pseudo-random order each epoch), `blend` (the
+mixture, as Megatron's BlendedDataset), DataLoader (curriculum stages, each DP rank's slice of a global
+batch, the blend's cursor that checkpoints store).
 """
 import bisect
 import contextlib
@@ -72,10 +64,9 @@ class DataConfig:
     seq_len: int = 256       # tokens per training sequence
     eval_batches: int = 4    # global batches of each source's validation part in one validation pass
     sources: list = field(default_factory=list)  # a mixture: tables {name, prefix, weight}; weights > 0, divided
-    #                          by their sum as Megatron does it (twice: see blend_weights); a name (letters,
-    #                          digits, _ . -) labels the source's metrics (tokens/<name>, val_loss/<name>) and
-    #                          keys its shuffle, so renaming reshuffles; min_doc_tokens = N (optional) keeps
-    #                          only the documents of at least N tokens (the long-context stages' long documents)
+    #                          by their sum (blend_weights); a name (letters, digits, _ . -) labels the source's
+    #                          metrics (tokens/<name>, val_loss/<name>) and keys its shuffle, so renaming reshuffles;
+    #                          min_doc_tokens = N (optional) keeps only its documents of at least N tokens
     stages: list = field(default_factory=list)   # a curriculum: tables {start_step or start_tokens, sources};
     #                          the first starts at 0; a source keeps its place (samples already read) across
     #                          stages, and the same name must mean the same prefix in every stage
@@ -97,12 +88,15 @@ class DataConfig:
             if len(starts) != 1 or not _is_int(stage[starts[0]]) or stage[starts[0]] < 0:
                 raise ValueError(f"{key} needs one of start_step or start_tokens, a non-negative integer")
             _check_sources(f"{key}.sources", stage.get("sources"))
-        seen = {}
-        for key, name, prefix, _, least in _all_sources(self):
-            if seen.setdefault(name, (prefix, least)) != (prefix, least):
-                i = int(seen[name][0] == prefix)  # 0: the prefix differs, else min_doc_tokens
-                raise ValueError(f"{key}: source {name!r} has {('prefix', 'min_doc_tokens')[i]} {(prefix, least)[i]!r} "
-                                 f"here and {seen[name][i]!r} elsewhere")
+        seen = {}  # name -> (prefix, min_doc_tokens), the same in every stage (unique names within one)
+        for k, stage in enumerate(self.stages):
+            for j, s in enumerate(stage["sources"]):
+                name, here = s["name"], (s["prefix"], s.get("min_doc_tokens", 0))
+                if seen.setdefault(name, here) != here:
+                    i = int(seen[name][0] == here[0])  # 0: the prefix differs, else min_doc_tokens
+                    raise ValueError(f"data.stages[{k}].sources[{j}]: source {name!r} has "
+                                     f"{('prefix', 'min_doc_tokens')[i]} {here[i]!r} here and {seen[name][i]!r} "
+                                     f"elsewhere")
 
 
 def _is_int(v):
@@ -129,14 +123,6 @@ def _check_sources(key, sources, empty_ok=False):
         names.add(s["name"])
 
 
-def _all_sources(cfg):
-    for i, s in enumerate(cfg.sources):
-        yield f"data.sources[{i}]", s["name"], s["prefix"], s["weight"], s.get("min_doc_tokens", 0)
-    for j, stage in enumerate(cfg.stages):
-        for i, s in enumerate(stage["sources"]):
-            yield f"data.stages[{j}].sources[{i}]", s["name"], s["prefix"], s["weight"], s.get("min_doc_tokens", 0)
-
-
 def stage_table(cfg: DataConfig, global_batch: int, resolve=lambda prefix: prefix) -> list:
     """The [data] section as the DataLoader's stage table: [(start step, [(name, prefix, weight), ...]), ...]
     (a source with min_doc_tokens: (name, prefix, weight, min_doc_tokens)).
@@ -147,10 +133,9 @@ def stage_table(cfg: DataConfig, global_batch: int, resolve=lambda prefix: prefi
     if cfg.stages:
         table = []
         for i, stage in enumerate(cfg.stages):
-            if "start_step" in stage:
-                start = stage["start_step"]
-            else:  # a token count starts the stage at the first step that begins at or past it: ceil(tokens / step)
-                start = -(-stage["start_tokens"] // (global_batch * cfg.seq_len))
+            # a token count starts the stage at the first step that begins at or past it: ceil(tokens / step)
+            start = (stage["start_step"] if "start_step" in stage
+                     else -(-stage["start_tokens"] // (global_batch * cfg.seq_len)))
             table.append((start, entries(stage["sources"])))
             if i == 0 and start != 0 or i > 0 and start <= table[i - 1][0]:
                 raise DataError(f"data.stages[{i}] starts at step {start}: the first stage must start at step 0 "
@@ -191,12 +176,9 @@ def _pread(f, offset: int, count: int, dtype) -> np.ndarray:
 class IndexedDataset:
     """PREFIX.idx + PREFIX.bin, read on demand with positioned reads: opening reads the header and the
     last sequence's length and pointer, nothing else, and a batch reads the bytes of its own samples.
-    (Megatron maps both files into memory. A map makes every page it touches count as this process's
-    resident memory, and the kernel maps whole page-cache folios around each one: the first batch of a
-    100-million-document index that is in the page cache took 1.2 GB resident that way, 0.3 GB with
-    positioned reads; see bench_index.) Checks, each one line of DataError naming the file: the magic,
-    the version, a known integer dtype that holds the ids of `vocab_size` (when given), the size of the
-    .idx, the presence and size of the .bin."""
+    (Megatron maps both files: every page a map touches, and the whole page-cache folio around it, counts as
+    resident memory; the first batch of a cached 100-million-document index took 1.2 GB that way, 0.3 GB with
+    positioned reads, see prepare.bench_index.) values: the dataset may hold floats (a source's rewards)."""
 
     def __init__(self, prefix: str, vocab_size: int | None = None, values: bool = False):
         self.prefix, self.idx_path, self.bin_path = prefix, prefix + ".idx", prefix + ".bin"
@@ -218,7 +200,7 @@ class IndexedDataset:
         if code not in DTYPES:
             raise DataError(f"{self.idx_path}: unknown dtype code {code}")
         self.dtype = np.dtype(DTYPES[code]).newbyteorder("<")
-        if self.dtype.kind == "f" and not values:  # values: a float dataset (a preference source's rewards)
+        if self.dtype.kind == "f" and not values:
             raise DataError(f"{self.idx_path}: holds {self.dtype.name} values, not token ids")
         if vocab_size is not None and np.iinfo(self.dtype).max < vocab_size - 1:
             raise DataError(f"{self.idx_path}: dtype {self.dtype.name} cannot hold the ids of a vocabulary of "
@@ -244,20 +226,17 @@ class IndexedDataset:
     def __len__(self) -> int:
         return self.num_sequences
 
-    def _index(self, name, dtype, a, b):
+    def _index(self, name, dtype, a, b):  # entries a ... b-1 of one of the .idx's arrays (the table at the top)
         with open(self.idx_path, "rb") as f:
             return _pread(f, self._at[name] + np.dtype(dtype).itemsize * a, b - a, dtype)
 
     def lengths(self, a: int, b: int) -> np.ndarray:
-        """The lengths (tokens) of sequences a ... b-1, int32."""
         return self._index("lengths", "<i4", a, b)
 
     def pointers(self, a: int, b: int) -> np.ndarray:
-        """The byte offsets in the .bin of sequences a ... b-1, int64."""
         return self._index("pointers", "<i8", a, b)
 
     def doc_indices(self, a: int, b: int) -> np.ndarray:
-        """Document indices a ... b-1, int64: document d is sequences [doc[d], doc[d+1])."""
         return self._index("doc_idx", "<i8", a, b)
 
     def sequences(self, ks) -> list[np.ndarray]:
@@ -381,18 +360,19 @@ def permute(j, n: int, key: np.ndarray) -> np.ndarray:
 
 
 class Source:
-    """One source of the blend: a dataset's samples of seq_len + 1 tokens, the last `val_fraction` of
-    them (at least one) held out for validation, the others its train samples.
+    """One source of the blend: a dataset's samples of T + 1 = seq_len + 1 tokens (x its first T, y its last
+    T: one token of overlap, as in Megatron-LM), the last `val_fraction` of them (at least one) held out for
+    validation, the others its train samples.
 
     plain, the usual case: the .bin is one stream of tokens (sequences back to back, as Megatron writes
-        them) and sample k is the window stream[k*T : k*T + T + 1];
+        them) and sample k is the window stream[k*T : k*T + T + 1]; with min_doc_tokens = N, the stream is
+        its documents of at least N tokens, back to back;
     packed, when PREFIX.mask.idx/.bin lies next to it (a uint8 0/1 dataset of the same sequences): sample
         k is sequence k, of exactly T + 1 tokens, and position j of y counts in the loss where its mask
         at j + 1 is 1 (chat data packed and masked ahead of time);
     pairs, when PREFIX.rewards.idx/.bin lies beside the mask too (prepare --preferences): sample k is the pair
         of packed sequences 2k (prompt + chosen completion) and 2k + 1 (prompt + rejected); rewards sequence k
-        (float64) is [R(chosen), R(rejected), the rewards of the reference model's completions...] or empty.
-    min_doc_tokens = N: a plain source's stream is its documents of at least N tokens, back to back."""
+        (float64) is [R(chosen), R(rejected), the rewards of the reference model's completions...] or empty."""
 
     def __init__(self, name: str, prefix: str, seq_len: int, val_fraction: float, vocab_size: int | None,
                  min_doc_tokens: int = 0):
@@ -445,9 +425,8 @@ class Source:
 
     def _keep(self, n: int, chunk: int = 1 << 22):
         """min_doc_tokens: the documents of at least n tokens, as (where each starts in the .bin, where each
-        starts in the stream of them back to back, and that stream's end), in tokens. A document runs from
-        its first sequence's pointer to the next document's (the sequences lie back to back); the index is
-        read a chunk of documents at a time, so memory holds the kept documents only."""
+        starts in the stream of them back to back and that stream's end), in tokens. A document runs from its
+        first sequence's pointer to the next document's; the index is read `chunk` documents at a time."""
         d, kept = self.data, [np.empty((2, 0), np.int64)]
         for a in range(0, d.num_documents, chunk):
             seq = d.doc_indices(a, min(a + chunk, d.num_documents) + 1)  # first sequences of documents a, a+1, ...
@@ -474,10 +453,9 @@ class Source:
         return np.stack(rows)
 
     def _check_back_to_back(self, spots: int = 256) -> None:
-        """A plain source reads its .bin as one stream, which needs the sequences back to back, as
-        Megatron writes them. Checked at open on the first sequence and on `spots` pairs of neighbours
-        spread over the index (a writer that pads or aligns its sequences fails there); checking every
-        pointer would be a pass over the whole index, and a search per sample costs ~50 random page reads."""
+        """A plain source reads its .bin as one stream: the first sequence at byte 0 and `spots` pairs of
+        neighbours spread over the index must lie back to back (a writer that pads or aligns fails there).
+        Every pointer would be a pass over the whole index, and a search per sample ~50 random page reads."""
         d, size = self.data, self.data.dtype.itemsize
         if len(d) and d.pointers(0, 1)[0] != 0:
             raise DataError(f"{d.idx_path}: the first sequence starts at byte {d.pointers(0, 1)[0]} of {d.bin_path}, "
@@ -509,10 +487,8 @@ def blend(weights: list[float], taken: list[int], first: int, count: int) -> tup
     sample i goes to the source with the largest error weights[s] * max(i, 1) - taken[s], the first one
     on ties, so every prefix of the stream keeps close to the weights (which sum to 1: blend_weights).
     (A C++ build that fuses the multiply and subtract into one FMA, as GCC may on aarch64, can break a
-    rare tie otherwise.)
-    The counts at an arbitrary sample g have a closed form for two sources (the blend is then a rotation
-    of the circle by the weight, up to float rounding at ties) but none is known for more, so they are
-    carried forward (DataLoader.state) rather than jumped to."""
+    rare tie otherwise.) The counts at a given sample have a closed form for two sources (a rotation of the
+    circle by the weight, up to rounding at ties), none known for more: DataLoader carries them forward."""
     sources, places = [], []
     for i in range(first, first + count):
         x = max(float(i), 1.0)
@@ -548,18 +524,14 @@ class DataLoader:
     it into micro-batches, so the ranks together see what one process would, under any layout.
 
     stages: [(start step, [(name, prefix, weight), ...]), ...], the first at step 0 (see stage_table).
-    Sample g of a stage (counted from the stage's first sample) goes to the source that `blend` picks for
-    it, with the stage's weights normalised as Megatron normalises them (blend_weights): each stage is a
-    fresh blend, as a new BlendedDataset would be. The sample is that source's next one: its
-    position is the number of samples the source gave before it, in this stage and all earlier ones, and
-    position k is the train sample source.train_samples(k) (a new pseudo-random order every epoch).
-
-    The blend's cursor at a step (per source, the samples given so far) needs the blend of every earlier
-    sample, in this stage and the ones before it: the loader keeps it as it goes, and `state(step)` /
-    `load_state(...)` carry it through a checkpoint. Without one, `get_batch(step)` recomputes it from
-    step 0: the same order, at about 1 microsecond per sample (an hour for 3.7 billion samples; a step of
-    1,024, about 1 ms). pairs: a sample is a pair, two adjacent rows (chosen, rejected) of one micro-batch (batch
-    sizes count pairs), with its reference log-probabilities once train.py sets `reference`."""
+    Each stage is a fresh blend (`blend`, on its weights as blend_weights normalises them), as a new
+    BlendedDataset would be. A sample is its source's next one: position k (the samples the source gave
+    before it, in all stages) is the train sample source.train_samples(k). Those counts, the blend's
+    cursor, need the blend of every earlier sample: the loader carries them forward, `state(step)` /
+    `load_state(...)` through a checkpoint; without one, get_batch(step) replays the blend from step 0,
+    the same order, at about 1 microsecond per sample (an hour for 3.7 billion samples).
+    pairs: a sample is two adjacent rows (chosen, rejected) of one micro-batch (batch sizes count pairs),
+    with its reference log-probabilities once train.py sets `reference`."""
 
     def __init__(self, stages: list, seq_len: int, global_batch: int, micro_batch: int, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, vocab_size: int | None = None, val_fraction: float = 0.01,
@@ -583,20 +555,19 @@ class DataLoader:
         for src in [s for s in self.sources if (s.rewards is not None) != pairs]:  # dpo and qrpo train on pairs alone
             raise DataError(f"{src.data.idx_path}: {'not ' * pairs}preference pairs (train.objective dpo, qrpo)")
         self.pairs, self.reference = pairs, None
-        self.stages = []  # (start step, the loader's index of each source, weights as Megatron normalises them)
-        for start, sources in stages:
-            self.stages.append((start, [self.source_names.index(s[0]) for s in sources],
-                                blend_weights([s[2] for s in sources])))
+        # (start step, the loader's index of each source, weights as Megatron normalises them)
+        self.stages = [(start, [self.source_names.index(s[0]) for s in sources], blend_weights([s[2] for s in sources]))
+                       for start, sources in stages]
         self.seq_len, self.global_batch, self.micro_batch = seq_len, global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed, self.vocab_size = dp_rank, dp_size, seed, vocab_size
         self.per_rank = global_batch // dp_size
-        # a cursor is (step, stage, samples each of the stage's sources gave in it, samples each source gave
-        # in earlier stages); the loader remembers the last few and those at the stages' starts
-        self._reset((0, 0, (0,) * len(self.stages[0][1]), (0,) * len(self.sources)))
+        self._reset()
 
     # ---- the blend's cursor
 
     def _reset(self, *cursors):
+        """A cursor is (step, stage, samples each of the stage's sources gave in it, samples each source gave
+        in earlier stages); the loader remembers the last few and those at the stages' starts."""
         start = (0, 0, (0,) * len(self.stages[0][1]), (0,) * len(self.sources))
         self._stage_starts, self._recent = {0: start}, {}
         for cur in cursors:
@@ -683,8 +654,7 @@ class DataLoader:
 
     def get_batch(self, step: int) -> list[Batch]:
         """This DP rank's micro-batches of global batch `step`."""
-        cur = self._cursor(step)
-        source, position, after = self._blend_step(cur)
+        source, position, after = self._blend_step(self._cursor(step))
         self._remember(after)
         part = slice(self.dp_rank * self.per_rank, (self.dp_rank + 1) * self.per_rank)
         source, position = source[part], position[part]

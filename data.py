@@ -1,33 +1,27 @@
 r"""
-What a training run reads: the [data] section, Megatron-LM's indexed dataset on disk (its reader, and
-the writer beside it so that the format lives in one place), sources, their blend and curriculum
-stages, and the DataLoader that hands each data-parallel rank its micro-batches. Making datasets
-(tokenizers, the chat template, `python prepare.py ...`, the demo corpus) is prepare.py's work.
+What a training run reads: the [data] section; Megatron-LM's indexed dataset (its reader, and the writer beside
+it so that the format lives in one place; making datasets, `python prepare.py ...`, is prepare.py's work); the
+samples of a source (Source), in a new pseudo-random order each epoch; their blend, as Megatron's BlendedDataset
+(`blend`); the DataLoader: curriculum stages, each DP rank's micro-batches, the cursor that checkpoints store.
 
 A dataset is a path prefix and two files, exactly as Megatron-LM writes them (github.com/NVIDIA/Megatron-LM,
 megatron/core/datasets/indexed_dataset.py: _IndexWriter and _IndexReader; tools/preprocess_data.py makes
-them), so that Megatron's files train here and ours train there.
-PREFIX.bin holds the token ids of every sequence back to back, one numpy dtype, no header. PREFIX.idx,
-little endian:
+them), so that Megatron's files train here and ours train there. PREFIX.bin holds the token ids of every
+sequence back to back, one numpy dtype, no header. PREFIX.idx, little endian:
 
     | offset           | bytes | field                                                              |
     |------------------|-------|--------------------------------------------------------------------|
     | 0                | 9     | magic b"MMIDIDX\x00\x00"                                           |
     | 9                | 8     | version, uint64 = 1                                                |
-    | 17               | 1     | dtype code, uint8: 1 uint8, 2 int8, 3 int16, 4 int32, 5 int64,     |
-    |                  |       |   6 float64, 7 float32, 8 uint16                                   |
+    | 17               | 1     | dtype code, uint8 (DTYPES below)                                   |
     | 18               | 8     | sequence count S, uint64                                           |
     | 26               | 8     | document-index count D, uint64                                     |
     | 34               | 4 S   | sequence lengths, int32 (tokens)                                   |
     | 34 + 4 S         | 8 S   | sequence pointers, int64 (byte offsets into the .bin)              |
     | 34 + 12 S        | 8 D   | document indices, int64: document d is sequences [doc[d], doc[d+1]) |
 
-prepare.py writes one sequence per document, [BOS] + tokens + [EOS] (Apertus wraps every document in
-<s> ... </s>), so the document indices are 0, 1, ..., S; uint16 ids when the vocabulary fits, else int32.
-
-How a run reads them: Source (a dataset's samples, in a new pseudo-random order each epoch), `blend` (the
-mixture, as Megatron's BlendedDataset), DataLoader (curriculum stages, each DP rank's slice of a global
-batch, the blend's cursor that checkpoints store).
+prepare.py writes one sequence per document, <s> + tokens + </s> (Apertus' BOS and EOS), so the document
+indices are 0, 1, ..., S; uint16 ids when the vocabulary fits, else int32 (token_dtype).
 """
 import bisect
 import contextlib
@@ -47,18 +41,13 @@ class DataConfig:
     """The [data] section. The training data is one of: `dataset` (one prefix), `sources` (a mixture),
     `stages` (a curriculum of mixtures); set at most one of them. With none, the demo corpus.
 
-        [data]                                   # a mixture, blended as Megatron's BlendedDataset
-        sources = [{name = "web", prefix = "data/web", weight = 0.7},
-                   {name = "code", prefix = "data/code", weight = 0.3}]
-
         [[data.stages]]                          # a curriculum: each stage a fresh blend of its own weights
         start_step = 0
         sources = [{name = "web", prefix = "data/web", weight = 1}]
         [[data.stages]]
         start_tokens = 5_000_000_000_000         # or start_step; a token count starts the stage at the first
         sources = [{name = "web", prefix = "data/web", weight = 0.6},   # step that begins at or past it
-                   {name = "math", prefix = "data/math", weight = 0.4}]
-    """
+                   {name = "math", prefix = "data/math", weight = 0.4}]"""
     dataset: str = ""        # path prefix of one dataset (PREFIX.idx + PREFIX.bin), weight 1; "" = the demo corpus
     tokenizer: str = "byte"  # "byte" or the path of a Mistral tekken JSON (e.g. tekken_240718.json)
     seq_len: int = 256       # tokens per training sequence
@@ -151,9 +140,7 @@ class DataError(Exception):
     """A problem with the user's data or settings; the message is one line and names the file."""
 
 
-# -----------------------------------------------------------------------------
-# Megatron-LM's indexed dataset (layout in the docstring at the top)
-
+# ----------------------------------------------------------------------------- Megatron-LM's indexed dataset
 INDEX_MAGIC, INDEX_VERSION = b"MMIDIDX\x00\x00", 1
 INDEX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, S, D: 34 bytes, no padding
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
@@ -207,9 +194,8 @@ class IndexedDataset:
                             f"{vocab_size} (wrong tokenizer for this model?)")
         need = INDEX_HEADER.size + 12 * S + 8 * D
         if idx_size not in (need, need + S):  # + S: the multimodal variant's sequence modes, int8[S]
-            what = "truncated" if idx_size < need else "corrupt"
-            raise DataError(f"{self.idx_path}: {what} index: the header says {S} sequences and {D} document "
-                            f"indices ({need} bytes), the file holds {idx_size} bytes")
+            raise DataError(f"{self.idx_path}: {'truncated' if idx_size < need else 'corrupt'} index: the header says "
+                            f"{S} sequences and {D} document indices ({need} bytes), the file holds {idx_size} bytes")
         if not os.path.exists(self.bin_path):
             raise DataError(f"{self.idx_path}: its token file {self.bin_path} is missing")
         self.num_sequences, self.num_documents = S, max(D - 1, 0)
@@ -218,9 +204,8 @@ class IndexedDataset:
         bin_size = os.path.getsize(self.bin_path)
         expect = int(self.pointers(S - 1, S)[0]) + int(self.lengths(S - 1, S)[0]) * self.dtype.itemsize if S else 0
         if bin_size != expect:
-            what = "truncated" if bin_size < expect else "corrupt"
-            raise DataError(f"{self.bin_path}: {what} token file: its index says {expect} bytes, the file holds "
-                            f"{bin_size}")
+            raise DataError(f"{self.bin_path}: {'truncated' if bin_size < expect else 'corrupt'} token file: its index "
+                            f"says {expect} bytes, the file holds {bin_size}")
         self.num_tokens = bin_size // self.dtype.itemsize
 
     def __len__(self) -> int:
@@ -293,7 +278,8 @@ class IndexedDatasetWriter:
         self.bin.close()
         try:
             if kind is None:
-                self._write_index()
+                with open(self.prefix + ".idx" + self.tmp, "wb") as f:
+                    write_index(f, self.dtype, self.sequences, self._lengths)
                 os.replace(self.prefix + ".bin" + self.tmp, self.prefix + ".bin")
                 os.replace(self.prefix + ".idx" + self.tmp, self.prefix + ".idx")
         finally:
@@ -302,13 +288,10 @@ class IndexedDatasetWriter:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.prefix + ext + self.tmp)
 
-    def _write_index(self, chunk: int = 1 << 22) -> None:
-        def lengths():
-            self.lengths.seek(0)
-            while (block := np.frombuffer(self.lengths.read(4 * chunk), dtype="<i4")).size:
-                yield block
-        with open(self.prefix + ".idx" + self.tmp, "wb") as f:
-            write_index(f, self.dtype, self.sequences, lengths, chunk)
+    def _lengths(self, chunk: int = 1 << 22):  # the lengths written so far, in int32 blocks
+        self.lengths.seek(0)
+        while (block := np.frombuffer(self.lengths.read(4 * chunk), dtype="<i4")).size:
+            yield block
 
 
 def write_index(f, dtype, sequences: int, lengths, chunk: int = 1 << 22) -> None:
@@ -328,10 +311,7 @@ def write_index(f, dtype, sequences: int, lengths, chunk: int = 1 << 22) -> None
         f.write(np.arange(a, min(a + chunk, sequences + 1), dtype="<i8").tobytes())
 
 
-# -----------------------------------------------------------------------------
-# sampling: a source's samples, their order, the blend of sources
-
-
+# ----------------------------------------------------------------------------- sampling: samples, order, blend
 def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser (Steele, Lea and Flood 2014): a 64-bit hash, in numpy uint64 (which wraps)."""
     x = (x ^ (x >> 30)) * np.uint64(0xBF58476D1CE4E5B9)
@@ -503,10 +483,7 @@ def blend(weights: list[float], taken: list[int], first: int, count: int) -> tup
     return sources, places
 
 
-# -----------------------------------------------------------------------------
-# loading
-
-
+# ----------------------------------------------------------------------------- loading
 @dataclass
 class Batch:
     x: torch.Tensor                  # [m, T] int64, the inputs

@@ -1,8 +1,7 @@
 r"""
-What a training run reads: the [data] section; Megatron-LM's indexed dataset (its reader, and the writer beside
-it so that the format lives in one place; making datasets, `python prepare.py ...`, is prepare.py's work); the
-samples of a source (Source), in a new pseudo-random order each epoch; their blend, as Megatron's BlendedDataset
-(`blend`); the DataLoader: curriculum stages, each DP rank's micro-batches, the cursor that checkpoints store.
+What a training run reads: the [data] section; Megatron-LM's indexed dataset (reader and writer, so that the format
+lives in one place; prepare.py makes datasets); a source's samples, in a new order each epoch (Source); their blend,
+as Megatron's BlendedDataset (`blend`); the DataLoader: curriculum stages, each DP rank's micro-batches, the cursor.
 
 A dataset is a path prefix and two files, exactly as Megatron-LM writes them (github.com/NVIDIA/Megatron-LM,
 megatron/core/datasets/indexed_dataset.py: _IndexWriter and _IndexReader; tools/preprocess_data.py makes
@@ -13,7 +12,7 @@ sequence back to back, one numpy dtype, no header. PREFIX.idx, little endian:
     |------------------|-------|--------------------------------------------------------------------|
     | 0                | 9     | magic b"MMIDIDX\x00\x00"                                           |
     | 9                | 8     | version, uint64 = 1                                                |
-    | 17               | 1     | dtype code, uint8 (DTYPES below)                                   |
+    | 17               | 1     | dtype code, uint8 (Megatron's DType, DTYPES below)                 |
     | 18               | 8     | sequence count S, uint64                                           |
     | 26               | 8     | document-index count D, uint64                                     |
     | 34               | 4 S   | sequence lengths, int32 (tokens)                                   |
@@ -25,6 +24,7 @@ indices are 0, 1, ..., S; uint16 ids when the vocabulary fits, else int32 (token
 """
 import bisect
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -81,11 +81,10 @@ class DataConfig:
         for k, stage in enumerate(self.stages):
             for j, s in enumerate(stage["sources"]):
                 name, here = s["name"], (s["prefix"], s.get("min_doc_tokens", 0))
-                if seen.setdefault(name, here) != here:
-                    i = int(seen[name][0] == here[0])  # 0: the prefix differs, else min_doc_tokens
+                if (was := seen.setdefault(name, here)) != here:
+                    i = int(was[0] == here[0])  # 0: the prefix differs, else min_doc_tokens
                     raise ValueError(f"data.stages[{k}].sources[{j}]: source {name!r} has "
-                                     f"{('prefix', 'min_doc_tokens')[i]} {here[i]!r} here and {seen[name][i]!r} "
-                                     f"elsewhere")
+                                     f"{('prefix', 'min_doc_tokens')[i]} {here[i]!r} here and {was[i]!r} elsewhere")
 
 
 def _is_int(v):
@@ -114,9 +113,8 @@ def _check_sources(key, sources, empty_ok=False):
 
 def stage_table(cfg: DataConfig, global_batch: int, resolve=lambda prefix: prefix) -> list:
     """The [data] section as the DataLoader's stage table: [(start step, [(name, prefix, weight), ...]), ...]
-    (a source with min_doc_tokens: (name, prefix, weight, min_doc_tokens)).
-    An empty data.dataset is the demo corpus, "demo:all"; resolve(prefix) -> the path prefix to read
-    (the trainer passes prepare.resolve_prefix, which makes a "demo:<kind>" corpus on first use)."""
+    (with min_doc_tokens: (name, prefix, weight, min_doc_tokens)). resolve(prefix) -> the path prefix to read
+    (train.py passes prepare.resolve_prefix, which makes a "demo:<kind>" corpus on first use)."""
     entries = lambda sources: [(s["name"], resolve(s["prefix"]), float(s["weight"]),  # noqa: E731
                                *[s[k] for k in ("min_doc_tokens",) if k in s]) for s in sources]
     if cfg.stages:
@@ -143,8 +141,7 @@ class DataError(Exception):
 # ----------------------------------------------------------------------------- Megatron-LM's indexed dataset
 INDEX_MAGIC, INDEX_VERSION = b"MMIDIDX\x00\x00", 1
 INDEX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, S, D: 34 bytes, no padding
-DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-          8: np.uint16}  # Megatron's DType codes
+DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -215,23 +212,17 @@ class IndexedDataset:
         with open(self.idx_path, "rb") as f:
             return _pread(f, self._at[name] + np.dtype(dtype).itemsize * a, b - a, dtype)
 
-    def lengths(self, a: int, b: int) -> np.ndarray:
-        return self._index("lengths", "<i4", a, b)
-
-    def pointers(self, a: int, b: int) -> np.ndarray:
-        return self._index("pointers", "<i8", a, b)
-
-    def doc_indices(self, a: int, b: int) -> np.ndarray:
-        return self._index("doc_idx", "<i8", a, b)
+    lengths = functools.partialmethod(_index, "lengths", "<i4")  # (a, b) -> int32 [b - a], tokens
+    pointers = functools.partialmethod(_index, "pointers", "<i8")  # (a, b) -> int64 [b - a], bytes into the .bin
+    doc_indices = functools.partialmethod(_index, "doc_idx", "<i8")  # (a, b) -> int64 [b - a]
 
     def sequences(self, ks) -> list[np.ndarray]:
         """The tokens of sequences ks (one read of the .idx and one of the .bin each)."""
         out = []
         with open(self.idx_path, "rb") as idx, open(self.bin_path, "rb") as bin_:
-            for k in ks:
-                n = int(_pread(idx, self._at["lengths"] + 4 * int(k), 1, "<i4")[0])
-                out.append(_pread(bin_, int(_pread(idx, self._at["pointers"] + 8 * int(k), 1, "<i8")[0]), n,
-                                  self.dtype))
+            for k in map(int, ks):
+                n = int(_pread(idx, self._at["lengths"] + 4 * k, 1, "<i4")[0])
+                out.append(_pread(bin_, int(_pread(idx, self._at["pointers"] + 8 * k, 1, "<i8")[0]), n, self.dtype))
         return out
 
     def sequence(self, k: int) -> np.ndarray:
@@ -320,10 +311,9 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 
 def permute(j, n: int, key: np.ndarray) -> np.ndarray:
-    """A pseudo-random bijection of [0, n), applied to the integers j: a 4-round Feistel network
-    (Luby and Rackoff 1988) on 2h bits, 2^2h >= n, keyed by the four uint64 of `key`, with cycle walking
-    (Black and Rogaway 2002): a value that lands at or past n is encrypted again until it falls inside,
-    which keeps the map a bijection of [0, n). O(1) memory and a pure function of (j, n, key)."""
+    """A pseudo-random bijection of [0, n), applied to the integers j: a 4-round Feistel network (Luby and Rackoff
+    1988) on 2h bits, 2^2h >= n, keyed by the four uint64 of `key`, with cycle walking (Black and Rogaway 2002):
+    a value that lands at or past n is encrypted again until it falls inside. O(1) memory, a pure function."""
     h = max(1, ((n - 1).bit_length() + 1) // 2)
     mask = np.uint64((1 << h) - 1)
 
@@ -340,19 +330,17 @@ def permute(j, n: int, key: np.ndarray) -> np.ndarray:
 
 
 class Source:
-    """One source of the blend: a dataset's samples of T + 1 = seq_len + 1 tokens (x its first T, y its last
-    T: one token of overlap, as in Megatron-LM), the last `val_fraction` of them (at least one) held out for
-    validation, the others its train samples.
+    """One source of the blend: a dataset's samples of T + 1 = seq_len + 1 tokens (x its first T, y its last T: one
+    token of overlap, as in Megatron-LM), the last `val_fraction` of them (at least one) held out for validation.
 
-    plain, the usual case: the .bin is one stream of tokens (sequences back to back, as Megatron writes
-        them) and sample k is the window stream[k*T : k*T + T + 1]; with min_doc_tokens = N, the stream is
-        its documents of at least N tokens, back to back;
-    packed, when PREFIX.mask.idx/.bin lies next to it (a uint8 0/1 dataset of the same sequences): sample
-        k is sequence k, of exactly T + 1 tokens, and position j of y counts in the loss where its mask
-        at j + 1 is 1 (chat data packed and masked ahead of time);
-    pairs, when PREFIX.rewards.idx/.bin lies beside the mask too (prepare --preferences): sample k is the pair
-        of packed sequences 2k (prompt + chosen completion) and 2k + 1 (prompt + rejected); rewards sequence k
-        (float64) is [R(chosen), R(rejected), the rewards of the reference model's completions...] or empty."""
+    plain, the usual case: the .bin is one stream of tokens (sequences back to back, as Megatron writes them) and
+        sample k is the window stream[k*T : k*T + T + 1]; with min_doc_tokens = N, the stream is its documents of
+        at least N tokens, back to back;
+    packed, when PREFIX.mask.idx/.bin lies next to it (a uint8 0/1 dataset of the same sequences, chat data): sample
+        k is sequence k, of exactly T + 1 tokens, and position j of y counts in the loss where its mask at j + 1 is 1;
+    pairs, when PREFIX.rewards.idx/.bin lies beside the mask too (prepare --preferences): sample k is the packed
+        sequences 2k (prompt + chosen completion) and 2k + 1 (prompt + rejected); rewards sequence k (float64) is
+        [R(chosen), R(rejected), the rewards of the reference model's completions...] or empty."""
 
     def __init__(self, name: str, prefix: str, seq_len: int, val_fraction: float, vocab_size: int | None,
                  min_doc_tokens: int = 0):
@@ -423,8 +411,7 @@ class Source:
         of its kept documents back to back: the pieces of the documents the window overlaps)."""
         if self.kept is None:
             return self.data.windows(starts, count)
-        at, begins = self.kept
-        rows = []
+        (at, begins), rows = self.kept, []
         for s in map(int, starts):  # documents i .. j-1 overlap [s, s + count)
             i, j = int(np.searchsorted(begins, s, "right")) - 1, int(np.searchsorted(begins, s + count))
             lo, hi = np.maximum(begins[i:j], s), np.minimum(begins[i + 1:j + 1], s + count)
@@ -449,11 +436,10 @@ class Source:
 
 def blend_weights(weights: list[float]) -> list[float]:
     """A stage's weights as Megatron-LM hands them to helpers.cpp: normalize()d (w / sum(w) in float64,
-    megatron/core/datasets/utils.py) twice, once by BlendedMegatronDatasetBuilder.build
-    (blended_megatron_dataset_builder.py) and again by BlendedDataset.__init__ (blended_dataset.py, a
-    "redundant normalization for bitwise identical comparison"). The second division is not a no-op: it
-    moves the last bit of some weights (6.4, 0.5, 7.4, 4.7 among them), and with it the order of sources
-    from sample 19 on, so once would not give Megatron's order."""
+    megatron/core/datasets/utils.py) twice, by BlendedMegatronDatasetBuilder.build (blended_megatron_dataset_builder.py)
+    and again by BlendedDataset.__init__ (blended_dataset.py, a "redundant normalization for bitwise identical
+    comparison"). The second division is not a no-op: it moves the last bit of some weights (6.4, 0.5, 7.4, 4.7
+    among them), and with it the order of sources from sample 19 on, so once would not give Megatron's order."""
     for _ in range(2):
         w = np.array(weights, dtype=np.float64)
         weights = (w / np.sum(w)).tolist()
@@ -461,14 +447,13 @@ def blend_weights(weights: list[float]) -> list[float]:
 
 
 def blend(weights: list[float], taken: list[int], first: int, count: int) -> tuple[list[int], list[int]]:
-    """Samples first, ..., first + count - 1 of a blend, continuing from `taken` (how many samples each
-    source gave before `first`; updated in place): the source of each sample and its place within that
-    source. Megatron-LM's rule (helpers.cpp, build_blending_indices), in the same float64 operations:
-    sample i goes to the source with the largest error weights[s] * max(i, 1) - taken[s], the first one
-    on ties, so every prefix of the stream keeps close to the weights (which sum to 1: blend_weights).
-    (A C++ build that fuses the multiply and subtract into one FMA, as GCC may on aarch64, can break a
-    rare tie otherwise.) The counts at a given sample have a closed form for two sources (a rotation of the
-    circle by the weight, up to rounding at ties), none known for more: DataLoader carries them forward."""
+    """Samples first, ..., first + count - 1 of a blend, continuing from `taken` (how many samples each source gave
+    before `first`; updated in place): the source of each sample and its place within that source. Megatron-LM's
+    rule (helpers.cpp, build_blending_indices), in the same float64 operations: sample i goes to the source with
+    the largest error weights[s] * max(i, 1) - taken[s], the first one on ties, so every prefix of the stream keeps
+    close to the weights (which sum to 1: blend_weights). (A C++ build that fuses the multiply and subtract into
+    one FMA, as GCC may on aarch64, can break a rare tie otherwise.) The counts at a given sample have a closed form
+    for two sources (a rotation of the circle by the weight, up to rounding at ties), none known for more."""
     sources, places = [], []
     for i in range(first, first + count):
         x = max(float(i), 1.0)
@@ -496,19 +481,18 @@ class Batch:
 
 
 class DataLoader:
-    """Global batches of the blended sources, in an order that is a pure function of (seed, step, the
-    stage table). DP rank r of dp takes the slice [r*G/dp, (r+1)*G/dp) of global batch `step` and cuts
-    it into micro-batches, so the ranks together see what one process would, under any layout.
+    """Global batches of the blended sources, in an order that is a pure function of (seed, step, the stage table):
+    DP rank r of dp takes the slice [r*G/dp, (r+1)*G/dp) of global batch `step` and cuts it into micro-batches, so
+    the ranks together see what one process would, under any layout.
 
-    stages: [(start step, [(name, prefix, weight), ...]), ...], the first at step 0 (see stage_table).
-    Each stage is a fresh blend (`blend`, on its weights as blend_weights normalises them), as a new
-    BlendedDataset would be. A sample is its source's next one: position k (the samples the source gave
-    before it, in all stages) is the train sample source.train_samples(k). Those counts, the blend's
-    cursor, need the blend of every earlier sample: the loader carries them forward, `state(step)` /
-    `load_state(...)` through a checkpoint; without one, get_batch(step) replays the blend from step 0,
-    the same order, at about 1 microsecond per sample (an hour for 3.7 billion samples).
-    pairs: a sample is two adjacent rows (chosen, rejected) of one micro-batch (batch sizes count pairs),
-    with its reference log-probabilities once train.py sets `reference`."""
+    stages: [(start step, [(name, prefix, weight), ...]), ...], the first at step 0 (see stage_table). Each stage is
+    a fresh blend (`blend`, on its weights as blend_weights normalises them), as a new BlendedDataset would be. A
+    sample is its source's next one: position k (the samples the source gave before it, in all stages) is the train
+    sample source.train_samples(k). Those counts, the blend's cursor, have no cheap formula (`blend`): the loader
+    carries them forward, and through a checkpoint (state / load_state); without one, get_batch(step) replays the
+    blend from step 0, the same order at about 1 microsecond per sample (an hour for 3.7 billion samples).
+    pairs: a sample is two adjacent rows (chosen, rejected) of one micro-batch (batch sizes count pairs), with its
+    reference log-probabilities once train.py sets `reference`."""
 
     def __init__(self, stages: list, seq_len: int, global_batch: int, micro_batch: int, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, vocab_size: int | None = None, val_fraction: float = 0.01,
@@ -597,9 +581,8 @@ class DataLoader:
                 "stage_samples": {self.source_names[m]: t for m, t in zip(members, taken)}}
 
     def load_state(self, state: dict) -> bool:
-        """Continue from a cursor that state() made. It is a cache of what the stage table implies, so one
-        made with another global batch or other stages before its step is ignored (returns False), and
-        the cursor is recomputed: the order is always that of the current table."""
+        """Continue from a cursor that state() made. It is a cache of what the stage table implies: one made with
+        another global batch or other stages before its step is ignored (returns False) and the cursor recomputed."""
         step = state["step"]
         if {k: state.get(k) for k in ("global_batch", "stages")} != self._history(step):
             return False

@@ -19,8 +19,7 @@ sequence back to back, one numpy dtype, no header. PREFIX.idx, little endian:
     | 34 + 4 S         | 8 S   | sequence pointers, int64 (byte offsets into the .bin)              |
     | 34 + 12 S        | 8 D   | document indices, int64: document d is sequences [doc[d], doc[d+1]) |
 
-prepare.py writes one sequence per document, <s> + tokens + </s> (Apertus' BOS and EOS), so the document
-indices are 0, 1, ..., S; uint16 ids when the vocabulary fits, else int32 (token_dtype).
+prepare.py writes one sequence per document, <s> + tokens + </s>, so the document indices are 0, 1, ..., S.
 """
 import bisect
 import contextlib
@@ -529,8 +528,7 @@ class DataLoader:
     def _reset(self, *cursors):
         """A cursor is (step, stage, samples each of the stage's sources gave in it, samples each source gave
         in earlier stages); the loader remembers the last few and those at the stages' starts."""
-        start = (0, 0, (0,) * len(self.stages[0][1]), (0,) * len(self.sources))
-        self._stage_starts, self._recent = {0: start}, {}
+        self._stage_starts, self._recent = {0: (0, 0, (0,) * len(self.stages[0][1]), (0,) * len(self.sources))}, {}
         for cur in cursors:
             self._remember(cur)
 

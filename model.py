@@ -5,26 +5,20 @@ Decoder-only, pre-norm, no biases:
     out = h + down_proj(xielu(up_proj(feedforward_layernorm(h))))
 with GQA, an RMSNorm over head_dim on q and k (QK-norm) BEFORE RoPE, llama3-scaled RoPE in the
 rotate_half convention, a non-gated MLP with the xIELU activation, a final norm and an untied head.
-Sources: the Apertus tech report (arXiv 2509.14233, section 2), the Apertus model of Hugging Face
-transformers (models/apertus/modeling_apertus.py, the reference the tests compare against), xIELU
-(arXiv 2411.13010) and Llama 3's RoPE scaling (transformers' _compute_llama3_parameters).
-Module and parameter names are the Hugging Face ones, so `model.state_dict()` has exactly the keys of
-the released safetensors (model.layers.{i}.self_attn.q_proj.weight, ...).
+Sources: the Apertus tech report (arXiv 2509.14233, section 2), transformers' models/apertus/
+modeling_apertus.py (the reference the tests compare against), xIELU (arXiv 2411.13010) and Llama 3's
+RoPE scaling (transformers' _compute_llama3_parameters). Module and parameter names are the Hugging Face
+ones: `model.state_dict()` has exactly the keys of the released safetensors.
 
-Every parameter carries a Role, stamped where it is made (Megatron-LM's habit): its init, whether it
-is weight-decayed, and how tensor parallelism treats it. Init, parallel.py, the optimizer groups and
-the checkpoints read the role, never the name, so a renamed module cannot silently lose a gradient sum.
-
-The model knows nothing of parallelism: every shape that tensor parallelism changes is read off the
-weights (`view(B, T, -1, head_dim)`), so parallel.py can swap nn.Linear for its column/row-parallel
-versions and the same forward runs on a slice. Audit an architecture without allocating it:
-
-    python model.py configs/apertus-70b.toml
+Every parameter carries a Role stamped where it is made (Megatron-LM's habit): init, parallel.py, the
+optimizer groups and the checkpoints read the role, never the name. The model knows nothing of
+parallelism: every shape that tensor parallelism changes is read off the weights (`view(B, T, -1, D)`), so
+parallel.py can swap nn.Linear for its column/row-parallel versions and the same forward runs on a slice.
+`python plan.py CONFIG --audit` counts an architecture's parameters without allocating it.
 """
 import math
-import sys
 import zlib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -460,15 +454,14 @@ class Apertus(nn.Module):
 
     def forward(self, input_ids, targets=None, loss_mask=None, doc_ids=None, reduction="mean", hidden=None,
                 cp_index=None, chunk=None, cache=None):
-        """input_ids [B, T] -> logits [B, T, V] (V/tp under tensor parallelism); with targets, the loss:
-        the mean (or sum, or each row's sum [B]: "sequence") over the tokens that count (loss_mask True and target
-        != -100). cache: a dict of the keys and values that the input continues (generation: the last logits only).
-        doc_ids [B, T] (see document_ids) masks attention per document and restarts positions.
-        A pipeline stage (parallel.keep_stage) lacks the embedding or the head: a later stage takes
-        the previous stage's output as `hidden`, and a stage without the head returns its output.
-        cp_index [T/cp] (context parallelism, parallel.cp_positions): the positions this rank computes;
-        positions and the mask come from the whole sequence, then only these tokens run. chunk (c, V):
-        only the c-th of V equal runs of this stage's layers, the head after the last (interleaved)."""
+        """input_ids [B, T] -> logits [B, T, V/tp]; with targets, the loss: the mean (or "sum", or each row's sum
+        [B]: "sequence") over the tokens that count (loss_mask True and target != -100). doc_ids [B, T]
+        (document_ids) masks attention per document and restarts positions. cache: the keys and values the
+        input continues (generation: the last logits only). A pipeline stage (parallel.keep_stage) without
+        the embedding takes the previous stage's output as `hidden`; one without the head returns its
+        output; chunk (c, V) runs only the c-th of V equal runs of its layers (interleaved schedule).
+        cp_index [T/cp] (parallel.cp_positions): positions and the mask come from the whole sequence, then
+        only these tokens run (context parallelism)."""
         doc = torch.zeros_like(input_ids) if doc_ids is None else doc_ids
         S, T = 0 if cache is None else cache.setdefault("length", 0), input_ids.shape[1]  # S: positions in the cache
         pos = document_positions(doc) + S
@@ -551,7 +544,7 @@ class Apertus(nn.Module):
         return idx
 
 
-# ----------------------------------------------------------------------------- the audit
+# ----------------------------------------------------------------------------- counts
 def param_count(cfg: ModelConfig) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in Apertus(cfg).parameters())
@@ -564,52 +557,3 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int | None = None)
     n = n_params if n_params is not None else param_count(cfg)
     n_matmul = n - cfg.vocab_size * cfg.hidden_size
     return 6 * n_matmul + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
-
-
-def audit(cfg: ModelConfig, seq_len: int = 4096) -> str:
-    """Parameter count, breakdown, FLOPs per token and size, from a model built on the meta device."""
-    with torch.device("meta"):
-        m = Apertus(cfg)
-    groups = {"embedding": 0, "attention (q,k,v,o)": 0, "QK-norm": 0, "MLP (up, down)": 0,
-              "xIELU scalars": 0, "layer norms": 0, "final norm": 0, "lm_head": 0}
-    for name, p in m.named_parameters():
-        n = p.numel()
-        key = ("embedding" if "embed" in name else "lm_head" if "lm_head" in name else
-               "QK-norm" if "q_norm" in name or "k_norm" in name else
-               "attention (q,k,v,o)" if "self_attn" in name else
-               "xIELU scalars" if "act_fn" in name else "MLP (up, down)" if "mlp" in name else
-               "final norm" if name == "model.norm.weight" else "layer norms")
-        groups[key] += n
-    total = sum(groups.values())
-    L, H, D = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
-    flops = flops_per_token(cfg, seq_len, total)
-    lines = [f"Apertus: d={cfg.hidden_size}, layers={L}, heads={H}/{cfg.num_key_value_heads} (q/kv), "
-             f"head_dim={D}, mlp={cfg.intermediate_size}, vocab={cfg.vocab_size}",
-             f"{'component':<22}{'parameters':>18}{'share':>8}"]
-    lines += [f"{k:<22}{v:>18,}{v / total:>8.1%}" for k, v in groups.items()]
-    lines += [f"{'total':<22}{total:>18,}",
-              f"training FLOPs/token at seq_len {seq_len}: {flops:.4g} = 6N' + 6 x L x H x D x T "
-              f"(N' = parameters without the input embedding, a lookup; the matmuls forward and backward, "
-              f"plus causal attention: half of the 12LHDT of full attention)",
-              f"bf16 weights: {2 * total / 1e9:.2f} GB ({2 * total / 2**30:.2f} GiB)"]
-    return "\n".join(lines)
-
-
-def config_from_dict(d: dict, section="model") -> ModelConfig:
-    known = {f.name for f in fields(ModelConfig)}
-    for k in d:
-        if k not in known:
-            raise ValueError(f"unknown key {section}.{k} (known: {', '.join(sorted(known))})")
-    return ModelConfig(**d)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python model.py CONFIG.toml")
-    import tomllib
-    try:
-        with open(sys.argv[1], "rb") as f:
-            cfg = config_from_dict(tomllib.load(f).get("model", {}))
-    except (OSError, ValueError, TypeError, tomllib.TOMLDecodeError) as e:
-        sys.exit(f"error: {e}")
-    print(audit(cfg))

@@ -3,6 +3,7 @@ what one training step hands to torch.distributed, and how long the step takes o
 
     python plan.py configs/apertus-70b.toml --parallel.tp=4 --parallel.pp=8 --parallel.dp=128
     python plan.py configs/apertus-8b-sft.toml                          # the layout of the config's [parallel]
+    python plan.py configs/apertus-70b.toml --audit        # parameters by component, FLOPs per token, size
     python plan.py configs/apertus-70b.toml --train.global_batch_size=4096 --machine gh200-alps --gpus 4096
     python plan.py configs/apertus-70b.toml --machine gh200-alps --gpus 4096 --machine.net_GBps=50  # what if
     python plan.py configs/tiny.toml --parallel.tp=2 --parallel.dp=2 --bytes      # one step's collectives
@@ -24,6 +25,8 @@ import json
 import math
 import sys
 from dataclasses import fields, replace
+
+import torch
 
 import checkpoint
 import model as model_py
@@ -635,6 +638,37 @@ def format_scaling(cfg, name, curve):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- the architecture
+def audit(cfg, seq_len: int = 4096) -> str:
+    """The architecture of a [model] section: parameter count by component, FLOPs per token and size, from a
+    model built on the meta device (nothing is allocated: the 70B's 282 GB of fp32 never exist)."""
+    with torch.device("meta"):
+        m = model_py.Apertus(cfg)
+    groups = {"embedding": 0, "attention (q,k,v,o)": 0, "QK-norm": 0, "MLP (up, down)": 0,
+              "xIELU scalars": 0, "layer norms": 0, "final norm": 0, "lm_head": 0}
+    for name, p in m.named_parameters():
+        n = p.numel()
+        key = ("embedding" if "embed" in name else "lm_head" if "lm_head" in name else
+               "QK-norm" if "q_norm" in name or "k_norm" in name else
+               "attention (q,k,v,o)" if "self_attn" in name else
+               "xIELU scalars" if "act_fn" in name else "MLP (up, down)" if "mlp" in name else
+               "final norm" if name == "model.norm.weight" else "layer norms")
+        groups[key] += n
+    total = sum(groups.values())
+    L, H, D = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
+    flops = flops_per_token(cfg, seq_len, total)
+    lines = [f"Apertus: d={cfg.hidden_size}, layers={L}, heads={H}/{cfg.num_key_value_heads} (q/kv), "
+             f"head_dim={D}, mlp={cfg.intermediate_size}, vocab={cfg.vocab_size}",
+             f"{'component':<22}{'parameters':>18}{'share':>8}"]
+    lines += [f"{k:<22}{v:>18,}{v / total:>8.1%}" for k, v in groups.items()]
+    lines += [f"{'total':<22}{total:>18,}",
+              f"training FLOPs/token at seq_len {seq_len}: {flops:.4g} = 6N' + 6 x L x H x D x T "
+              f"(N' = parameters without the input embedding, a lookup; the matmuls forward and backward, "
+              f"plus causal attention: half of the 12LHDT of full attention)",
+              f"bf16 weights: {2 * total / 1e9:.2f} GB ({2 * total / 2**30:.2f} GiB)"]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- the command
 def load(path, overrides):
     """The config as train.py reads it; with train.init_from, the architecture of that directory when it
@@ -682,7 +716,7 @@ def main(argv):
     ap.add_argument("--machine")
     ap.add_argument("--gpus", type=int)
     ap.add_argument("--efficiency")
-    for flag in ("--bytes", "--search", "--scaling", "--help"):
+    for flag in ("--audit", "--bytes", "--search", "--scaling", "--help"):
         ap.add_argument(flag, action="store_true")
     opts, overrides = ap.parse_known_args([a for a in args if a not in what_if])
     if opts.help or not opts.config or opts.config.startswith("--"):
@@ -700,7 +734,9 @@ def main(argv):
                 raise ValueError(f"--gpus {opts.gpus} is not a positive multiple of tp x cp x pp = {p.tp} x {p.cp} x {p.pp}")
             cfg = with_layout(cfg, dp=opts.gpus // (p.tp * p.cp * p.pp))
         gpus = p.tp * p.cp * p.pp * (cfg["parallel"].dp or 1)
-        if opts.search:
+        if opts.audit:
+            print(audit(cfg["model"], cfg["data"].seq_len))
+        elif opts.search:
             print(format_search(cfg, opts.machine, machine, gpus, search(cfg, machine, gpus, rows)))
         elif opts.scaling:
             print(format_scaling(cfg, opts.machine, scaling(cfg, machine, gpus, rows)))

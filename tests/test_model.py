@@ -132,11 +132,10 @@ def test_init_is_deterministic_and_apertus_like():
 
 
 def test_audit_70b_prints_exact_count_without_allocating():
-    import tomllib
-    with open(os.path.join(ROOT, "configs/apertus-70b.toml"), "rb") as f:
-        cfg = model_py.config_from_dict(tomllib.load(f)["model"])
-    assert "70,599,864,480" in model_py.audit(cfg)  # built on the meta device: 282 GB of fp32 never allocated
-    out = subprocess.run([sys.executable, "model.py", "configs/apertus-8b.toml"], cwd=ROOT,
+    import plan
+    cfg = plan.load(os.path.join(ROOT, "configs/apertus-70b.toml"), [])
+    assert "70,599,864,480" in plan.audit(cfg["model"])  # built on the meta device: 282 GB of fp32 never allocated
+    out = subprocess.run([sys.executable, "plan.py", "configs/apertus-8b.toml", "--audit"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "8,053,338,176" in out.stdout, out.stderr
 
@@ -167,7 +166,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     save_file(tensors, file)
     with pytest.raises(checkpoint.CheckpointError, match="missing tensor model.layers.1.mlp.up_proj.weight"):
         checkpoint.load_hf(tmp_path / "hf")
-    out = subprocess.run([sys.executable, "model.py", str(tmp_path / "nope.toml")], cwd=ROOT,
+    out = subprocess.run([sys.executable, "plan.py", str(tmp_path / "nope.toml"), "--audit"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode != 0 and out.stderr.startswith("error:") and "Traceback" not in out.stderr
 

@@ -431,18 +431,20 @@ def load_checkpoint(path, opt, grid, optimizer_name):
 def config_from_hf(hf: dict) -> ModelConfig:
     """config.json -> ModelConfig. RoPE comes in two spellings: top-level rope_theta + rope_scaling
     (transformers 4.x, the released checkpoints) or one rope_parameters dict (transformers 5)."""
+    if not isinstance(hf, dict):
+        raise CheckpointError("not a JSON object")
     if hf.get("model_type") != "apertus":
         raise CheckpointError(f"model_type is {hf.get('model_type')!r}, expected 'apertus'")
-    rope = dict(hf.get("rope_parameters") or {})
-    theta = rope.pop("rope_theta", hf.get("rope_theta", 12_000_000.0))
-    scaling = rope or hf.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind not in ("default", "llama3"):
-            raise CheckpointError(f"unsupported RoPE type {kind!r} (only llama3 or default)")
-        scaling = None if kind == "default" else {"rope_type": "llama3", **{k: float(scaling[k]) for k in (
-            "factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}}
     try:
+        rope = dict(hf.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 12_000_000.0))
+        scaling = rope or hf.get("rope_scaling")
+        if scaling:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind not in ("default", "llama3"):
+                raise CheckpointError(f"unsupported RoPE type {kind!r} (only llama3 or default)")
+            scaling = None if kind == "default" else {"rope_type": "llama3", **{k: float(scaling[k]) for k in (
+                "factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}}
         heads = hf["num_attention_heads"]
         return ModelConfig(
             hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
@@ -455,7 +457,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
             pad_token_id=hf.get("pad_token_id", 3))
     except KeyError as e:
         raise CheckpointError(f"the field {e.args[0]!r} is missing") from None
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(str(e)) from None
 
 
@@ -660,6 +662,9 @@ def init_from_config(init_from, out_dir, mine: ModelConfig, keys) -> ModelConfig
         with contextlib.suppress(CheckpointError):  # the resume will say so and fall back
             theirs, where = read_meta(where)[1], os.path.join(where, "meta.json")
     if theirs is None:
+        if committed_checkpoints(init_from):  # its config.json is a run's, not a model's
+            raise CheckpointError(f"train.init_from: {init_from} is a run directory: name one of its checkpoints "
+                                  f"({os.path.basename(latest_checkpoint(init_from))} is the newest)")
         try:
             if os.path.exists(os.path.join(init_from, "meta.json")):  # a training checkpoint
                 theirs, where = read_meta(init_from)[1], os.path.join(init_from, "meta.json")

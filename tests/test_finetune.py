@@ -84,10 +84,17 @@ def test_init_from_trains_resumes_and_bad_directories_are_one_line(hf_dir, tmp_p
     out = train(tmp_path, tmp_path / "moved-away", "--train.lr=1e-3", "--train.max_steps=3")
     assert out.returncode == 0 and "resumed from" in out.stdout and "initialised from" not in out.stdout, out.stderr[-3000:]
     (tmp_path / "empty").mkdir()
+    (tmp_path / "no-factor").mkdir()
+    hf_cfg = json.loads((hf_dir / "config.json").read_text())
+    hf_cfg.pop("rope_parameters", None)
+    hf_cfg["rope_scaling"] = {"rope_type": "llama3"}  # a llama3 RoPE without its factors
+    (tmp_path / "no-factor" / "config.json").write_text(json.dumps(hf_cfg))
     import train as train_py  # the bad directories in this process: train.main catches, one line, exit 2
     for args, message in (([f"--train.init_from={tmp_path / 'nope'}"], "nope: not a directory"),
                           ([f"--train.init_from={hf_dir / 'config.json'}"], "config.json: not a directory"),
                           ([f"--train.init_from={tmp_path / 'empty'}"], "empty/config.json: not found"),
+                          ([f"--train.init_from={tmp_path}"], "is a run directory: name one of its checkpoints"),
+                          ([f"--train.init_from={tmp_path / 'no-factor'}"], "the field 'factor' is missing"),
                           (["--model.hidden_size=128"], "model.hidden_size = 128 disagrees with 64")):
         argv = [config_without_model(tmp_path), *FAST, f"--train.out_dir={tmp_path / 'x'}", f"--train.init_from={hf_dir}", *args]
         assert train_py.main(argv) == 2

@@ -109,8 +109,10 @@ class ConfigError(Exception):
 
 
 # ----------------------------------------------------------------------------- configuration
-def _check_type(key, value, typ):
-    allowed = typing.get_args(typ) or (typ,)
+def _check_type(section, key, value, types):
+    if key not in types:
+        raise ConfigError(f"unknown key {section}.{key} (known: {', '.join(types)})")
+    allowed = typing.get_args(types[key]) or (types[key],)
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if dict in allowed and value is False:
@@ -118,13 +120,12 @@ def _check_type(key, value, typ):
     if any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in allowed if t is not type(None)):
         return value
     names = "/".join(t.__name__ for t in allowed if t is not type(None))
-    raise ConfigError(f"{key} must be {names}, got {value!r}")
+    raise ConfigError(f"{section}.{key} must be {names}, got {value!r}")
 
 
 def load_config(path, overrides=()):
-    """TOML file + --section.key=value overrides -> {section: dataclass}, and "model_keys": the [model]
-    keys given (with train.init_from they may only agree with its architecture, which
-    checkpoint.init_from_config resolves). Errors name the key. Only the config file is read."""
+    """TOML file + --section.key=value overrides -> {section: dataclass}, and "model_keys": the [model] keys given
+    (checkpoint.init_from_config holds them to train.init_from's architecture). Errors name the key."""
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -148,11 +149,7 @@ def load_config(path, overrides=()):
     out = {}
     for section, cls in SECTIONS.items():
         types = {f.name: f.type for f in fields(cls)}
-        values = {}
-        for k, v in raw.get(section, {}).items():
-            if k not in types:
-                raise ConfigError(f"unknown key {section}.{k} (known: {', '.join(types)})")
-            values[k] = _check_type(f"{section}.{k}", v, types[k])
+        values = {k: _check_type(section, k, v, types) for k, v in raw.get(section, {}).items()}
         try:
             out[section] = cls(**values)
         except (ValueError, TypeError) as e:
@@ -166,9 +163,8 @@ OPT_CHUNK = 2**26  # elements per foreach batch: the update's temporaries stay a
 
 
 def _foreach_batches(tensors, lists, max_elements=OPT_CHUNK):
-    """Cut parameters (and their gradient and moments, listed alike) into views of at most
-    max_elements and group them into batches of about max_elements: foreach ops on a batch allocate
-    temporaries the size of the batch, not of the whole model."""
+    """Parameters (and their gradients and moments, listed alike) cut into views of at most max_elements, grouped
+    into batches of about max_elements: a foreach op's temporaries are the size of a batch, not of the model."""
     batches, cur, size = [], None, 0
     for i, t in enumerate(tensors):
         for s in range(0, t.numel(), max_elements):
@@ -197,17 +193,14 @@ class AdEMAMix:
     """AdEMAMix (Pagliardini et al. 2024, arXiv 2409.03137), as apple/ml-ademamix (pytorch/ademamix.py):
         m1 = b1 m1 + (1-b1) g;  m2 = b3(t) m2 + (1-b3(t)) g;  v = b2 v + (1-b2) g^2
         p -= lr * ((m1 / (1-b1^t) + alpha(t) m2) / (sqrt(v) / sqrt(1-b2^t) + eps) + wd p)
-    The slow EMA m2 is not bias-corrected. alpha warms up linearly over `warmup` steps, beta3 linearly
-    in half-life from beta1 (half-life of b: log(0.5) / log(b + 1e-8) - 1, upstream's eps inside the
-    log). With beta1 = 0 the fast EMA is the gradient itself and is not stored. The first update is
-    step 1; `steps` is a Python int (exact at any count).
-
-    params: fp32 tensors with .grad (the ZeRO-1 master pieces); weight_decay: one value per tensor.
-    State for checkpoints: `steps` and moments(i) -> {name: tensor} (exp_avg, exp_avg_slow, exp_avg_sq)."""
+    The slow EMA m2 is not bias-corrected. alpha warms up linearly over `warmup` steps, beta3 linearly in half-life
+    from beta1 (half-life of b: log(0.5) / log(b + 1e-8) - 1, upstream's eps inside the log). With beta1 = 0 the fast
+    EMA is the gradient itself and is not stored. params: fp32 tensors with .grad (the ZeRO-1 master pieces);
+    weight_decay: one value per tensor. State for checkpoints: `steps` (a Python int, exact at any count; the first
+    update is step 1) and moments(i) -> {name: tensor} (exp_avg, exp_avg_slow, exp_avg_sq)."""
 
     def __init__(self, params, weight_decay, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=8.0, warmup=None, eps=1e-8):
-        self.params, self.betas, self.alpha, self.warmup, self.eps, self.lr = params, betas, alpha, warmup, eps, lr
-        self.steps = 0
+        self.betas, self.alpha, self.warmup, self.eps, self.lr, self.steps = betas, alpha, warmup, eps, lr, 0
         names = ("exp_avg", "exp_avg_slow", "exp_avg_sq") if betas[0] != 0 else ("exp_avg_slow", "exp_avg_sq")
         self.state, self.groups = _moments_and_groups(params, weight_decay, names)
 
@@ -233,9 +226,8 @@ class AdEMAMix:
         alpha, b3 = self.schedules(t, b1, b3, self.alpha, self.warmup)
         bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
         for wd, batches in self.groups.items():
-            for batch in batches:
-                p, g = batch[0], batch[1]
-                m1, (m2, v) = (batch[2], batch[3:]) if b1 != 0 else (g, batch[2:])
+            for p, g, *moments in batches:
+                m1, m2, v = moments if b1 != 0 else (g, *moments)
                 if b1 != 0:
                     torch._foreach_lerp_(m1, g, 1 - b1)
                 torch._foreach_lerp_(m2, g, 1 - b3)
@@ -258,11 +250,10 @@ class AdamW:
     p -= lr (m / (1-b1^t)) / (sqrt(v) / sqrt(1-b2^t) + eps)."""
 
     def __init__(self, params, weight_decay, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
-        self.params, self.betas, self.eps, self.lr, self.steps = params, betas, eps, lr, 0
+        self.betas, self.eps, self.lr, self.steps = betas, eps, lr, 0
         self.state, self.groups = _moments_and_groups(params, weight_decay, ("exp_avg", "exp_avg_sq"))
 
-    def moments(self, i):
-        return {k: v[i] for k, v in self.state.items()}
+    moments = AdEMAMix.moments
 
     @torch.no_grad()
     def step(self, lr=None):
@@ -284,8 +275,7 @@ class AdamW:
 
 
 def make_optimizer(t: TrainConfig):
-    """(roles, tensors) -> the optimizer: weight decay where the parameter's Role asks for it
-    (matrices; not norms or xIELU scalars)."""
+    """(roles, tensors) -> the optimizer: weight decay where the parameter's Role asks for it (not norms, xIELU)."""
     def build(roles, tensors):
         wd = [t.weight_decay if r.weight_decay else 0.0 for r in roles]
         if t.optimizer == "adamw":
@@ -310,21 +300,20 @@ _GOLDFISH_TABLE = {}  # device -> the table, made once (not copied to the device
 
 
 def goldfish_mask(labels, k=50, h=50):
-    """Goldfish loss (Hans et al. 2024), exactly as the Apertus data pipeline: True where the label is
-    dropped from the loss. Each window of h labels is hashed (their int64 product, which wraps around,
-    modulo 1,000,003) into a fixed random table; the window's decision applies to its last label; the
-    first h-1 labels of a sequence are never dropped. labels: [T] or [B, T]."""
+    """Goldfish loss (Hans et al. 2024), exactly as the Apertus data pipeline: True where the label is dropped from
+    the loss. Each window of h labels is hashed (their int64 product, which wraps around, modulo 1,000,003) into a
+    fixed random table; the window's decision applies to its last label; the first h-1 labels of a sequence are
+    never dropped. labels: [T] or [B, T]."""
     if labels.device not in _GOLDFISH_TABLE:
         table = torch.rand(1_000_003, generator=torch.Generator().manual_seed(2971215073))
         _GOLDFISH_TABLE[labels.device] = table.to(labels.device)
     table = _GOLDFISH_TABLE[labels.device]
-    squeeze = labels.dim() == 1
-    labels = labels[None] if squeeze else labels
-    drop = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
-    if labels.shape[1] >= h:
-        keys = labels.long().unfold(1, h, 1).prod(dim=-1) % 1_000_003  # [B, T-h+1]
+    rows = labels.reshape(-1, labels.shape[-1])  # [B, T]
+    drop = torch.zeros(rows.shape, dtype=torch.bool, device=labels.device)
+    if rows.shape[1] >= h:
+        keys = rows.long().unfold(1, h, 1).prod(dim=-1) % 1_000_003  # [B, T-h+1]
         drop[:, h - 1:] = table[keys] < 1 / k
-    return drop[0] if squeeze else drop
+    return drop.view(labels.shape)
 
 
 def loss_mask(x, y, t: TrainConfig, eos_id):
@@ -369,20 +358,14 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H80
 
 def peak_flops(device):
     """Dense bf16 peak of the GPU, looked up by its name; None when unknown (MFU is then null)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if key in name:
-            return PEAK_BF16_FLOPS[key]
-    return None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((PEAK_BF16_FLOPS[k] for k in sorted(PEAK_BF16_FLOPS, key=len, reverse=True) if k in name), None)
 
 
 # ----------------------------------------------------------------------------- the run
 def build(cfg, grid, device):
-    """The model, on the meta device first, cut to this pipeline stage, tensor-parallelised, then
-    materialised and initialised from one seed (each full tensor drawn, this rank's slice kept):
-    every layout starts equal."""
+    """The model, on the meta device first, cut to this pipeline stage, tensor-parallelised, then materialised and
+    initialised from one seed (each full tensor drawn, this rank's slice kept): every layout starts equal."""
     t = cfg["train"]
     with torch.device("meta"):
         model = Apertus(cfg["model"])
@@ -390,8 +373,7 @@ def build(cfg, grid, device):
     parallel.parallelize(model, grid)
     model.to_empty(device=device)
     model.init_weights(t.seed, lambda role, full: parallel.tp_slice(full, role, grid))
-    dtype = torch.bfloat16 if device.type == "cuda" and t.dtype == "bfloat16" else torch.float32
-    model.to(dtype)
+    model.to(torch.bfloat16 if device.type == "cuda" and t.dtype == "bfloat16" else torch.float32)
     model.attn_backend = "flex" if device.type == "cuda" else "sdpa"
     model.activation_checkpointing = t.activation_checkpointing
     if t.compile:
@@ -404,18 +386,18 @@ def log(grid, *args):
         print(*args, flush=True)
 
 
-def all_sum(x, *groups):
-    """Sum x over the given process groups (None or a group of one: nothing to do)."""
+def all_sum(x, *groups, op=torch.distributed.ReduceOp.SUM):
+    """Sum x (or reduce it by op) over the given process groups (None or a group of one: nothing to do)."""
     for g in groups:
         if g is not None:
-            torch.distributed.all_reduce(x, group=g)
+            torch.distributed.all_reduce(x, op=op, group=g)
     return x
 
 
 def micro_loss(model, x, y, mask, n_tokens, hidden=None, chunk=None, cp_index=None, pairs=None):
-    """One micro-batch on this rank's stage: its share of the global mean loss (the last stage), or the
-    activations for the next stage. Under context parallelism x, y and mask are the whole sequences and
-    the model runs the tokens at cp_index. pairs: the share from the rows' summed losses [B] (pair_loss)."""
+    """One micro-batch on this rank's stage: its share of the global mean loss (the last stage), or the activations
+    for the next stage. Under context parallelism x, y and mask are the whole sequences and the model runs the
+    tokens at cp_index. pairs: the share from the rows' summed losses [B] (pair_loss)."""
     cfg = model.config
     doc = document_ids(x, cfg.eos_token_id, cfg.bos_token_id)
     out = model(x, y, mask, doc, "sequence" if pairs else "sum", hidden=hidden, cp_index=cp_index, chunk=chunk)
@@ -439,33 +421,29 @@ def pair_loss(b, mask, t, sums, cp_group, out):
 
 
 def forward_backward(model, opt, batches, t, grid, train=True, stats=None):
-    """One global batch on this rank: the micro-batches' losses summed and normalised by the number of
-    tokens that count in the WHOLE global batch, so that the gradient does not depend on the layout or
-    the micro-batch split. Returns the global mean loss (a float: one host sync per step), the seconds
-    this pipeline stage spent waiting for its neighbours, and the seconds of this rank's own work
-    (forward and backward, the waiting left out: a straggler shows there). Pairs: the mean over the pairs."""
-    cfg, pairs = model.config, batches
-    batches = [(b.x.to(grid.device, non_blocking=True), b.y.to(grid.device, non_blocking=True),
-                None if b.loss_mask is None else b.loss_mask.to(grid.device, non_blocking=True)) for b in batches]
-    masks = [loss_mask(x, y, t, cfg.eos_token_id) if train else x != cfg.eos_token_id for x, y, _ in batches]
+    """One global batch on this rank: the micro-batches' losses summed and normalised by the number of tokens that
+    count in the WHOLE global batch (pairs: of its pairs), so that the gradient does not depend on the layout or the
+    micro-batch split. Returns the global mean loss (a float: one host sync per step), the seconds this pipeline stage
+    spent waiting for its neighbours, and the seconds of this rank's own work (a straggler shows there)."""
+    cfg, pairs = model.config, t.objective != "lm"
+    moved = [[None if v is None else v.to(grid.device, non_blocking=True) for v in (b.x, b.y, b.loss_mask)]
+             for b in batches]
+    masks = [loss_mask(x, y, t, cfg.eos_token_id) if train else x != cfg.eos_token_id for x, y, _ in moved]
     # a packed source (chat data) brings its own loss mask: only the assistant's tokens count
-    masks = [m if packed is None else m & packed for m, (_, _, packed) in zip(masks, batches)]
+    masks = [m if packed is None else m & packed for m, (_, _, packed) in zip(masks, moved)]
     # under CP every rank holds whole sequences: the masks (Goldfish's windows too) and count are one process's
     n_tokens = all_sum(sum(m.sum() for m in masks).float(), grid.dp_group)
-    B, T = batches[0][0].shape
+    B, T = moved[0][0].shape
     index = parallel.cp_positions(T, grid.cp, grid.cp_rank, grid.device) if grid.cp > 1 else None
-    steps = [functools.partial(micro_loss, model, x, y, m, n_tokens, cp_index=index)
-             for (x, y, _), m in zip(batches, masks)]
-    if t.objective != "lm":  # a micro-batch holds whole pairs: each pair's loss where both its sequences are
-        sums, stats = torch.zeros(3, dtype=torch.float64, device=grid.device), {} if stats is None else stats
-        steps = [functools.partial(micro_loss, model, x, y, m, None, cp_index=index,
-                                   pairs=functools.partial(pair_loss, b, m, t, sums, grid.cp_group))
-                 for b, (x, y, m) in zip(pairs, batches)]
+    # pairs: a micro-batch holds whole pairs, each pair's loss where both its sequences are, under their loss mask
+    sums = torch.zeros(3, dtype=torch.float64, device=grid.device) if pairs else None
+    steps = [functools.partial(micro_loss, model, x, y, packed if pairs else m, n_tokens, cp_index=index,
+                               pairs=pairs and functools.partial(pair_loss, b, packed, t, sums, grid.cp_group))
+             for b, (x, y, packed), m in zip(batches, moved, masks)]
     t0 = time.perf_counter()
     if grid.pp > 1:  # every stage reads the same batch; the first uses the tokens, the last the targets
         sp = grid.tp if grid.sequence_parallel else 1
-        dtype = next(model.parameters()).dtype
-        pipe = parallel.Pipe(grid, (B, T // (grid.cp * sp), cfg.hidden_size), dtype)
+        pipe = parallel.Pipe(grid, (B, T // (grid.cp * sp), cfg.hidden_size), next(model.parameters()).dtype)
         schedule = parallel.pipeline_1f1b if grid.virtual_stages == 1 else parallel.pipeline_interleaved
         total, _ = schedule(steps, pipe, opt, train)
         waited, groups = pipe.wait_s, (grid.dp_cp_group, grid.pp_group)
@@ -479,17 +457,17 @@ def forward_backward(model, opt, batches, t, grid, train=True, stats=None):
             total += loss.detach()
     parallel.wait_for_stream(grid.device)
     busy = time.perf_counter() - t0 - waited
-    if t.objective != "lm":  # the pairs' means (every CP rank has all its pairs): a step's, or summed over evaluations
+    if pairs:  # the pairs' means (every CP rank has all its pairs): a step's, or summed over evaluations
         sums = (all_sum(sums, *groups) / (t.global_batch_size * grid.cp)).tolist()
-        names = ("margin", "accuracy", "quantile_reward")[:2 + (t.objective == "qrpo")]
-        stats.update({k: v + (0.0 if train else stats.get(k, 0.0)) for k, v in zip(names, sums)})
-    return all_sum(total, *groups).item() / (grid.cp if t.objective != "lm" else 1), waited, busy
+        stats = {} if stats is None else stats
+        for k, v in zip(("margin", "accuracy", "quantile_reward")[:2 + (t.objective == "qrpo")], sums):
+            stats[k] = v + (0.0 if train else stats.get(k, 0.0))
+    return all_sum(total, *groups).item() / (grid.cp if pairs else 1), waited, busy
 
 
 def train_step(model, opt, batches, lr, t, grid, guard=None, stats=None):
-    """Forward and backward over the global batch, then the update. Returns (loss, grad_norm, seconds
-    spent waiting in the pipeline, seconds of this rank's own work); a non-finite loss or gradient
-    skips the update, and with the spike guard a step not applied is computed once more (SpikeGuard)."""
+    """Forward and backward over the global batch, then the update: forward_backward's (loss, waited, busy) with the
+    gradient norm second. A non-finite loss or gradient skips the update; with the guard, a second try (SpikeGuard)."""
     for _ in range(2 if guard else 1):
         loss, waited, busy = forward_backward(model, opt, batches, t, grid, stats=stats)
         applied = not guard.suspicious(loss) if guard else math.isfinite(loss)
@@ -557,10 +535,9 @@ def evaluate(model, loader, n_batches, t, grid, opt, stats=None):
 
 @torch.no_grad()
 def reference_pass(model, loader, t, grid, opt, eval_batches):
-    """The initial weights' log-probabilities of the pairs of steps 1 ... max_steps and of the validation
-    batches, before step 1 (once the weights move, the reference is gone), by this layout, each rank for its
-    own micro-batches (a pair in several epochs, each time); in out_dir keyed by pair, not by rank or layout
-    (reference_logps.npz, {source name: float64 [pairs, 2]}): a run that finds it uses it, under any layout."""
+    """The initial weights' log-probabilities of the pairs of steps 1 ... max_steps and of the validation batches,
+    before step 1 (once the weights move, the reference is gone), each rank for its own micro-batches; kept in out_dir
+    keyed by pair (reference_logps.npz, {source name: float64 [pairs, 2]}): a run that finds it uses it, any layout."""
     path = os.path.join(t.out_dir, "reference_logps.npz")
     saved = np.load(path) if os.path.exists(path) else None
     tables = dict(enumerate(np.full((len(s.rewards), 2), np.nan) if saved is None else saved[s.name] for s in loader.sources))
@@ -573,9 +550,8 @@ def reference_pass(model, loader, t, grid, opt, eval_batches):
                 tables[s][k] = v
     for table in tables.values() if todo else ():  # every pair, from the rank that computed it
         v = torch.from_numpy(np.nan_to_num(table, nan=np.inf)).to(grid.device)
-        for g in (grid.dp_group, grid.pp_group) if grid.world > 1 else ():
-            torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MIN, group=g)
-        table[:] = np.where(np.isinf(v.cpu().numpy()), np.nan, v.cpu().numpy())
+        v = all_sum(v, grid.dp_group, grid.pp_group, op=torch.distributed.ReduceOp.MIN).cpu().numpy()
+        table[:] = np.where(np.isinf(v), np.nan, v)
     if todo and grid.rank == 0:  # written whole, then renamed
         np.savez(path + ".tmp.npz", **{s.name: tables[i] for i, s in enumerate(loader.sources)})
         os.replace(path + ".tmp.npz", path)
@@ -583,8 +559,8 @@ def reference_pass(model, loader, t, grid, opt, eval_batches):
 
 
 def sample(model, tok, t, device):
-    """A few tokens from the trained model (one process). Eager, with SDPA: every new length would be a
-    new shape for the compiled blocks and the FlexAttention mask."""
+    """A few tokens from the trained model (one process). Eager, with SDPA: every new length would be a new shape
+    for the compiled blocks and the FlexAttention mask."""
     model.eval()
     backend, model.attn_backend = model.attn_backend, "sdpa"
     prompt = torch.tensor([[tok.bos_id] + tok.encode("def ")], device=device)
@@ -597,16 +573,14 @@ def sample(model, tok, t, device):
 
 
 def setup(cfg):
-    """Everything a run needs before its first step: the architecture (train.init_from's, if set), the grid,
-    data, model and optimizer."""
+    """Before the first step: the architecture (train.init_from's, if set), the grid, data, model and optimizer."""
     t, dcfg, p = cfg["train"], cfg["data"], cfg["parallel"]
     if t.init_from:
         cfg["model"] = checkpoint.init_from_config(t.init_from, t.out_dir, cfg["model"], cfg["model_keys"])
     mcfg = cfg["model"]
     device_type = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    _, world, _ = parallel.env_rank()
-    parallel.check_layout(mcfg, world, p.tp, None, t.global_batch_size, t.micro_batch_size, dcfg.seq_len,
-                          p.sequence_parallel, p.pp, p.cp, p.virtual_stages)
+    parallel.check_layout(mcfg, parallel.env_rank()[1], p.tp, None, t.global_batch_size, t.micro_batch_size,
+                          dcfg.seq_len, p.sequence_parallel, p.pp, p.cp, p.virtual_stages)
     grid = parallel.init_distributed(p, device_type)
     torch.manual_seed(t.seed * 1_000_003 + grid.rank)  # each rank's own stream, the same in every run
     tok = prepare.get_tokenizer(dcfg.tokenizer)
@@ -628,10 +602,9 @@ def setup(cfg):
 
 
 def start(cfg, grid, opt, loader):
-    """Where the run begins: the newest good checkpoint in out_dir (verified; a bad one is skipped), else the
-    weights of init_from, else the seeded init. The resolved config is printed and saved as config.json.
-    Returns (step, meta): what every checkpoint records beside the weights (export_dtype: the dtype the
-    weights came in)."""
+    """Where the run begins: the newest good checkpoint in out_dir (verified; a bad one is skipped), else the weights
+    of init_from, else the seeded init. The resolved config is printed and saved as config.json. Returns (step, meta):
+    what every checkpoint records beside the weights (export_dtype: the dtype the weights came in)."""
     t = cfg["train"]
     config = {s: asdict(cfg[s]) for s in SECTIONS}
     log(grid, f"config:\n{json.dumps(config, indent=2)}")
@@ -720,18 +693,14 @@ class Metrics:
 
     def write(self, record):
         if self.file and (self.logged(record["step"]) or {"val_loss", "checkpoint_block_s", "spike"} & record.keys()):
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            print(json.dumps(record), file=self.file, flush=True)
             scalars = {k: v for k, v in record.items() if type(v) in (int, float) and k != "step"}
             for k, v in scalars.items() if self.tb else ():
                 self.tb.add_scalar(k, v, record["step"])
             if self.wandb:
                 self.wandb.log(scalars, step=record["step"])
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def close(self):
         for closing in (self.bar, self.file, self.tb):
             if closing:
                 closing.close()
@@ -742,18 +711,14 @@ class Metrics:
 SIGNALLED = {"name": None}  # the signal handler's only state: the loop reads it after each step
 
 
-def on_signal(signum, frame):
-    """SIGUSR1 (Slurm's warning before the time limit) or SIGTERM (torchrun stopping, or scancel):
-    finish the step, save, exit."""
-    SIGNALLED["name"] = signal.Signals(signum).name
-
-
 @contextlib.contextmanager
 def guarded(t):
-    """The loop's guards, set up for a run and undone after it, crash or not: SIGUSR1 and SIGTERM caught
-    (on_signal) and the hang watchdog armed from the first step on (a hang in step 1 is caught too)."""
+    """The loop's guards, set up for a run and undone after it, crash or not: SIGUSR1 (Slurm's warning before the
+    time limit) and SIGTERM (torchrun stopping, or scancel) noted in SIGNALLED (the loop finishes the step, saves and
+    exits), and the hang watchdog armed from the first step on (a hang in step 1 is caught too)."""
     SIGNALLED["name"] = None
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    note = lambda signum, frame: SIGNALLED.update(name=signal.Signals(signum).name)
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     watchdog(t)
     try:
         yield
@@ -764,9 +729,8 @@ def guarded(t):
 
 
 def watchdog(t):
-    """(Re)arm the hang watchdog: if this rank does not come back here within hang_timeout_s, every
-    thread's stack is printed and the process exits 1, so that srun or torchrun restarts the job. The
-    loop re-arms it after each step, evaluation, save and export."""
+    """(Re)arm the hang watchdog: if this rank does not come back here within hang_timeout_s, every thread's stack is
+    printed and the process exits 1 (srun or torchrun restarts the job). Re-armed after each step, evaluation, save."""
     if t.hang_timeout_s:
         faulthandler.dump_traceback_later(t.hang_timeout_s, exit=True)
 
@@ -780,8 +744,8 @@ def agree(grid, *flags):
 
 
 def signalled(grid, saver, t):
-    """Whether a signal reached any rank, which every rank then knows. A save that failed on any rank is
-    said here, by every rank together: the run stops (train.on_save_error = stop) or retries."""
+    """Whether a signal reached any rank, which every rank then knows. A save that failed on any rank is said here,
+    by every rank together: the run stops (train.on_save_error = stop) or retries."""
     signal_seen, save_failed = agree(grid, SIGNALLED["name"] is not None, saver.error is not None)
     if save_failed:
         say = saver.error or "a checkpoint save failed on another rank"
@@ -793,8 +757,8 @@ def signalled(grid, saver, t):
 
 
 def validate(model, loader, step, n_batches, t, grid, opt):
-    """The validation part of a step's record: val_loss (the sources weighted as the stage of the last
-    step mixes them) and val_loss/<source>."""
+    """The validation part of a step's record: val_loss (the sources weighted as the stage of the last step mixes
+    them), val_loss/<source> and, for pairs, val_<stat>."""
     losses = evaluate(model, loader, n_batches, t, grid, opt, stats := {})
     record = {"val_loss": sum(w * losses[n] for n, w in loader.stage_weights(step - 1).items())}
     record.update({f"val_loss/{name}": v for name, v in losses.items()})
@@ -809,8 +773,7 @@ class SaveError(checkpoint.CheckpointError):
 
 
 def save(saver, t, step, opt, grid, meta, loader, signal_seen):
-    """A checkpoint of `step` (its files in the background with async_checkpoint). Returns the seconds
-    the loop was blocked."""
+    """A checkpoint of `step` (its files in the background with async_checkpoint). Returns the seconds blocked."""
     if signal_seen:
         log(grid, f"{SIGNALLED['name'] or 'a signal'} received: saving step {step}; until it is complete the newest "
                   f"checkpoint is the previous one")
@@ -822,8 +785,7 @@ def save(saver, t, step, opt, grid, meta, loader, signal_seen):
 
 
 def wait_for_save(grid, saver):
-    """Wait for the save in flight; if it failed on any rank, why (every rank learns of it, so that they
-    all stop together), else None."""
+    """Wait for the save in flight; why it failed, if it did on any rank (every rank learns it: all stop together)."""
     saver.wait()
     if agree(grid, saver.error is not None)[0]:
         return saver.error or "a checkpoint save failed on another rank"
@@ -831,9 +793,8 @@ def wait_for_save(grid, saver):
 
 
 def export_hf(t, grid, saver, dtype):
-    """<out_dir>/hf from the newest checkpoint, in the dtype the weights came in, with the tokenizer
-    files of init_from (when it is still there). Nothing is exported when that checkpoint's save
-    failed (the loop says so)."""
+    """<out_dir>/hf from the newest checkpoint, in the dtype the weights came in, with the tokenizer files of
+    init_from (when it is still there). Nothing is exported when that checkpoint's save failed (the loop says so)."""
     if wait_for_save(grid, saver):
         return
     error, out = None, os.path.join(t.out_dir, "hf")
@@ -850,8 +811,8 @@ def export_hf(t, grid, saver, dtype):
 
 
 def finish(model, tok, t, grid, saver, meta, step, signal_seen, failed):
-    """After the loop: a failed last save stops here; else the last line after a signal, or the export and
-    the sample after the last step."""
+    """After the loop: a failed last save stops here; else the last line after a signal, or the export and the
+    sample after the last step."""
     if failed:
         raise SaveError(f"{failed}; the previous checkpoints are intact")
     if signal_seen:  # the last line says which checkpoint there is; nothing else runs within the grace
@@ -873,8 +834,8 @@ def due(step, every, t):
 
 
 def run(cfg):
-    """The training loop: a batch, a step, its metrics; then, when due, evaluation, a checkpoint and an
-    export. Signals and failed saves are agreed on by every rank after each step."""
+    """The training loop: a batch, a step, its metrics; then, when due, evaluation, a checkpoint and an export.
+    Signals and failed saves are agreed on by every rank after each step."""
     t, dcfg = cfg["train"], cfg["data"]
     grid, tok, loader, model, opt = setup(cfg)
     step, meta = start(cfg, grid, opt, loader)
@@ -884,8 +845,7 @@ def run(cfg):
     decay_start = t.decay_start if t.decay_start >= 0 else t.max_steps - t.decay_steps
     signal_seen = False
     guard = SpikeGuard(t, grid, [s[0] for s in loader.stages], meta["spike_guard"]) if t.spike_guard else None
-    model.train()
-    with guarded(t), Metrics(cfg, grid, loader, step) as metrics:
+    with guarded(t), contextlib.closing(Metrics(cfg, grid, loader, step)) as metrics:
         while step < t.max_steps:
             t0 = time.perf_counter()
             lr = wsd_lr(step, t.lr, t.min_lr, t.warmup_steps, decay_start, t.decay_steps, t.decay_shape)
@@ -923,19 +883,13 @@ def main(argv):
         return 2
     try:
         run(load_config(argv[0], argv[1:]))
-    except parallel.LaunchError as e:  # this rank's own environment: every rank says it
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except (ConfigError, parallel.LayoutError) as e:  # the same on every rank: said once
         if parallel.env_rank()[0] == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except (SaveError, HardwareFault) as e:  # exit 1: the scheduler counts no success
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (data.DataError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (parallel.LaunchError, SaveError, HardwareFault, data.DataError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)  # LaunchError: this rank's own environment, every rank says it
+        return 1 if isinstance(e, (SaveError, HardwareFault)) else 2  # 1: the scheduler counts no success
     return 0
 
 

@@ -807,7 +807,6 @@ def export_hf(t, grid, saver, dtype):
             error = f"export to {out} failed: {e}"
     if agree(grid, error is not None)[0]:
         raise SaveError(error or "the export failed on rank 0")
-    watchdog(t)
 
 
 def finish(model, tok, t, grid, saver, meta, step, signal_seen, failed):
@@ -863,6 +862,7 @@ def run(cfg):
                                                     loader, signal_seen)
             if export:
                 export_hf(t, grid, saver, meta["export_dtype"])
+                watchdog(t)
             metrics.write(record)
             if guard and guard.faults >= t.spike_max_faults:
                 raise HardwareFault(f"{guard.faults} hardware faults, the last at step {step}: a node to drain, then resume")

@@ -199,6 +199,17 @@ def test_a_hung_step_is_stopped_by_the_watchdog_with_every_stack(tmp_path, fault
         assert time.time() - began < 5 + 15, time.time() - began
 
 
+def test_no_watchdog_is_left_armed_after_a_run_that_exports(tmp_path, monkeypatch):
+    """The watchdog watches the loop only: after the last export nothing may kill a process that lives on."""
+    import train
+    armed = []
+    monkeypatch.setattr(train.faulthandler, "dump_traceback_later", lambda *a, **k: armed.append(True))
+    monkeypatch.setattr(train.faulthandler, "cancel_dump_traceback_later", lambda: armed.append(False))
+    r = run(tmp_path, "--train.hang_timeout_s=600", "--train.export_hf=true", "--train.export_hf_every=4")
+    assert r.returncode == 0 and r.stdout.count("exported") == 2, r.stderr[-3000:]
+    assert armed.count(True) > 6 and armed[-1] is False
+
+
 def test_async_and_sync_saves_write_identical_files(straight, tmp_path):
     r = run(tmp_path, "--train.async_checkpoint=true")
     assert r.returncode == 0, r.stderr[-3000:]

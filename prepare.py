@@ -300,6 +300,21 @@ def preference_pair(tok: Tokenizer, record, date: str = CHAT_DATE):
     return pair, rewards + [_reward(r, f'"ref_rewards"[{i}]') for i, r in enumerate(ref or [])]
 
 
+def _chat_input(path: str, out: str, tokenizer: str, seq_len: int):
+    """What --chat and --preferences check before any work: a tokenizer with Apertus' control tokens (checked
+    here, not at the first record: the file is not at fault), the sequence length, the output, the input.
+    Returns (the tokenizer, the input's size in bytes)."""
+    tok = get_tokenizer(tokenizer)
+    check_chat_tokenizer(tok)
+    if seq_len < 1:
+        raise DataError(f"--seq-len {seq_len} must be positive")
+    _check_out(out)
+    try:
+        return tok, os.path.getsize(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+
 def prepare_preferences(path: str, out: str, tokenizer: str, seq_len: int, date: str = CHAT_DATE) -> dict:
     """Preference pairs (JSON lines, see preference_pair) -> out.bin/.idx: two sequences per pair, prompt +
     chosen then prompt + rejected, each padded to seq_len + 1 tokens; out.mask.bin/.idx their loss masks (1
@@ -307,15 +322,7 @@ def prepare_preferences(path: str, out: str, tokenizer: str, seq_len: int, date:
     float64, one sequence per pair: [R(chosen), R(rejected), r1, ..., rn], or empty when the file has no
     rewards (DPO). Every pair has rewards or none does. A pair whose longer sequence exceeds seq_len + 1
     tokens is dropped, never cut, and counted. Returns {"pairs", "dropped", "rewards", "tokens"}."""
-    tok = get_tokenizer(tokenizer)
-    check_chat_tokenizer(tok)
-    if seq_len < 1:
-        raise DataError(f"--seq-len {seq_len} must be positive")
-    _check_out(out)
-    try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    tok, size = _chat_input(path, out, tokenizer, seq_len)
     dtype, counts, first = token_dtype(tok.vocab_size), dict(pairs=0, dropped=0, rewards=False, tokens=0), None
     with IndexedDatasetWriter(out, dtype) as data_w, IndexedDatasetWriter(out + ".mask", np.uint8) as mask_w, \
             IndexedDatasetWriter(out + ".rewards", np.float64) as rewards_w, open(path, "rb") as f, \
@@ -461,15 +468,7 @@ def prepare_chat(path: str, out: str, tokenizer: str, seq_len: int, date: str = 
     and each <|assistant_end|>, 0 elsewhere and on the padding). Packing is greedy, in file order; a
     conversation longer than seq_len + 1 tokens is dropped, never cut, and counted.
     Returns {"conversations", "packed", "dropped", "sequences", "tokens"}."""
-    tok = get_tokenizer(tokenizer)
-    check_chat_tokenizer(tok)  # here, not at the first record: the file is not at fault
-    if seq_len < 1:
-        raise DataError(f"--seq-len {seq_len} must be positive")
-    _check_out(out)
-    try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    tok, size = _chat_input(path, out, tokenizer, seq_len)
     n = seq_len + 1
     dtype = token_dtype(tok.vocab_size)
     counts = dict(conversations=0, packed=0, dropped=0, sequences=0, tokens=0)

@@ -174,7 +174,7 @@ def bench_hf(cfg, args, device):
     attention here; with no document mask: it attends causally across documents, which is less masking
     and no less work than ours), fused AdamW, the same global batch by gradient accumulation."""
     import transformers
-    m, t, T = cfg["model"], cfg["train"], cfg["data"].seq_len
+    m, t = cfg["model"], cfg["train"]
     rope = {"rope_type": "default", "rope_theta": m.rope_theta} if m.rope_scaling is None else \
         {**m.rope_scaling, "rope_theta": m.rope_theta}
     hcfg = transformers.ApertusConfig(

@@ -271,8 +271,8 @@ def step_bytes(cfg, stage=0, dp_rank=0, logged=True, cp_rank=0):
 def format_bytes(cfg):
     """step_bytes as text, for every stage that differs (the first, a middle one, the last), dp rank 0."""
     p = cfg["parallel"]
-    lines = [f"one training step (a logged one) hands torch.distributed, per rank: whole tensors (the buffer all-"
-             f"reduced, the all-gather's output, the reduce-scatter's input, the tensor sent or received)"]
+    lines = ["one training step (a logged one) hands torch.distributed, per rank: whole tensors (the buffer all-"
+             "reduced, the all-gather's output, the reduce-scatter's input, the tensor sent or received)"]
     for stage in sorted({0, min(1, p.pp - 1), p.pp - 1}):
         name = "" if p.pp == 1 else f", stage {stage} of {p.pp}"
         lines.append(f" tp={p.tp}{f' cp={p.cp}' if p.cp > 1 else ''} pp={p.pp} dp={p.dp or 1}{name}:")

@@ -315,6 +315,27 @@ def _chat_input(path: str, out: str, tokenizer: str, seq_len: int):
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
 
+def _json_lines(path: str, size: int, desc: str):
+    """(line number, its JSON value) for every non-blank line of a JSON-lines file, with a progress bar."""
+    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=desc) as bar:
+        for line, raw in enumerate(f, 1):
+            bar.update(len(raw))
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError as e:
+                raise DataError(f"{path}:{line}: not valid JSON ({e})") from None
+            yield line, record
+
+
+def _add_padded(data_w, mask_w, ids, mask, n: int, eos_id: int) -> None:
+    """One sequence of n tokens: ids padded with EOS, its loss mask with 0 (the padding comes last: under the
+    causal mask no counted token sees it)."""
+    data_w.add_document(np.array(ids + [eos_id] * (n - len(ids)), dtype=data_w.dtype))
+    mask_w.add_document(np.array(mask + [False] * (n - len(ids)), dtype=np.uint8))
+
+
 def prepare_preferences(path: str, out: str, tokenizer: str, seq_len: int, date: str = CHAT_DATE) -> dict:
     """Preference pairs (JSON lines, see preference_pair) -> out.bin/.idx: two sequences per pair, prompt +
     chosen then prompt + rejected, each padded to seq_len + 1 tokens; out.mask.bin/.idx their loss masks (1
@@ -325,28 +346,22 @@ def prepare_preferences(path: str, out: str, tokenizer: str, seq_len: int, date:
     tok, size = _chat_input(path, out, tokenizer, seq_len)
     dtype, counts, first = token_dtype(tok.vocab_size), dict(pairs=0, dropped=0, rewards=False, tokens=0), None
     with IndexedDatasetWriter(out, dtype) as data_w, IndexedDatasetWriter(out + ".mask", np.uint8) as mask_w, \
-            IndexedDatasetWriter(out + ".rewards", np.float64) as rewards_w, open(path, "rb") as f, \
-            tqdm(total=size, unit="B", unit_scale=True, desc="preferences") as bar:
-        for line, raw in enumerate(f, 1):
-            bar.update(len(raw))
-            if not raw.strip():
-                continue
+            IndexedDatasetWriter(out + ".rewards", np.float64) as rewards_w:
+        for line, record in _json_lines(path, size, "preferences"):
             try:
-                pair, rewards = preference_pair(tok, json.loads(raw), date)
+                pair, rewards = preference_pair(tok, record, date)
                 if first is not None and bool(rewards) != bool(first[1]):
                     has = ("has", "has none") if rewards else ("has no", "has")
                     raise DataError(f"{has[0]} rewards, line {first[0]} {has[1]}: every pair has rewards (QRPO) or none "
                                     f"does (DPO)")
-            except (DataError, ValueError) as e:  # ValueError: not JSON
-                why = e if isinstance(e, DataError) else f"not valid JSON ({e})"
-                raise DataError(f"{path}:{line}: {why}") from None
+            except DataError as e:
+                raise DataError(f"{path}:{line}: {e}") from None
             first = first or (line, rewards)
             if max(len(ids) for ids, _ in pair) > seq_len + 1:
                 counts["dropped"] += 1
                 continue
-            for ids, mask in pair:  # padding: masked out, and after the completion (causal: never seen)
-                data_w.add_document(np.array(ids + [tok.eos_id] * (seq_len + 1 - len(ids)), dtype=dtype))
-                mask_w.add_document(np.array(mask + [False] * (seq_len + 1 - len(ids)), dtype=np.uint8))
+            for ids, mask in pair:
+                _add_padded(data_w, mask_w, ids, mask, seq_len + 1, tok.eos_id)
                 counts["tokens"] += len(ids)
             rewards_w.add_document(np.array(rewards, dtype=np.float64))
             counts["pairs"] += 1
@@ -425,9 +440,9 @@ def _tokenize_piece(task):
             raw = f.read(end - start)
     except OSError as e:
         raise DataError(f"{path}: cannot read input ({e.strerror})") from None
-    docs = [np.array(tok.encode_document(text), dtype=token_dtype(tok.vocab_size))
-            for text in _documents(path, raw, first_line)]
-    return (np.concatenate(docs) if docs else np.empty(0, token_dtype(tok.vocab_size))), [len(d) for d in docs]
+    dtype = token_dtype(tok.vocab_size)
+    docs = [np.array(tok.encode_document(text), dtype=dtype) for text in _documents(path, raw, first_line)]
+    return (np.concatenate(docs) if docs else np.empty(0, dtype)), [len(d) for d in docs]
 
 
 def _check_out(out: str) -> None:
@@ -475,23 +490,13 @@ def prepare_chat(path: str, out: str, tokenizer: str, seq_len: int, date: str = 
     ids, mask = [], []  # the pack being filled
 
     def flush(data_w, mask_w):
-        pad = n - len(ids)
-        data_w.add_document(np.array(ids + [tok.eos_id] * pad, dtype=dtype))  # padding: masked out, never seen
-        mask_w.add_document(np.array(mask + [False] * pad, dtype=np.uint8))  # (causal: it comes last)
+        _add_padded(data_w, mask_w, ids, mask, n, tok.eos_id)
         counts["sequences"] += 1
         counts["tokens"] += len(ids)
         ids.clear(), mask.clear()
 
-    with IndexedDatasetWriter(out, dtype) as data_w, IndexedDatasetWriter(out + ".mask", np.uint8) as mask_w, \
-            open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc="conversations") as bar:
-        for line, raw in enumerate(f, 1):
-            bar.update(len(raw))
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except ValueError as e:
-                raise DataError(f"{path}:{line}: not valid JSON ({e})") from None
+    with IndexedDatasetWriter(out, dtype) as data_w, IndexedDatasetWriter(out + ".mask", np.uint8) as mask_w:
+        for line, record in _json_lines(path, size, "conversations"):
             if not isinstance(record, dict) or "messages" not in record:
                 raise DataError(f'{path}:{line}: a chat record must be an object with a "messages" list')
             try:

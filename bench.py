@@ -232,10 +232,7 @@ def main(argv=None):
     t, m, T = cfg["train"], cfg["model"], cfg["data"].seq_len
     device_type = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        _, world, _ = parallel.env_rank()
-        parallel.check_layout(m, world, cfg["parallel"].tp, None, t.global_batch_size, t.micro_batch_size, T,
-                              cfg["parallel"].sequence_parallel, cfg["parallel"].pp, cfg["parallel"].cp,
-                              cfg["parallel"].virtual_stages)
+        train.check_layout(cfg, parallel.env_rank()[1])
     except parallel.LayoutError as e:
         sys.exit(f"error: {e}")
     grid = parallel.init_distributed(cfg["parallel"], device_type)

@@ -133,14 +133,13 @@ def memory_plan(cfg, tp, dp, stage=0):
     return rows, peak
 
 
-def plan_layout(cfg, tp=None, dp=None):
-    """The numbers of a layout (tp and dp default to the config's [parallel]): {"tp", "cp", "pp", "dp", "gpus",
+def plan_layout(cfg):
+    """The numbers of the config's layout: {"tp", "cp", "pp", "dp", "gpus",
     "micro_batches", "stages": {(activation checkpointing, stage): (rows, peak bytes)}} for every stage
     that can be the largest (the first holds the most activations, the last the head and the loss)."""
-    m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
-    tp, dp = tp or p.tp, dp or p.dp or 1
-    parallel.check_layout(m, tp * p.cp * p.pp * dp, tp, dp, t.global_batch_size, t.micro_batch_size,
-                          cfg["data"].seq_len, p.sequence_parallel, p.pp, p.cp, p.virtual_stages)
+    t, p = cfg["train"], cfg["parallel"]
+    tp, dp = p.tp, p.dp or 1
+    train.check_layout(cfg, tp * p.cp * p.pp * dp, dp)
     stages = {}
     for ckpt in (False, True):
         c = {**cfg, "train": replace(t, activation_checkpointing=ckpt)}
@@ -289,14 +288,13 @@ def format_bytes(cfg):
 # latency_us: per collective call (0: left out, not measured here); efficiency: the compute efficiency
 # (0: the measured row of EFFICIENCY nearest the layout's shape). Sources: Alps as APERTUS.md section 3
 # gives it (4 GH200 a node, NVLink 150 GB/s per direction between each pair, Slingshot-11 25 GB/s per
-# GPU, 96 GB); NVIDIA's datasheets for the rest (GH200 and H100 SXM: 989 TFLOP/s dense bf16 as
-# train.PEAK_BF16_FLOPS; HBM3 4 TB/s on the 96 GB GH200, 3.35 TB/s on the H100 SXM; NVLink 4 at 900 GB/s
+# GPU, 96 GB); NVIDIA's datasheets for the rest (dense bf16 peak: train.PEAK_BF16_FLOPS; HBM3 4 TB/s on the 96 GB GH200, 3.35 TB/s on the H100 SXM; NVLink 4 at 900 GB/s
 # both ways through NVSwitch; one 400 Gb/s NDR InfiniBand NIC per H100, 50 GB/s).
 MACHINES = {
-    "gh200-alps": dict(gpus_per_node=4, memory_GB=96, peak_tflops=989, hbm_GBps=4000, nvlink_GBps=150,
-                       nvlink_pairwise=1, net_GBps=25, latency_us=0, efficiency=0),
-    "h100-sxm": dict(gpus_per_node=8, memory_GB=80, peak_tflops=989, hbm_GBps=3350, nvlink_GBps=450,
-                     nvlink_pairwise=0, net_GBps=50, latency_us=0, efficiency=0),
+    "gh200-alps": dict(gpus_per_node=4, memory_GB=96, peak_tflops=round(train.PEAK_BF16_FLOPS["GH200"] / 1e12),
+                       hbm_GBps=4000, nvlink_GBps=150, nvlink_pairwise=1, net_GBps=25, latency_us=0, efficiency=0),
+    "h100-sxm": dict(gpus_per_node=8, memory_GB=80, peak_tflops=round(train.PEAK_BF16_FLOPS["H100"] / 1e12),
+                     hbm_GBps=3350, nvlink_GBps=450, nvlink_pairwise=0, net_GBps=50, latency_us=0, efficiency=0),
 }
 
 # Compute efficiency, measured: whole optimizer steps on one GPU (bench.py: forward, backward, loss, ZeRO
@@ -514,7 +512,7 @@ def step_time(cfg, machine, rows=EFFICIENCY):
     tps = t.global_batch_size * sequences(t) * cfg["data"].seq_len / step / gpus
     return dict(terms=dict(zip(TERMS, values)), step_s=step, tokens_per_s_gpu=tps, work_stage=w, tail_stage=tl,
                 mfu=tps * flops_per_token(m, cfg["data"].seq_len, _params(m)) / (machine["peak_tflops"] * 1e12),
-                row=row, micro_batches=micro, gpus=gpus, counts={s: step_bytes(cfg, s) for s in per})
+                row=row, micro_batches=micro, gpus=gpus)
 
 
 def _layout_name(cfg):
@@ -594,11 +592,10 @@ def format_search(cfg, name, machine, gpus, ranked, top=10):
                      f"{peak_memory(c, p.tp, p.dp) / 1e9:>8.1f} {r['step_s']:>8.3f} {tps:>13,.0f} {r['mfu']:>6.1%}")
     p = cfg["parallel"]
     mine = with_layout(cfg, dp=gpus // (p.tp * p.cp * p.pp))
-    key = lambda c: (_layout_name(c), c["train"].micro_batch_size)  # noqa: E731
-    rank = next((i for i, (_, c, _) in enumerate(ranked) if key(c) == key(mine)), None)
+    rank = next((i for i, (_, c, _) in enumerate(ranked) if _layout_name(c) == _layout_name(mine)), None)
     if rank is None:
         lines.append(f"the config's layout ({_layout_name(mine)}) is not among them (it does not fit, or is refused)")
-    elif ranked:
+    else:
         first, own = ranked[0][2], ranked[rank][2]
         lines.append(f"the config's layout ({_layout_name(mine)}) ranks #{rank + 1}: {ranked[rank][0]:,.0f} tokens/s/GPU")
         if rank:

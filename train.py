@@ -572,6 +572,13 @@ def sample(model, tok, t, device):
         model.attn_backend = backend
 
 
+def check_layout(cfg, world, dp=None):
+    """parallel.check_layout of the config's layout on `world` processes (dp: world / (tp x cp x pp))."""
+    m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
+    parallel.check_layout(m, world, p.tp, dp, t.global_batch_size, t.micro_batch_size, cfg["data"].seq_len,
+                          p.sequence_parallel, p.pp, p.cp, p.virtual_stages)
+
+
 def setup(cfg):
     """Before the first step: the architecture (train.init_from's, if set), the grid, data, model and optimizer."""
     t, dcfg, p = cfg["train"], cfg["data"], cfg["parallel"]
@@ -579,8 +586,7 @@ def setup(cfg):
         cfg["model"] = checkpoint.init_from_config(t.init_from, t.out_dir, cfg["model"], cfg["model_keys"])
     mcfg = cfg["model"]
     device_type = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    parallel.check_layout(mcfg, parallel.env_rank()[1], p.tp, None, t.global_batch_size, t.micro_batch_size,
-                          dcfg.seq_len, p.sequence_parallel, p.pp, p.cp, p.virtual_stages)
+    check_layout(cfg, parallel.env_rank()[1])
     grid = parallel.init_distributed(p, device_type)
     torch.manual_seed(t.seed * 1_000_003 + grid.rank)  # each rank's own stream, the same in every run
     tok = prepare.get_tokenizer(dcfg.tokenizer)

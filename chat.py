@@ -19,6 +19,7 @@ import torch
 import checkpoint
 import prepare
 from data import DataError
+from model import next_token
 
 
 class Conversation:
@@ -45,16 +46,9 @@ class Conversation:
             if len(self.ids) + len(new) > limit:
                 break
             x = torch.tensor([new], device=self.model.lm_head.weight.device)
-            logits = self.model(x, cache=self.cache)[0, -1].float()  # the next token's, after all of self.ids
+            logits = self.model(x, cache=self.cache)[:, -1].float()  # the next token's, after all of self.ids
             self.ids = self.ids + new
-            if temperature == 0:
-                nxt = int(logits.argmax())
-            else:
-                logits = logits / temperature
-                if top_k:
-                    v, _ = torch.topk(logits, min(top_k, logits.numel()))
-                    logits[logits < v[-1]] = -float("inf")
-                nxt = int(torch.multinomial(torch.softmax(logits, -1), 1))
+            nxt = int(next_token(logits, temperature, top_k))
             if nxt == end:  # not fed yet: the next turn's ids start with it
                 break
             answer.append(nxt)
@@ -108,8 +102,10 @@ def main(argv=None) -> int:
         try:
             for piece in chat.reply(text, args.max_new_tokens, args.temperature, args.top_k):
                 print(piece, end="", flush=True)
-        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the conversation
-            chat.reset()
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the conversation: its question is taken back,
+            if chat.messages[-1]["role"] == "user":  # and the cache (perhaps half-written) starts over
+                chat.messages.pop()
+            chat.ids, chat.cache = [], {"length": 0}
         print()
         if args.prompt is not None:
             return 0

@@ -420,12 +420,16 @@ def _no_reduce(x, op):
     return x
 
 
+def loss_chunk_rows(vocab_slice, device_type):
+    """Rows of logits [rows, vocab_slice] the loss holds at once on this device type (at least one)."""
+    elements = LOSS_CHUNK_ELEMENTS if isinstance(LOSS_CHUNK_ELEMENTS, int) else LOSS_CHUNK_ELEMENTS[device_type]
+    return max(1, elements // vocab_slice)
+
+
 def lm_head_loss(h, head, targets, mask, vocab_start=0, all_reduce=_no_reduce, compiled=False):
     """h [B, T, d] -> the summed loss over the tokens where mask is True (fp32 scalar)."""
     d, Vl = h.shape[-1], head.weight.shape[0]
-    elements = LOSS_CHUNK_ELEMENTS if isinstance(LOSS_CHUNK_ELEMENTS, int) else \
-        LOSS_CHUNK_ELEMENTS["cuda" if h.is_cuda else "cpu"]
-    chunk = max(1, elements // Vl)
+    chunk = loss_chunk_rows(Vl, "cuda" if h.is_cuda else "cpu")
     need_grad = torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)
     return LMHeadLoss.apply(h.reshape(-1, d), head.weight, targets.reshape(-1), mask.reshape(-1),
                             need_grad, chunk, vocab_start, all_reduce, compiled and h.is_cuda)
@@ -465,10 +469,10 @@ class Apertus(nn.Module):
         doc = torch.zeros_like(input_ids) if doc_ids is None else doc_ids
         S, T = 0 if cache is None else cache.setdefault("length", 0), input_ids.shape[1]  # S: positions in the cache
         pos = document_positions(doc) + S
-        # built once here, shared by every layer
-        mask = make_block_mask(doc, cp_index) if self.attn_backend == "flex" else sdpa_mask(doc, cp_index)
         if cache is not None:  # causal, aligned at the end: query i sees the S cached keys and the new ones <= i
             mask, cache["length"] = torch.ones(T, S + T, dtype=torch.bool, device=doc.device).tril(S), S + T
+        else:  # built once here, shared by every layer
+            mask = make_block_mask(doc, cp_index) if self.attn_backend == "flex" else sdpa_mask(doc, cp_index)
         if cp_index is not None:  # this rank's tokens from here on
             input_ids, pos = input_ids[:, cp_index], pos[:, cp_index]
             targets, loss_mask = (t if t is None else t[:, cp_index] for t in (targets, loss_mask))
@@ -531,17 +535,20 @@ class Apertus(nn.Module):
         kv = {"length": 0} if cache else None
         for _ in range(max_new_tokens):
             x = idx[:, kv["length"]:] if cache else idx[:, -self.config.max_position_embeddings:]
-            logits = self(x, cache=kv)[:, -1, :].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)
-            idx = torch.cat((idx, nxt), dim=1)
+            idx = torch.cat((idx, next_token(self(x, cache=kv)[:, -1, :].float(), temperature, top_k)), dim=1)
         return idx
+
+
+def next_token(logits, temperature=1.0, top_k=None):
+    """logits [B, V] -> the next token [B, 1]: the most likely at temperature 0, else drawn from the top_k
+    (None or 0: from the whole vocabulary) at this temperature."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), 1)
 
 
 # ----------------------------------------------------------------------------- counts

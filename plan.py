@@ -36,7 +36,7 @@ from model import flops_per_token, param_count
 
 GPUS = (("GH200 96 GB", 96e9), ("H100 80 GB", 80e9))  # "fits": under 90% of the GPU's memory
 FIT = 0.9  # leaving room for the allocator's fragmentation
-_CACHE = {}  # param_count and the stages' parameters, once per architecture and layout (the search asks often)
+_CACHE = {}  # param_count, the stages' parameters and buckets, once per architecture and layout (the search asks often)
 
 
 def _params(m):
@@ -110,9 +110,7 @@ def memory_plan(cfg, tp, dp, stage=0):
     else:
         activations = held * per_tok * N * L / (pp * V)
     what = f"{held} micro-batch{'es' if held > 1 else ''}" if V == 1 else f"{held} chunks of {L // (pp * V)} layers"
-    chunk = model_py.LOSS_CHUNK_ELEMENTS
-    chunk = chunk if isinstance(chunk, int) else chunk["cpu" if t.device == "cpu" else "cuda"]
-    chunk = min(max(1, chunk // Vl), N) * Vl  # whole rows of logits, at most the micro-batch's (model.lm_head_loss)
+    chunk = min(_loss_rows(t, Vl), N) * Vl  # whole rows of logits, at most the micro-batch's (model.lm_head_loss)
     # fp32 head gradient and input gradient, and one chunk: its logits and gradient (and, eager, fp32 temporaries);
     # dpo and qrpo run the head row by row (model.forward's reduction="sequence"): a head gradient per sequence
     heads = B if seqs == 2 else 1
@@ -182,9 +180,7 @@ def _wbytes(t):
 
 def _loss_rows(t, vocab_slice):
     """Rows of logits the loss handles at once (model.lm_head_loss)."""
-    chunk = model_py.LOSS_CHUNK_ELEMENTS
-    chunk = chunk if isinstance(chunk, int) else chunk["cpu" if t.device == "cpu" else "cuda"]
-    return max(1, chunk // vocab_slice)
+    return model_py.loss_chunk_rows(vocab_slice, "cpu" if t.device == "cpu" else "cuda")
 
 
 def stage_parameters(cfg, stage):
@@ -196,6 +192,16 @@ def stage_parameters(cfg, stage):
     key = ("stage", repr(m), p.tp, p.pp, stage)
     if key not in _CACHE:
         _CACHE[key] = [(n, t.numel(), t.role) for n, t in checkpoint._stage_parameters(m, p.tp, p.pp, stage)]
+    return _CACHE[key]
+
+
+def zero_layout(cfg, stage):
+    """parallel.zero_layout of a stage's parameters over the dp x cp weight replicas: (index, buckets)."""
+    p = cfg["parallel"]
+    key = ("zero", repr(cfg["model"]), p.tp, p.pp, stage, (p.dp or 1) * p.cp, p.bucket_size)
+    if key not in _CACHE:
+        params = stage_parameters(cfg, stage)
+        _CACHE[key] = parallel.zero_layout([(n, k) for n, k, _ in params], (p.dp or 1) * p.cp, p.bucket_size)
     return _CACHE[key]
 
 
@@ -223,22 +229,26 @@ def step_bytes(cfg, stage=0, dp_rank=0, logged=True, cp_rank=0):
     sp = p.sequence_parallel and tp > 1
     blocks, ck = micro * m.num_hidden_layers // pp, t.activation_checkpointing
     first, last = stage == 0, stage == pp - 1
+    pairs = t.objective != "lm"  # dpo, qrpo: the head and the loss run row by row (model.forward's "sequence")
     if tp > 1:
         # BLOCK_PLAN: per block, f before and g after each sublayer, forward and backward: 4 all-reduces, or
         # under sequence parallelism 4 all-gathers (f forward, g backward) and 4 reduce-scatters. Activation
         # checkpointing reruns the forward in backward, up to what backward needs (torch.utils.checkpoint
         # stops early): both f, the attention's g. Then the embedding's g and the head's f, once each.
         for kind, n in (("all_gather", 4 + 2 * ck), ("reduce_scatter", 4 + ck)) if sp else (("all_reduce", 4 + ck),):
-            n = blocks * n + micro * (first + last)
-            add(kind, "tp", n, n * act)
+            n = blocks * n + micro * (first + last)  # pairs: the head's f row by row, each 1/B of the activation
+            add(kind, "tp", n + micro * (B - 1) * last * pairs, n * act)
         if last:  # vocab-parallel cross-entropy: the max, the sum of exp and the target logit, fp32, per chunk
             rows = _loss_rows(t, m.vocab_size // tp)
-            add("all_reduce", "tp", 3 * micro * -(-B * T // cp // rows), 3 * micro * B * T // cp * 4)
+            chunks = B * -(-T // cp // rows) if pairs else -(-B * T // cp // rows)
+            add("all_reduce", "tp", 3 * micro * chunks, 3 * micro * B * T // cp * 4)
     if cp > 1:  # parallel.gather_kv: per block, K and V (this rank's KV heads) of the whole sequence gathered
         # forward (again when checkpointing reruns it), their gradients reduce-scattered backward
         kv = B * T * 2 * m.num_key_value_heads // tp * m.head_dim * wb
         add("all_gather", "cp", blocks * (1 + ck), blocks * (1 + ck) * kv)
         add("reduce_scatter", "cp", blocks, blocks * kv)
+        if pairs and last:  # train.pair_loss: each row's summed loss, over the CP ranks (fp32)
+            add("all_reduce", "cp", micro, micro * B * 4)
     if pp > 1:  # each unit's activation (its sequence slice) to the next stage, its gradient back
         units = micro * V  # the last stage's last chunk sends no activation, the first's first no gradient
         sends = 2 * units - micro * (first + last)
@@ -246,12 +256,12 @@ def step_bytes(cfg, stage=0, dp_rank=0, logged=True, cp_rank=0):
         add("send", "pp", sends, sends * slice_bytes)
         add("recv", "pp", sends, sends * slice_bytes)
     replicas = "dp_cp" if cp > 1 else "dp"  # the ranks that hold the same weights (Grid.dp_cp_group)
-    add("all_reduce", "dp", 1, 4)  # the global batch's token count (train.forward_backward)
-    add("all_reduce", replicas, 1, 4)  # the loss, summed over the replicas
-    if pp > 1:
-        add("all_reduce", "pp", 1, 4)  # ... and from the last stage
+    # pairs: no token count; beside the loss, the pairs' margin, accuracy and reward (3 float64)
+    add("all_reduce", "dp", 0 if pairs else 1, 4)  # the global batch's token count (train.forward_backward)
+    for group in (replicas, "pp") if pp > 1 else (replicas,):  # the loss, summed over the replicas and stages
+        add("all_reduce", group, 2 if pairs else 1, 4 + 24 * pairs)
     params = stage_parameters(cfg, stage)
-    index, buckets = parallel.zero_layout([(n, k) for n, k, _ in params], dp * cp, p.bucket_size)
+    index, buckets = zero_layout(cfg, stage)
     if dp * cp > 1:  # ZeRO-1: every bucket's fp32 gradients reduce-scattered, its updated weights all-gathered
         size = sum(b.size for b in buckets)
         add("reduce_scatter", replicas, len(buckets), 4 * size)
@@ -448,7 +458,7 @@ def dp_exposed_s(cfg, stage, rs_s, ag_s, unit_f, unit_b):
         c = layers.index(int(n.split(".")[2])) * V // len(layers) if n.startswith("model.layers.") else \
             (0 if n.startswith("model.embed_tokens") else V - 1)
         share[c] += k / total
-    _, buckets = parallel.zero_layout([(n, k) for n, k, _ in params], (p.dp or 1) * p.cp, p.bucket_size)
+    _, buckets = zero_layout(cfg, stage)
     last = buckets[-1].size / sum(b.size for b in buckets)  # the bucket of the first layers, last in backward
     net, end = 0.0, ((V - 1) * pp + 1) * unit_b  # when the network is free; when this rank's backward ends
     for c in reversed(range(V)):

@@ -47,7 +47,7 @@ class TrainConfig:
     max_steps: int = 1000               # optimizer steps
     global_batch_size: int = 32         # sequences per optimizer step, whatever the layout
     micro_batch_size: int = 8           # sequences per forward/backward on one rank
-    log_interval: int = 10              # steps between lines in metrics.jsonl
+    log_interval: int = 10              # steps between lines in metrics.jsonl (0 = only at the end)
     eval_interval: int = 100            # steps between validation passes (0 = only at the end)
     checkpoint_interval: int = 250      # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 3           # the newest this many are kept, older ones deleted after each save
@@ -428,18 +428,21 @@ def forward_backward(model, opt, batches, t, grid, train=True, stats=None):
     cfg, pairs = model.config, t.objective != "lm"
     moved = [[None if v is None else v.to(grid.device, non_blocking=True) for v in (b.x, b.y, b.loss_mask)]
              for b in batches]
-    masks = [loss_mask(x, y, t, cfg.eos_token_id) if train else x != cfg.eos_token_id for x, y, _ in moved]
-    # a packed source (chat data) brings its own loss mask: only the assistant's tokens count
-    masks = [m if packed is None else m & packed for m, (_, _, packed) in zip(masks, moved)]
-    # under CP every rank holds whole sequences: the masks (Goldfish's windows too) and count are one process's
-    n_tokens = all_sum(sum(m.sum() for m in masks).float(), grid.dp_group)
+    if pairs:  # a pair's loss is over its completions' tokens (their packed mask): no Goldfish, no token count
+        masks, n_tokens = [packed for *_, packed in moved], None
+    else:
+        masks = [loss_mask(x, y, t, cfg.eos_token_id) if train else x != cfg.eos_token_id for x, y, _ in moved]
+        # a packed source (chat data) brings its own loss mask: only the assistant's tokens count
+        masks = [m if packed is None else m & packed for m, (_, _, packed) in zip(masks, moved)]
+        # under CP every rank holds whole sequences: the masks (Goldfish's windows too) and count are one process's
+        n_tokens = all_sum(sum(m.sum() for m in masks).float(), grid.dp_group)
     B, T = moved[0][0].shape
     index = parallel.cp_positions(T, grid.cp, grid.cp_rank, grid.device) if grid.cp > 1 else None
     # pairs: a micro-batch holds whole pairs, each pair's loss where both its sequences are, under their loss mask
     sums = torch.zeros(3, dtype=torch.float64, device=grid.device) if pairs else None
-    steps = [functools.partial(micro_loss, model, x, y, packed if pairs else m, n_tokens, cp_index=index,
-                               pairs=pairs and functools.partial(pair_loss, b, packed, t, sums, grid.cp_group))
-             for b, (x, y, packed), m in zip(batches, moved, masks)]
+    steps = [functools.partial(micro_loss, model, x, y, m, n_tokens, cp_index=index,
+                               pairs=pairs and functools.partial(pair_loss, b, m, t, sums, grid.cp_group))
+             for b, (x, y, _), m in zip(batches, moved, masks)]
     t0 = time.perf_counter()
     if grid.pp > 1:  # every stage reads the same batch; the first uses the tokens, the last the targets
         sp = grid.tp if grid.sequence_parallel else 1
@@ -582,6 +585,9 @@ def check_layout(cfg, world, dp=None):
 def setup(cfg):
     """Before the first step: the architecture (train.init_from's, if set), the grid, data, model and optimizer."""
     t, dcfg, p = cfg["train"], cfg["data"], cfg["parallel"]
+    for key, package in (("tensorboard", "tensorboard"), ("wandb_project", "wandb")):  # every rank: all stop
+        if getattr(t, key) and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"train.{key} needs the {package} package: pip install -e \".[track]\"")
     if t.init_from:
         cfg["model"] = checkpoint.init_from_config(t.init_from, t.out_dir, cfg["model"], cfg["model_keys"])
     mcfg = cfg["model"]
@@ -652,14 +658,11 @@ class Metrics:
     """metrics.jsonl (rank 0, appended, one line per logged step and per step that evaluates or saves) and
     the progress bar. tokens/s and MFU time the step alone, never an evaluation or a save."""
 
-    def __init__(self, cfg, grid, loader, step):
+    def __init__(self, cfg, grid, loader, step, config):
         t, mcfg, seq_len = cfg["train"], cfg["model"], cfg["data"].seq_len
         self.t, self.grid, self.loader = t, grid, loader
         self.tokens = t.global_batch_size * seq_len * (1 if t.objective == "lm" else 2)  # a pair: two sequences
         self.flops, self.peak = flops_per_token(mcfg, seq_len), peak_flops(grid.device)
-        for key, package in (("tensorboard", "tensorboard"), ("wandb_project", "wandb")):  # every rank: all stop
-            if getattr(t, key) and importlib.util.find_spec(package) is None:
-                raise ConfigError(f"train.{key} needs the {package} package: pip install -e \".[track]\"")
         self.file = open(os.path.join(t.out_dir, "metrics.jsonl"), "a") if grid.rank == 0 else None
         self.bar = tqdm(total=t.max_steps, initial=step, desc="train", dynamic_ncols=True) if grid.rank == 0 else None
         self.tb = self.wandb = None
@@ -672,7 +675,7 @@ class Metrics:
             if not os.path.exists(id_file):
                 open(id_file, "w").write(os.urandom(6).hex())
             self.wandb = wandb.init(project=t.wandb_project, id=open(id_file).read(), resume="allow", dir=t.out_dir,
-                                    name=t.out_dir, config={s: asdict(cfg[s]) for s in SECTIONS})
+                                    name=t.out_dir, config=config)
 
     def step(self, step, loss, norm, lr, seconds, waited, busy):
         """The record of a step that has just ended (a non-finite one is said: its update was skipped)."""
@@ -695,7 +698,7 @@ class Metrics:
         return record
 
     def logged(self, step):
-        return step % self.t.log_interval == 0 or step == self.t.max_steps
+        return due(step, self.t.log_interval, self.t)
 
     def write(self, record):
         if self.file and (self.logged(record["step"]) or {"val_loss", "checkpoint_block_s", "spike"} & record.keys()):
@@ -850,7 +853,7 @@ def run(cfg):
     decay_start = t.decay_start if t.decay_start >= 0 else t.max_steps - t.decay_steps
     signal_seen = False
     guard = SpikeGuard(t, grid, [s[0] for s in loader.stages], meta["spike_guard"]) if t.spike_guard else None
-    with guarded(t), contextlib.closing(Metrics(cfg, grid, loader, step)) as metrics:
+    with guarded(t), contextlib.closing(Metrics(cfg, grid, loader, step, meta["config"])) as metrics:
         while step < t.max_steps:
             t0 = time.perf_counter()
             lr = wsd_lr(step, t.lr, t.min_lr, t.warmup_steps, decay_start, t.decay_steps, t.decay_shape)

@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import random
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from test_parallel import ROOT, _init, _spawn, free_port
 
 import parallel
 import plan
+import prepare
+import test_align
 import train
 
 RUN = ["configs/tiny.toml", "--train.max_steps=1", "--train.log_interval=1", "--train.eval_interval=0",
@@ -23,6 +26,8 @@ RUN = ["configs/tiny.toml", "--train.max_steps=1", "--train.log_interval=1", "--
 LAYOUTS = [(2, 1, 2, False, 1, False, 1), (2, 1, 2, True, 1, True, 1), (1, 2, 2, False, 2, False, 1),
            (2, 2, 1, False, 2, False, 1), (2, 2, 1, True, 1, False, 1), (2, 1, 1, True, 1, True, 2),
            (1, 2, 1, False, 2, False, 2)]
+# preference pairs (qrpo: no token count, the pairs' statistics beside the loss) over cp x pp, and dp x tp
+PAIR_LAYOUTS = [(1, 2, 1, False, 1, False, 2), (2, 1, 2, True, 1, False, 1)]
 COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "batch_isend_irecv", "broadcast",
                "barrier", "all_gather", "reduce_scatter", "send", "recv", "all_to_all_single")  # isend, irecv: P2POp checks them
 
@@ -62,7 +67,7 @@ def _record(grids, log, on):
         setattr(dist, name, wrap(name, getattr(dist, name)))
 
 
-def _bytes_worker(rank, world, port, ports, out_dir):
+def _bytes_worker(rank, world, port, ports, out_dir, pair_args):
     _init(rank, world, port)
     grids, log, on = [], {}, [False]
     real_init, real_step, real_signalled = parallel.init_distributed, train.train_step, train.signalled
@@ -78,11 +83,12 @@ def _bytes_worker(rank, world, port, ports, out_dir):
         return out
     train.train_step, train.signalled = step, signalled
     _record(grids, log, on)
-    for (tp, pp, dp, sp, vp, ckpt, cp), port in zip(LAYOUTS, ports):
+    runs = [(layout, []) for layout in LAYOUTS] + [(layout, pair_args) for layout in PAIR_LAYOUTS]
+    for ((tp, pp, dp, sp, vp, ckpt, cp), extra), port in zip(runs, ports):
         os.environ["MASTER_PORT"] = str(port)
-        args = RUN + [f"--parallel.tp={tp}", f"--parallel.pp={pp}", f"--parallel.sequence_parallel={str(sp).lower()}",
+        args = RUN + extra + [f"--parallel.tp={tp}", f"--parallel.pp={pp}", f"--parallel.sequence_parallel={str(sp).lower()}",
                       f"--parallel.virtual_stages={vp}", f"--train.activation_checkpointing={str(ckpt).lower()}",
-                      f"--parallel.cp={cp}", f"--train.out_dir={out_dir}/{tp}{pp}{dp}{sp}{vp}{ckpt}{cp}"]
+                      f"--parallel.cp={cp}", f"--train.out_dir={out_dir}/{tp}{pp}{dp}{sp}{vp}{ckpt}{cp}{bool(extra)}"]
         log.clear()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             assert train.main(args) == 0, args
@@ -95,7 +101,14 @@ def _bytes_worker(rank, world, port, ports, out_dir):
 
 def test_the_plan_counts_the_bytes_the_code_sends(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    _spawn(_bytes_worker, 4, [free_port() for _ in LAYOUTS], str(tmp_path))
+    tok, rng = test_align.chat_tokenizer(tmp_path / "tok"), random.Random(0)
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(test_align.preference(i, rng)) + "\n" for i in range(64)))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert prepare.main(["--preferences", str(tmp_path / "prefs.jsonl"), "--tokenizer", tok,
+                             "--out", str(tmp_path / "prefs"), "--seq-len", "100"]) == 0
+    pair_args = [f"--data.dataset={tmp_path / 'prefs'}", f"--data.tokenizer={tok}", "--model.vocab_size=336",
+                 "--data.val_fraction=0.1", "--data.seq_len=100", *test_align.QRPO]
+    _spawn(_bytes_worker, 4, [free_port() for _ in LAYOUTS + PAIR_LAYOUTS], str(tmp_path), pair_args)
 
 
 # ----------------------------------------------------------------------------- the terms and their numbers

@@ -143,10 +143,6 @@ INDEX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, S, D: 34 
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
-
-
 def _pread(f, offset: int, count: int, dtype) -> np.ndarray:
     """`count` items of `dtype` at byte `offset` of the open file f: one positioned read."""
     dtype = np.dtype(dtype)
@@ -345,9 +341,9 @@ class Source:
                  min_doc_tokens: int = 0):
         self.name, self.seq_len, self.kept = name, seq_len, None
         self.data, self.mask, self.rewards = IndexedDataset(prefix, vocab_size), None, None
-        if min_doc_tokens and os.path.exists(prefix + ".mask.idx"):
-            raise DataError(f"source {name!r}: min_doc_tokens keeps documents of a plain source; {prefix} is packed")
         if os.path.exists(prefix + ".mask.idx"):
+            if min_doc_tokens:
+                raise DataError(f"source {name!r}: min_doc_tokens keeps documents of a plain source; {prefix} is packed")
             self.mask = IndexedDataset(prefix + ".mask")
             if self.mask.dtype != np.uint8 or len(self.mask) != len(self.data):
                 raise DataError(f"{self.mask.idx_path}: a loss mask must be uint8 with one sequence per sequence "
@@ -359,7 +355,8 @@ class Source:
                     raise DataError(f"{self.rewards.idx_path}: must hold one sequence per two of {self.data.idx_path}")
         else:
             self._check_back_to_back()
-            self.kept = self._keep(min_doc_tokens) if min_doc_tokens else None
+            if min_doc_tokens:
+                self.kept = self._keep(min_doc_tokens)
             total = max((self.data.num_tokens if self.kept is None else int(self.kept[1][-1])) - 1, 0) // seq_len
         self.num_val = max(1, int(total * val_fraction))
         self.num_train = total - self.num_val

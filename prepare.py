@@ -34,7 +34,13 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from data import DataError, DataLoader, IndexedDatasetWriter, token_dtype, write_index
+from data import DataError, DataLoader, IndexedDatasetWriter, write_index
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The token type of a dataset written for a vocabulary of this size: 2 bytes where they suffice."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
+
 
 # -----------------------------------------------------------------------------
 # tokenizer

@@ -167,7 +167,7 @@ def test_tekken_tokenizer():
     ids = tok.encode(TEXT)
     assert min(ids) >= 1000 and max(ids) < 131072 and len(ids) < len(TEXT.encode())
     assert tok.decode(tok.encode_document(TEXT)) == TEXT
-    assert data.token_dtype(tok.vocab_size) == np.int32 and data.token_dtype(260) == np.uint16
+    assert prepare_py.token_dtype(tok.vocab_size) == np.int32 and prepare_py.token_dtype(260) == np.uint16
     from mistral_common.tokens.tokenizers.tekken import Tekkenizer  # the reference implementation
 
     assert Tekkenizer.from_file(path).encode(TEXT, bos=True, eos=True) == tok.encode_document(TEXT)

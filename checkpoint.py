@@ -337,20 +337,25 @@ class CheckpointReader:
         self.path = path
         self.meta, self.cfg = read_meta(path)
         lay = self.meta["layout"]
-        self.tp, self.pp, self.dp, self.cp = lay["tp"], lay["pp"], lay["dp"], lay.get("cp", 1)
-        zero = self.dp * self.cp  # ZeRO-1 partitions, in dp_cp_rank order: partition z is at (d, c) = divmod(z, cp)
-        self.sources, self.shapes = {}, {}  # name -> [(tp_rank, start, end, file's rank)], name -> (tp_dim, full shape)
-        for pp_rank in range(self.pp):
-            named = _stage_parameters(self.cfg, self.tp, self.pp, pp_rank, lay.get("virtual_stages", 1))
+        self.tp, pp, cp = lay["tp"], lay["pp"], lay.get("cp", 1)
+        zero = lay["dp"] * cp  # ZeRO-1 partitions, in dp_cp_rank order: partition z is at (d, c) = divmod(z, cp)
+        # name -> {the writer's tp rank: its pieces [(start, end, file's rank)] in order}, name -> (tp_dim, full shape)
+        self.sources, self.shapes = {}, {}
+        for pp_rank in range(pp):
+            named = _stage_parameters(self.cfg, self.tp, pp, pp_rank, lay.get("virtual_stages", 1))
             index, buckets = parallel.zero_layout([(n, p.numel()) for n, p in named], zero, lay["bucket_size"])
             numels = {n: p.numel() for n, p in named}
             self.shapes.update({n: (p.role.tp_dim, full_shape(n, p)) for n, p in named})
             for z in range(zero):
-                d, c = divmod(z, self.cp)
+                d, c = divmod(z, cp)
                 for pc in parallel.zero_pieces(index, buckets, numels, z, zero):
                     for t in range(self.tp) if self.shapes[pc.name][0] is not None else [0]:
-                        rank = ((d * self.pp + pp_rank) * self.cp + c) * self.tp + t  # parallel.init_distributed's
-                        self.sources.setdefault(pc.name, []).append((t, pc.start, pc.end, rank))
+                        rank = ((d * pp + pp_rank) * cp + c) * self.tp + t  # parallel.init_distributed's
+                        self.sources.setdefault(pc.name, {}).setdefault(t, []).append((pc.start, pc.end, rank))
+        for pieces in self.sources.values():
+            for t in pieces:
+                pieces[t].sort()
+        self.starts = {n: {t: [s for s, _, _ in p] for t, p in pieces.items()} for n, pieces in self.sources.items()}
         self.files, self.bytes_read = {}, 0
 
     def _open(self, rank):
@@ -372,10 +377,7 @@ class CheckpointReader:
         dim = tp_dim if tp_dim is not None else dim
         split = (tp, tp_rank, self.tp) if dim is not None else (1, 0, 1)
         out = torch.empty(end - start, dtype=torch.float32)
-        pieces = {}  # the writer's tp rank -> its pieces (start, end, file's rank), in order
-        for t, s, e, rank in sorted(self.sources[name]):
-            pieces.setdefault(t, []).append((s, e, rank))
-        starts = {t: [s for s, _, _ in p] for t, p in pieces.items()}
+        pieces, starts = self.sources[name], self.starts[name]
         for src, src_start, length, at in slice_runs(shape, dim, *split, start, end):
             k = max(bisect.bisect_right(starts.get(src, []), src_start) - 1, 0)
             for s, e, rank in pieces.get(src, [])[k:]:  # the pieces that overlap the run
@@ -390,9 +392,8 @@ class CheckpointReader:
 
     def piece_reader(self, opt, grid):
         """read(piece, kind) for DistributedOptimizer.load_state: this rank's pieces, whatever layout wrote them."""
-        dim = lambda pc: opt.roles[pc.name].tp_dim  # noqa: E731
-        return lambda pc, kind: self.read(kind, pc.name, grid.tp if dim(pc) is not None else 1, grid.tp_rank, pc.start,
-                                          pc.end, dim(pc))
+        return lambda pc, kind: self.read(kind, pc.name, grid.tp, grid.tp_rank, pc.start, pc.end,
+                                          opt.roles[pc.name].tp_dim)
 
     def full(self, kind, name):
         dim, shape = self.shapes[name]

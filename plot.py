@@ -21,11 +21,15 @@ PANELS = [("loss", "loss (val dashed)"), ("val_loss/", "validation loss per sour
           ("grad_norm", "gradient norm"), ("tokens_per_sec", "tokens/s"), ("mfu", "MFU")]
 
 
+def metrics_path(run):
+    """A run directory's metrics.jsonl, or the file given."""
+    return os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
+
+
 def read_metrics(run):
-    """{step: record} of a run directory's metrics.jsonl (or of the file itself)."""
-    path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
+    """{step: record} of a run's metrics.jsonl."""
     records = {}
-    with open(path) as f:
+    with open(metrics_path(run)) as f:
         for line in f:
             try:
                 r = json.loads(line)
@@ -98,8 +102,7 @@ def main(argv):
     except ImportError:
         print('error: plot.py needs matplotlib: pip install -e ".[plot]"', file=sys.stderr)
         return 2
-    for run in args.runs:
-        path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
+    for path in map(metrics_path, args.runs):
         if not os.path.isfile(path):
             print(f"error: {path} not found (a run directory holds metrics.jsonl)", file=sys.stderr)
             return 2

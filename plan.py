@@ -89,7 +89,7 @@ def memory_plan(cfg, tp, dp, stage=0):
     /(pp V)) layers' worth, Korthikanti et al. 2022 (arXiv 2205.05198), 4.2.3."""
     m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
     pp = p.pp
-    wb = 2 if t.dtype == "bfloat16" else 4
+    wb = _wbytes(t)  # a CPU run computes in float32 whatever train.dtype says
     moments = {"ademamix": 3 if t.beta1 != 0 else 2, "adamw": 2}[t.optimizer]
     seqs = sequences(t)
     B, T, d, L = t.micro_batch_size * seqs, cfg["data"].seq_len, m.hidden_size, m.num_hidden_layers

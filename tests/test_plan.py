@@ -119,6 +119,13 @@ def _cfg(path, *overrides):
 APERTUS_70B = ("configs/apertus-70b.toml", "--train.global_batch_size=4096")  # virtual_stages = 2 in the config
 
 
+def test_a_cpu_run_is_planned_in_float32_as_it_runs():
+    cpu = _cfg("configs/tiny.toml", "--train.device=cpu", "--train.dtype=bfloat16")
+    assert plan.plan_layout(cpu)["stages"] == plan.plan_layout(_cfg("configs/tiny.toml", "--train.device=cpu"))["stages"]
+    gpu = _cfg("configs/tiny.toml", "--train.device=cuda", "--train.dtype=bfloat16")
+    assert plan.plan_layout(gpu)["stages"] != plan.plan_layout(cpu)["stages"]
+
+
 def test_one_gpu_steps_reproduce_the_rows_they_come_from():
     """One GPU: the step is compute (at the row's forward-and-backward efficiency) plus the update, which
     together give back the step bench.py measured for BENCHMARKS.md's rows (the update taken out of the

@@ -337,20 +337,20 @@ class CheckpointReader:
         self.path = path
         self.meta, self.cfg = read_meta(path)
         lay = self.meta["layout"]
-        self.tp, pp, cp = lay["tp"], lay["pp"], lay.get("cp", 1)
-        zero = lay["dp"] * cp  # ZeRO-1 partitions, in dp_cp_rank order: partition z is at (d, c) = divmod(z, cp)
+        self.tp, self.pp, self.dp, self.cp = tp, pp, dp, cp = lay["tp"], lay["pp"], lay["dp"], lay.get("cp", 1)
+        zero = dp * cp  # ZeRO-1 partitions, in dp_cp_rank order: partition z is at (d, c) = divmod(z, cp)
         # name -> {the writer's tp rank: its pieces [(start, end, file's rank)] in order}, name -> (tp_dim, full shape)
         self.sources, self.shapes = {}, {}
         for pp_rank in range(pp):
-            named = _stage_parameters(self.cfg, self.tp, pp, pp_rank, lay.get("virtual_stages", 1))
+            named = _stage_parameters(self.cfg, tp, pp, pp_rank, lay.get("virtual_stages", 1))
             index, buckets = parallel.zero_layout([(n, p.numel()) for n, p in named], zero, lay["bucket_size"])
             numels = {n: p.numel() for n, p in named}
             self.shapes.update({n: (p.role.tp_dim, full_shape(n, p)) for n, p in named})
             for z in range(zero):
                 d, c = divmod(z, cp)
                 for pc in parallel.zero_pieces(index, buckets, numels, z, zero):
-                    for t in range(self.tp) if self.shapes[pc.name][0] is not None else [0]:
-                        rank = ((d * pp + pp_rank) * cp + c) * self.tp + t  # parallel.init_distributed's
+                    for t in range(tp) if self.shapes[pc.name][0] is not None else [0]:
+                        rank = ((d * pp + pp_rank) * cp + c) * tp + t  # parallel.init_distributed's
                         self.sources.setdefault(pc.name, {}).setdefault(t, []).append((pc.start, pc.end, rank))
         for pieces in self.sources.values():
             for t in pieces:

@@ -35,7 +35,6 @@ import plan
 import train
 from model import flops_per_token, param_count
 
-
 def synthetic_batches(cfg, grid, steps, doc_len, seed=0):
     """steps x this rank's micro-batches of random tokens cut into documents <s> ... </s>."""
     m, t, T = cfg["model"], cfg["train"], cfg["data"].seq_len
@@ -56,7 +55,6 @@ def synthetic_batches(cfg, grid, steps, doc_len, seed=0):
                                torch.zeros(mb, dtype=torch.int64)) for k in range(0, per_rank, mb)])
     return out
 
-
 def per_rank_tp(cfg, tp):
     """The shapes one rank of a tp-way tensor-parallel run computes, as a model of its own (heads, KV
     heads, MLP width and vocabulary divided by tp; the residual width stays): a one-GPU stand-in."""
@@ -66,7 +64,6 @@ def per_rank_tp(cfg, tp):
             sys.exit(f"error: --per-rank-tp {tp} does not divide model.{key} ({getattr(m, key)})")
         setattr(m, key, getattr(m, key) // tp)
     cfg["parallel"].tp, cfg["parallel"].sequence_parallel = 1, False  # one process plays one rank
-
 
 def plan_row(cfg, args, overrides, device, mfu, tp=1):
     """This measurement as a row of plan.EFFICIENCY: the shape one rank computes (hidden size, query and
@@ -79,11 +76,9 @@ def plan_row(cfg, args, overrides, device, mfu, tp=1):
                 tokens=t.micro_batch_size * cfg["data"].seq_len, compile=t.compile, mfu=mfu,
                 source=f"bench.py on {device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}: {command}")
 
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
 
 def activation_probe(model, device):
     """Forward hooks that record the memory allocated after each block: the differences are what one
@@ -94,7 +89,6 @@ def activation_probe(model, device):
     hooks = [b.register_forward_hook(lambda *_: marks.append(torch.cuda.memory_allocated(device)))
              for b in model.model.layers.values()]
     return marks, hooks
-
 
 def bench_ours(cfg, grid, args):
     t = cfg["train"]
@@ -133,7 +127,6 @@ def bench_ours(cfg, grid, args):
     opt.wait_params()  # the last step's parameter all-gathers, before the process group goes
     return times, peak, per_layer, loss, saves
 
-
 def bench_checkpoint(opt, grid, out_dir):
     """A synchronous save (the loop waits for all of it) against an asynchronous one (the loop waits
     for the copy to host memory only), same files, same directory, timed."""
@@ -152,7 +145,6 @@ def bench_checkpoint(opt, grid, out_dir):
                                                                     f"rank-{grid.rank:05d}.safetensors"))
     return out
 
-
 def profile(model, opt, step_batches, cfg, grid, out_dir):
     import os
     from torch.profiler import ProfilerActivity
@@ -167,7 +159,6 @@ def profile(model, opt, step_batches, cfg, grid, out_dir):
     key = "self_cuda_time_total" if grid.device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=25), file=sys.stderr)
     print(f"trace written to {path}", file=sys.stderr)
-
 
 def bench_hf(cfg, args, device):
     """transformers' ApertusForCausalLM on the same shapes: bf16 weights, torch.compile, SDPA (its best
@@ -204,7 +195,6 @@ def bench_hf(cfg, args, device):
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     return times, peak
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -268,7 +258,6 @@ def main(argv=None):
     if grid.rank == 0:
         print(json.dumps(result))
     parallel.shutdown(grid)
-
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,6 @@ import prepare
 from data import DataError
 from model import next_token
 
-
 class Conversation:
     """The messages so far, the ids the model has seen and its KV cache."""
 
@@ -61,7 +60,6 @@ class Conversation:
         if text != shown:
             yield text[len(shown):]
         self.messages.append({"role": "assistant", "content": text})
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="chat.py", description="Chat with an Apertus model (Hugging Face directory).")
@@ -109,7 +107,6 @@ def main(argv=None) -> int:
         print()
         if args.prompt is not None:
             return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,10 +25,8 @@ from safetensors.torch import save_file
 import parallel
 from model import Apertus, ModelConfig, XIELU, full_shape
 
-
 class CheckpointError(Exception):
     """A checkpoint or HF directory that cannot be used; the message says which file and why."""
-
 
 # ----------------------------------------------------------------------------- writing, with a checksum
 # ckpt-00001000/ holds one rank-00003.safetensors per rank and meta.json (step, config, layout, each file's
@@ -41,11 +39,9 @@ _ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16"
               torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
 WRITE_BLOCK = 64 << 20
 
-
 def _write_bytes(f, data):
     """The one place checkpoint bytes reach the file system (tests inject full disks here)."""
     f.write(data)
-
 
 def write_safetensors(path, tensors: dict, metadata: dict) -> dict:
     """A safetensors file (8-byte header length, JSON header, the tensors' bytes), streamed from the
@@ -68,10 +64,8 @@ def write_safetensors(path, tensors: dict, metadata: dict) -> dict:
         os.fsync(f.fileno())
     return {"bytes": size, "crc32": crc}
 
-
 def _nbytes(t):
     return t.numel() * t.element_size()
-
 
 def file_crc32(path, block=WRITE_BLOCK):
     crc = 0
@@ -79,7 +73,6 @@ def file_crc32(path, block=WRITE_BLOCK):
         while data := f.read(block):
             crc = zlib.crc32(data, crc)
     return crc
-
 
 def _write_json(path, obj):
     """Write, fsync, then rename into place: a reader sees the whole file or none of it."""
@@ -89,7 +82,6 @@ def _write_json(path, obj):
         os.fsync(f.fileno())
     os.replace(path + ".part", path)
 
-
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -97,11 +89,9 @@ def _fsync_dir(path):
     finally:
         os.close(fd)
 
-
 def _barrier(grid):
     if grid.world > 1:
         torch.distributed.barrier()
-
 
 # ----------------------------------------------------------------------------- saving
 class Saver:
@@ -211,30 +201,25 @@ class Saver:
             self.thread.join()
             self.thread = None
 
-
 def _save_error(tmp, e):
     name = os.path.basename(tmp).removesuffix(".tmp")
     if isinstance(e, OSError):
         return f"checkpoint {name} not saved: {e.strerror or e} ({e.filename or tmp})"
     return f"checkpoint {name} not saved: {type(e).__name__}: {e}"
 
-
 def _ckpt_dirs(out_dir):
     """out_dir's ckpt-N and ckpt-N.tmp (a save that a crash or a failure left unfinished), by name."""
     names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
     return [os.path.join(out_dir, n) for n in names if n.startswith("ckpt-")]
 
-
 def committed_checkpoints(out_dir):
     """Committed checkpoints (ckpt-N with meta.json), oldest first."""
     return [c for c in _ckpt_dirs(out_dir) if not c.endswith(".tmp") and os.path.exists(os.path.join(c, "meta.json"))]
-
 
 def latest_checkpoint(out_dir):
     """The newest committed checkpoint in out_dir, or None (not verified: see find_resume)."""
     done = committed_checkpoints(out_dir)
     return done[-1] if done else None
-
 
 def verify(path, grid) -> str | None:
     """None if this rank's share of the checkpoint is whole, else why not. File i is checked (size, then
@@ -259,7 +244,6 @@ def verify(path, grid) -> str | None:
             return f"{name} cannot be read ({e.strerror or e})"
     return None
 
-
 def find_resume(out_dir, grid):
     """The newest checkpoint that every rank finds whole; a bad one is named in one line (by the rank
     that checked the bad file) and skipped."""
@@ -277,7 +261,6 @@ def find_resume(out_dir, grid):
         print(f"no usable checkpoint in {out_dir}: starting from step 0", flush=True)
     return None
 
-
 # ----------------------------------------------------------------------------- reading, under any layout
 def read_meta(path):
     """A checkpoint's meta.json and the model config it was written with."""
@@ -288,7 +271,6 @@ def read_meta(path):
         return meta, ModelConfig(**meta["config"]["model"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable meta.json ({type(e).__name__}: {e})") from None
-
 
 def slice_runs(shape, dim, tp, tp_rank, src_tp, start, end):
     """Where elements [start, end) of a tensor-parallel slice lie in the slices of another split: the
@@ -325,7 +307,6 @@ def slice_runs(shape, dim, tp, tp_rank, src_tp, start, end):
             run = [src, src_start, stop - pos, pos - start]
         pos = stop
     yield tuple(run)
-
 
 class CheckpointReader:
     """Reads pieces of a checkpoint for any layout. The layout that wrote it (tp, cp, pp, dp, bucket_size in
@@ -399,7 +380,6 @@ class CheckpointReader:
         dim, shape = self.shapes[name]
         return self.read(kind, name, 1, 0, 0, math.prod(shape)).view(shape)
 
-
 def _stage_parameters(cfg, tp, pp, pp_rank, vp=1):
     """(name, meta tensor) of one pipeline stage's TP-local parameters in model order: what the writer's
     DistributedOptimizer laid out."""
@@ -409,7 +389,6 @@ def _stage_parameters(cfg, tp, pp, pp_rank, vp=1):
     parallel.keep_stage(m, grid)
     parallel.parallelize(m, grid)
     return [(n, p) for n, p in m.named_parameters()]
-
 
 @torch.no_grad()
 def load_checkpoint(path, opt, grid, optimizer_name):
@@ -425,7 +404,6 @@ def load_checkpoint(path, opt, grid, optimizer_name):
         if grid.device.type == "cuda" and "rng|cuda" in f.keys():
             torch.cuda.set_rng_state(f.get_tensor("rng|cuda"), grid.device)
     return ck.meta["step"], ck.meta, ck.bytes_read
-
 
 # ============================================================================= Hugging Face
 # ----------------------------------------------------------------------------- Hugging Face format
@@ -461,7 +439,6 @@ def config_from_hf(hf: dict) -> ModelConfig:
     except (ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(str(e)) from None
 
-
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     # the transformers 4.x spelling of RoPE, which the released checkpoints use and transformers 5 reads
     same = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -475,7 +452,6 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id, "torch_dtype": str(dtype).removeprefix("torch."),
     }
-
 
 def read_hf_config(path) -> ModelConfig:
     cfg_path = os.path.join(path, "config.json")
@@ -494,7 +470,6 @@ def read_hf_config(path) -> ModelConfig:
     except CheckpointError as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
 
-
 def hf_index(path) -> dict:
     """tensor name -> the safetensors file of an HF directory that holds it: the index's weight_map, or the
     headers of the files."""
@@ -510,7 +485,6 @@ def hf_index(path) -> dict:
         with safe_open(file, framework="pt") as f:
             where.update({k: file for k in f.keys()})
     return where
-
 
 @torch.no_grad()
 def load_hf(path, device="cpu", dtype=torch.float32) -> Apertus:
@@ -542,13 +516,11 @@ def load_hf(path, device="cpu", dtype=torch.float32) -> Apertus:
                               + (f" and {len(params) - 1} more" if len(params) > 1 else ""))
     return model
 
-
 def save_hf(model: Apertus, path, dtype=None, max_file_bytes=5 * 2**30):
     """Write config.json and safetensors that transformers.AutoModelForCausalLM loads."""
     state = model.state_dict()
     dtype = dtype or next(iter(state.values())).dtype
     write_hf(model.config, ((n, t.to(dtype)) for n, t in state.items()), path, dtype, max_file_bytes)
-
 
 def write_hf(cfg: ModelConfig, tensors, path, dtype, max_file_bytes=5 * 2**30):
     """tensors: an iterator of (HF name, tensor), consumed one at a time; at most one file's worth is
@@ -575,12 +547,10 @@ def write_hf(cfg: ModelConfig, tensors, path, dtype, max_file_bytes=5 * 2**30):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(cfg, dtype), f, indent=2)
 
-
 def _write_hf_file(path, i, tensors):
     tmp = os.path.join(path, f".file-{i}.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
     return tmp, list(tensors)
-
 
 # ----------------------------------------------------------------------------- HF weights into a training run
 def hf_dtype(path) -> torch.dtype:
@@ -589,7 +559,6 @@ def hf_dtype(path) -> torch.dtype:
     name = next(k for k in where if k.endswith("q_proj.weight"))
     with safe_open(where[name], framework="pt") as f:
         return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[f.get_slice(name).get_dtype()]
-
 
 @torch.no_grad()
 def load_hf_into(opt, path, grid):
@@ -628,7 +597,6 @@ def load_hf_into(opt, path, grid):
     opt.load_state(opt.state()[1], read, kinds=("master",))
     return nbytes
 
-
 def consolidate(ckpt_path, out_dir, dtype=torch.bfloat16):
     """A training checkpoint (any layout) -> a Hugging Face directory, one tensor at a time, on CPU."""
     ck = CheckpointReader(ckpt_path)
@@ -644,7 +612,6 @@ def consolidate(ckpt_path, out_dir, dtype=torch.bfloat16):
                 yield name, ck.full("master", name).to(dtype)
     write_hf(ck.cfg, tensors(), out_dir, dtype)
 
-
 # ----------------------------------------------------------------------------- train.init_from
 # What a run that starts from a Hugging Face directory or a training checkpoint (ckpt-N: a long-context
 # stage's previous one) takes from it, all here: the architecture, the weights, the dtype to export in and
@@ -652,7 +619,6 @@ def consolidate(ckpt_path, out_dir, dtype=torch.bfloat16):
 ROPE_KEYS = ("rope_theta", "rope_scaling", "max_position_embeddings")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")
-
 
 def init_from_config(init_from, out_dir, mine: ModelConfig, keys) -> ModelConfig:
     """The architecture of a run with train.init_from: its config.json (or meta.json), or, once out_dir holds a
@@ -678,7 +644,6 @@ def init_from_config(init_from, out_dir, mine: ModelConfig, keys) -> ModelConfig
             raise CheckpointError(f"model.{k} = {getattr(mine, k)!r} disagrees with {getattr(theirs, k)!r} in {where}")
     return replace(theirs, init_std=mine.init_std, **{k: getattr(mine, k) for k in keys if k in ROPE_KEYS})
 
-
 def load_init_from(opt, init_from, grid):
     """init_from's weights into a run of any layout (of a checkpoint, its fp32 masters alone: the optimizer
     starts afresh, at step 0). Returns (bytes this rank read, the dtype to export in)."""
@@ -688,7 +653,6 @@ def load_init_from(opt, init_from, grid):
         return ck.bytes_read, ck.meta.get("export_dtype", "bfloat16")
     return load_hf_into(opt, init_from, grid), str(hf_dtype(init_from)).removeprefix("torch.")
 
-
 def export_hf(ckpt_path, out_dir, dtype, init_from=""):
     """A checkpoint -> a Hugging Face directory in `dtype` (a name: "bfloat16"), with the tokenizer files of
     init_from when it is still there."""
@@ -696,7 +660,6 @@ def export_hf(ckpt_path, out_dir, dtype, init_from=""):
     for name in TOKENIZER_FILES:
         if init_from and os.path.exists(os.path.join(init_from, name)):
             shutil.copy(os.path.join(init_from, name), out_dir)
-
 
 if __name__ == "__main__":
     if len(sys.argv) not in (4, 5) or sys.argv[1] != "consolidate":

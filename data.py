@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-
 @dataclass
 class DataConfig:
     """The [data] section. The training data is one of: `dataset` (one prefix), `sources` (a mixture),
@@ -85,10 +84,8 @@ class DataConfig:
                     raise ValueError(f"data.stages[{k}].sources[{j}]: source {name!r} has "
                                      f"{('prefix', 'min_doc_tokens')[i]} {here[i]!r} here and {was[i]!r} elsewhere")
 
-
 def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
-
 
 def _check_sources(key, sources, empty_ok=False):
     if not isinstance(sources, list) or not (sources or empty_ok):
@@ -108,7 +105,6 @@ def _check_sources(key, sources, empty_ok=False):
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < math.inf:
             raise ValueError(f"{k}.weight must be a positive number, got {w!r}")
         names.add(s["name"])
-
 
 def stage_table(cfg: DataConfig, global_batch: int, resolve=lambda prefix: prefix) -> list:
     """The [data] section as the DataLoader's stage table: [(start step, [(name, prefix, weight), ...]), ...]
@@ -132,16 +128,13 @@ def stage_table(cfg: DataConfig, global_batch: int, resolve=lambda prefix: prefi
     prefix = resolve(cfg.dataset or "demo:all")
     return [(0, [(os.path.basename(prefix) or "data", prefix, 1.0)])]
 
-
 class DataError(Exception):
     """A problem with the user's data or settings; the message is one line and names the file."""
-
 
 # ----------------------------------------------------------------------------- Megatron-LM's indexed dataset
 INDEX_MAGIC, INDEX_VERSION = b"MMIDIDX\x00\x00", 1
 INDEX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, S, D: 34 bytes, no padding
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
-
 
 def _pread(f, offset: int, count: int, dtype) -> np.ndarray:
     """`count` items of `dtype` at byte `offset` of the open file f: one positioned read."""
@@ -150,7 +143,6 @@ def _pread(f, offset: int, count: int, dtype) -> np.ndarray:
     if len(raw) != count * dtype.itemsize:
         raise DataError(f"{f.name}: ends at byte {offset + len(raw)}, before what its index says (changed while in use?)")
     return np.frombuffer(raw, dtype=dtype)
-
 
 class IndexedDataset:
     """PREFIX.idx + PREFIX.bin, read on demand with positioned reads: opening reads the header and the
@@ -232,7 +224,6 @@ class IndexedDataset:
         with open(self.bin_path, "rb") as f:
             return np.stack([_pread(f, int(s) * self.dtype.itemsize, count, self.dtype) for s in starts])
 
-
 class IndexedDatasetWriter:
     """Streams documents (one sequence each) into PREFIX.bin and PREFIX.idx under temporary names; on a
     clean exit from `with`, writes the index and renames both, the .bin first (an .idx is never without
@@ -279,7 +270,6 @@ class IndexedDatasetWriter:
         while (block := np.frombuffer(self.lengths.read(4 * chunk), dtype="<i4")).size:
             yield block
 
-
 def write_index(f, dtype, sequences: int, lengths, chunk: int = 1 << 22) -> None:
     """The .idx of `sequences` sequences of `dtype` tokens back to back in the .bin, one document each,
     into the open file f. lengths() yields their lengths (int32 arrays, in order); it is called twice,
@@ -296,14 +286,12 @@ def write_index(f, dtype, sequences: int, lengths, chunk: int = 1 << 22) -> None
     for a in range(0, sequences + 1, chunk):  # document d = sequence d
         f.write(np.arange(a, min(a + chunk, sequences + 1), dtype="<i8").tobytes())
 
-
 # ----------------------------------------------------------------------------- sampling: samples, order, blend
 def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser (Steele, Lea and Flood 2014): a 64-bit hash, in numpy uint64 (which wraps)."""
     x = (x ^ (x >> 30)) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> 27)) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> 31)
-
 
 def permute(j, n: int, key: np.ndarray) -> np.ndarray:
     """A pseudo-random bijection of [0, n), applied to the integers j: a 4-round Feistel network (Luby and Rackoff
@@ -322,7 +310,6 @@ def permute(j, n: int, key: np.ndarray) -> np.ndarray:
     while (outside := out >= n).any():  # 2^2h <= 4n: at most 4 encryptions per value on average
         out[outside] = encrypt(out[outside])
     return out.astype(np.int64)
-
 
 class Source:
     """One source of the blend: a dataset's samples of T + 1 = seq_len + 1 tokens (x its first T, y its last T: one
@@ -429,7 +416,6 @@ class Source:
                 raise DataError(f"{d.idx_path}: sequences {k} and {k + 1} do not follow each other in {d.bin_path} "
                                 f"(a gap or an overlap): a plain source reads its sequences back to back")
 
-
 def blend_weights(weights: list[float]) -> list[float]:
     """A stage's weights as Megatron-LM hands them to helpers.cpp: normalize()d (w / sum(w) in float64,
     megatron/core/datasets/utils.py) twice, by BlendedMegatronDatasetBuilder.build (blended_megatron_dataset_builder.py)
@@ -440,7 +426,6 @@ def blend_weights(weights: list[float]) -> list[float]:
         w = np.array(weights, dtype=np.float64)
         weights = (w / np.sum(w)).tolist()
     return weights
-
 
 def blend(weights: list[float], taken: list[int], first: int, count: int) -> tuple[list[int], list[int]]:
     """Samples first, ..., first + count - 1 of a blend, continuing from `taken` (how many samples each source gave
@@ -463,7 +448,6 @@ def blend(weights: list[float], taken: list[int], first: int, count: int) -> tup
         taken[best] += 1
     return sources, places
 
-
 # ----------------------------------------------------------------------------- loading
 @dataclass
 class Batch:
@@ -474,7 +458,6 @@ class Batch:
     sample: torch.Tensor | None = None     # [m] int64, each row's sample in its source (a pair: both its rows)
     rewards: torch.Tensor | None = None    # pairs: [m/2, 2 + n] float64, their rewards sequences NaN-padded
     ref_logps: torch.Tensor | None = None  # pairs: [m/2, 2] float64, from DataLoader.reference
-
 
 class DataLoader:
     """Global batches of the blended sources, in an order that is a pure function of (seed, step, the stage table):
@@ -661,7 +644,6 @@ class DataLoader:
                       None if masks is None else masks[a:a + m].contiguous(), source[a:a + m].clone(),
                       sample[a:a + m].clone(), None if rewards is None else rewards[a // r:(a + m) // r],
                       None if ref is None else ref[a // r:(a + m) // r]) for a in range(0, len(rows), m)]
-
 
 if __name__ == "__main__":
     raise SystemExit("data.py makes no datasets: python prepare.py INPUTS --out PREFIX (see prepare.py)")

@@ -29,7 +29,6 @@ try:  # FlexAttention: the fast document-masked attention on CUDA (torch >= 2.5)
 except ImportError:  # pragma: no cover
     BlockMask = create_block_mask = flex_attention = None
 
-
 @dataclass
 class ModelConfig:
     """The [model] section of a config file. Defaults are Apertus-8B."""
@@ -65,7 +64,6 @@ class ModelConfig:
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "llama3") != "llama3":
             raise ValueError(f"unsupported rope_scaling {self.rope_scaling}: only llama3 (or none)")
 
-
 @dataclass(frozen=True)
 class Role:
     """What a parameter is, declared where it is made; every consumer reads this, never the name.
@@ -87,28 +85,23 @@ class Role:
     tp_partial_grad: bool = False
     sequence_parallel: bool = False
 
-
 def stamp(p: nn.Parameter, role: Role) -> nn.Parameter:
     p.role = role
     return p
-
 
 def role_of(name: str, p: torch.Tensor) -> Role:
     if not isinstance(getattr(p, "role", None), Role):
         raise RuntimeError(f"parameter {name} has no Role: stamp one where it is made (model.stamp)")
     return p.role
 
-
 def full_shape(name: str, p: torch.Tensor) -> tuple:
     """The unsplit shape of a parameter (tensor-parallel layers record it in the role)."""
     return tuple(role_of(name, p).full_shape or p.shape)
-
 
 def linear(d_in, d_out, init="normal"):
     lin = nn.Linear(d_in, d_out, bias=False)
     stamp(lin.weight, Role(init, weight_decay=True))
     return lin
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps, **role):
@@ -120,7 +113,6 @@ class RMSNorm(nn.Module):
         # in fp32, cast back to the input dtype, THEN multiply by the weight (as the reference does)
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
 
 class XIELU(nn.Module):
     """xIELU (arXiv 2411.13010): learnable per-layer alpha_p / alpha_n, stored raw (before softplus)."""
@@ -148,7 +140,6 @@ class XIELU(nn.Module):
         return torch.where(x > 0, ap * x * x + self.beta * x,
                            (torch.expm1(torch.minimum(x, self.eps)) - x) * an + self.beta * x)
 
-
 def rope_inv_freq(cfg: ModelConfig, theta: float | None = None) -> torch.Tensor:
     """[head_dim/2] inverse frequencies, with Llama 3's scaling: long wavelengths slowed by `factor`,
     short ones kept, the band in between interpolated (transformers' _compute_llama3_parameters)."""
@@ -166,18 +157,15 @@ def rope_inv_freq(cfg: ModelConfig, theta: float | None = None) -> torch.Tensor:
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return torch.where(medium, smoothed, scaled)
 
-
 def rope_cos_sin(inv_freq, position_ids, dtype):
     """position_ids [B, T] -> cos, sin [B, T, 1, D] (frequencies concatenated twice: rotate_half)."""
     freqs = position_ids[..., None].float() * inv_freq.float()
     emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
-
 def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
 
 def document_ids(input_ids, eos_id, bos_id=None):
     """[B, T] -> doc_ids [B, T]. A document starts after every EOS (Megatron's --reset-attention-mask)
@@ -189,7 +177,6 @@ def document_ids(input_ids, eos_id, bos_id=None):
         start[:, 1:] |= input_ids[:, 1:] == bos_id
     return start.cumsum(-1, dtype=torch.int32)
 
-
 def document_positions(doc_ids):
     """[B, T] -> position ids [B, T] that restart at 0 at every document start (--reset-position-ids)."""
     arange = torch.arange(doc_ids.shape[-1], device=doc_ids.device).expand_as(doc_ids)
@@ -197,10 +184,8 @@ def document_positions(doc_ids):
     start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     return arange - torch.where(start, arange, torch.zeros_like(arange)).cummax(-1).values
 
-
 # ----------------------------------------------------------------------------- attention
 FLEX_KERNEL_OPTIONS = None  # FlexAttention's kernel_options (block sizes, warps); None = its defaults
-
 
 class compiled_on_first_use:
     """fn, torch.compile'd the first time it is called: importing this module stays fast (torch.compile
@@ -214,11 +199,9 @@ class compiled_on_first_use:
             self.compiled = torch.compile(self.fn, dynamic=False)
         return self.compiled(*args, **kwargs)
 
-
 # Eager code calls the compiled kernel (eager flex_attention is a slow reference); inside a compiled
 # block flex_attention itself is traced into the block's graph.
 _flex_compiled = compiled_on_first_use(flex_attention)
-
 
 def _block_mask(doc_ids, q_pos=None):
     B, T = doc_ids.shape
@@ -230,18 +213,15 @@ def _block_mask(doc_ids, q_pos=None):
     Q = T if q_pos is None else len(q_pos)
     return create_block_mask(causal_same_document, B, None, Q, T, device=doc_ids.device)
 
-
 # compiled as a whole, so the mask function made at each call is traced, not guarded on: one graph,
 # no recompiles, no host sync
 _block_mask_compiled = compiled_on_first_use(_block_mask)
-
 
 def make_block_mask(doc_ids, q_pos=None):
     """The FlexAttention block mask of a micro-batch: causal, and never across a document boundary.
     Built once per forward and shared by every layer. q_pos [Tq]: only these queries (positions in the
     sequence), against every key (context parallelism)."""
     return (_block_mask_compiled if doc_ids.is_cuda else _block_mask)(doc_ids, q_pos)
-
 
 def sdpa_mask(doc_ids, q_pos=None):
     """The same mask for scaled_dot_product_attention, [B, 1, Tq, T] bool; None when no micro-batch
@@ -251,7 +231,6 @@ def sdpa_mask(doc_ids, q_pos=None):
     q = torch.arange(doc_ids.shape[1], device=doc_ids.device) if q_pos is None else q_pos
     causal = q[:, None] >= torch.arange(doc_ids.shape[1], device=doc_ids.device)
     return (causal & (doc_ids[:, q, None] == doc_ids[:, None, :]))[:, None]
-
 
 def attention(q, k, v, mask=None):
     """q [B, Hq, T, D], k/v [B, Hkv, T, D] -> [B, Hq, T, D], causal. mask: a BlockMask (FlexAttention),
@@ -263,7 +242,6 @@ def attention(q, k, v, mask=None):
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -293,7 +271,6 @@ class Attention(nn.Module):
         y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -303,7 +280,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(self.act_fn(self.up_proj(x)))
-
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -317,7 +293,6 @@ class Block(nn.Module):
         h = x + self.self_attn(self.attention_layernorm(x), cos, sin, mask, cache)
         return h + self.mlp(self.feedforward_layernorm(h))
 
-
 class Decoder(nn.Module):  # "model." in the HF keys
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -328,13 +303,11 @@ class Decoder(nn.Module):  # "model." in the HF keys
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=True)
 
-
 # ----------------------------------------------------------------------------- the loss
 # logits held at once: on CPU memory is what counts (64 tokens x 131,072 ids, 32 MB in fp32); on a
 # GPU the chunk must be large enough that the fp32 accumulation of the head's weight gradient, a
 # [V, d] read and write per chunk, stays small next to the chunk's GEMMs (2,048 tokens at 131,072 ids)
 LOSS_CHUNK_ELEMENTS = {"cpu": 2**23, "cuda": 2**28}
-
 
 def _accumulate_mm(acc, a, b):
     """acc += a @ b with acc in fp32: bf16 inputs on CUDA accumulate straight into fp32 (one GEMM)."""
@@ -346,18 +319,15 @@ def _accumulate_mm(acc, a, b):
     except (RuntimeError, NotImplementedError, TypeError):  # a torch or device without mixed-dtype addmm
         acc.add_(a @ b)
 
-
 # The three passes over one chunk of logits [C, Vl], split where vocab-parallel ranks must all-reduce.
 # Compiled on CUDA (each becomes one fused kernel that reads the bf16 logits once); eager elsewhere.
 def _ce_max(logits):                                          # -> [C] row max
     return logits.amax(-1).to(torch.promote_types(logits.dtype, torch.float32))
 
-
 def _ce_sum_exp(logits, mx, local, inside):                   # -> sum of exp, target logit (shifted)
     x = logits.to(mx.dtype)
     target = (x.gather(1, local[:, None])[:, 0] - mx) * inside
     return (x - mx[:, None]).exp_().sum(-1), target
-
 
 def _ce_grad(logits, mx, sum_exp, local, inside, m):          # -> (softmax - onehot) * mask, [C, Vl]
     p = (logits.to(mx.dtype) - mx[:, None]).exp_().div_(sum_exp[:, None])  # the one new [C, Vl] tensor
@@ -368,9 +338,7 @@ def _ce_grad(logits, mx, sum_exp, local, inside, m):          # -> (softmax - on
         p[torch.arange(len(local), device=p.device), local] -= inside.to(p.dtype)
     return p.mul_(m[:, None]).to(logits.dtype)
 
-
 _CE_COMPILED = {f: compiled_on_first_use(f) for f in (_ce_max, _ce_sum_exp, _ce_grad)}
-
 
 class LMHeadLoss(torch.autograd.Function):
     """sum_i mask_i * cross_entropy(h_i @ W^T, target_i), a chunk of tokens at a time, so the [N, V]
@@ -415,16 +383,13 @@ class LMHeadLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors  # scaled in fp32, then rounded once to the weights' dtype
         return (grad_h * grad).to(ctx.h_dtype), grad_w.mul_(grad).to(ctx.weight_dtype), *[None] * 7
 
-
 def _no_reduce(x, op):
     return x
-
 
 def loss_chunk_rows(vocab_slice, device_type):
     """Rows of logits [rows, vocab_slice] the loss holds at once on this device type (at least one)."""
     elements = LOSS_CHUNK_ELEMENTS if isinstance(LOSS_CHUNK_ELEMENTS, int) else LOSS_CHUNK_ELEMENTS[device_type]
     return max(1, elements // vocab_slice)
-
 
 def lm_head_loss(h, head, targets, mask, vocab_start=0, all_reduce=_no_reduce, compiled=False):
     """h [B, T, d] -> the summed loss over the tokens where mask is True (fp32 scalar)."""
@@ -433,7 +398,6 @@ def lm_head_loss(h, head, targets, mask, vocab_start=0, all_reduce=_no_reduce, c
     need_grad = torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)
     return LMHeadLoss.apply(h.reshape(-1, d), head.weight, targets.reshape(-1), mask.reshape(-1),
                             need_grad, chunk, vocab_start, all_reduce, compiled and h.is_cuda)
-
 
 class Apertus(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -538,7 +502,6 @@ class Apertus(nn.Module):
             idx = torch.cat((idx, next_token(self(x, cache=kv)[:, -1, :].float(), temperature, top_k)), dim=1)
         return idx
 
-
 def next_token(logits, temperature=1.0, top_k=None):
     """logits [B, V] -> the next token [B, 1]: the most likely at temperature 0, else drawn from the top_k
     (None or 0: from the whole vocabulary) at this temperature."""
@@ -550,12 +513,10 @@ def next_token(logits, temperature=1.0, top_k=None):
         logits[logits < v[:, [-1]]] = -float("inf")
     return torch.multinomial(F.softmax(logits, dim=-1), 1)
 
-
 # ----------------------------------------------------------------------------- counts
 def param_count(cfg: ModelConfig) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in Apertus(cfg).parameters())
-
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int | None = None) -> float:
     """Training FLOPs per token: 6N for the matmuls (forward + backward) where N leaves out the input

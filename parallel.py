@@ -57,7 +57,6 @@ import torch.nn.functional as F
 
 from model import lm_head_loss, role_of
 
-
 @dataclass
 class ParallelConfig:
     """The [parallel] section."""
@@ -69,14 +68,11 @@ class ParallelConfig:
     virtual_stages: int = 1          # model chunks per pipeline rank: > 1 is the interleaved 1F1B schedule
     bucket_size: int = 25_000_000    # gradient elements per reduce-scatter bucket
 
-
 class LayoutError(ValueError):
     """A layout that does not fit the model or the world: the same on every rank."""
 
-
 class LaunchError(RuntimeError):
     """A rank's environment does not let it join the others (a missing rendezvous address)."""
-
 
 @dataclass
 class Grid:
@@ -104,7 +100,6 @@ class Grid:
     first_stage = property(lambda self: self.pp_rank == 0)
     last_stage = property(lambda self: self.pp_rank == self.pp - 1)
 
-
 def env_rank():
     """(rank, world, local_rank) from torchrun's environment, else from srun's own: SLURM_STEP_NUM_TASKS is set
     for the tasks of a job step, not for the batch script, so `python train.py` typed inside an sbatch
@@ -114,7 +109,6 @@ def env_rank():
     if int(os.environ.get("SLURM_STEP_NUM_TASKS", 1)) > 1:
         return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_STEP_NUM_TASKS"]), int(os.environ["SLURM_LOCALID"])
     return 0, 1, 0
-
 
 def check_layout(cfg, world, tp, dp=None, global_batch=None, micro_batch=None, seq_len=None, sp=False, pp=1, cp=1, vp=1):
     """Refuse a layout that does not fit, before anything is allocated, naming the numbers."""
@@ -144,7 +138,6 @@ def check_layout(cfg, world, tp, dp=None, global_batch=None, micro_batch=None, s
     if problems:
         raise LayoutError("layout refused: " + "; ".join(problems))
 
-
 def init_distributed(pcfg: ParallelConfig, device_type: str) -> Grid:
     rank, world, local_rank = env_rank()
     device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else "cpu")
@@ -172,7 +165,6 @@ def init_distributed(pcfg: ParallelConfig, device_type: str) -> Grid:
         g.cp_group, g.dp_cp_group = (group(2), group(0, 2)) if cp > 1 else (None, g.dp_group)
     return g
 
-
 def shutdown(grid: Grid, opt=None):
     """Leave cleanly (README, Debugging): finish this rank's collectives, wait at a barrier for every rank (none
     tears its groups down while another still talks to it), destroy the groups and drop the grid's references to
@@ -192,7 +184,6 @@ def shutdown(grid: Grid, opt=None):
             print(f"warning: rank {grid.rank}: {len(left)} gloo threads outlive the process groups (a reference "
                   f"to a group is left somewhere); the exit may abort after the run", file=sys.stderr)
 
-
 def gloo_threads():
     """The names of this process's gloo threads (Linux; [] elsewhere)."""
     names = []
@@ -204,10 +195,8 @@ def gloo_threads():
         return []
     return [n for n in names if "gloo" in n]
 
-
 def _size(group):
     return 1 if group is None else dist.get_world_size(group)
-
 
 # ----------------------------------------------------------------------------- f / g operators
 def _seq(x, group, gather):  # all-gather [B, T/tp, ...] -> [B, T, ...], else reduce-scatter: summed, back to T/tp
@@ -216,12 +205,10 @@ def _seq(x, group, gather):  # all-gather [B, T/tp, ...] -> [B, T, ...], else re
     (dist.all_gather_into_tensor if gather else dist.reduce_scatter_tensor)(out, xt, group=group)
     return out.transpose(0, 1)
 
-
 def _all_reduce(x, group):
     x = x.contiguous()
     dist.all_reduce(x, group=group)
     return x
-
 
 class CopyToTP(torch.autograd.Function):
     """f: identity forward, all-reduce of the input gradient backward."""
@@ -234,7 +221,6 @@ class CopyToTP(torch.autograd.Function):
     def backward(ctx, grad):
         return _all_reduce(grad, ctx.group), None
 
-
 class ReduceFromTP(torch.autograd.Function):
     """g: all-reduce forward, identity backward."""
     @staticmethod
@@ -244,7 +230,6 @@ class ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
-
 
 class GatherFromSP(torch.autograd.Function):
     """f under sequence parallelism: all-gather along the sequence, reduce-scatter backward."""
@@ -257,7 +242,6 @@ class GatherFromSP(torch.autograd.Function):
     def backward(ctx, grad):
         return _seq(grad, ctx.group, gather=False), None
 
-
 class ReduceScatterToSP(torch.autograd.Function):
     """g under sequence parallelism: reduce-scatter along the sequence, all-gather backward."""
     @staticmethod
@@ -269,14 +253,11 @@ class ReduceScatterToSP(torch.autograd.Function):
     def backward(ctx, grad):
         return _seq(grad, ctx.group, gather=True), None
 
-
 def _f(x, group, sp):
     return GatherFromSP.apply(x, group) if sp else CopyToTP.apply(x, group)
 
-
 def _g(x, group, sp):
     return ReduceScatterToSP.apply(x, group) if sp else ReduceFromTP.apply(x, group)
-
 
 # ----------------------------------------------------------------------------- parallel layers
 def _sliced(old: nn.Parameter, name: str, dim: int, grid: Grid) -> nn.Parameter:
@@ -286,7 +267,6 @@ def _sliced(old: nn.Parameter, name: str, dim: int, grid: Grid) -> nn.Parameter:
     p = nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device))
     p.role = replace(role_of(name, old), tp_dim=dim, full_shape=tuple(old.shape))
     return p
-
 
 class ColumnParallelLinear(nn.Module):
     """weight [out/tp, in]: rank r computes output features r*out/tp .. (r+1)*out/tp - 1. f is applied
@@ -301,7 +281,6 @@ class ColumnParallelLinear(nn.Module):
         g = self.grid
         return F.linear(_f(x, g.tp_group, g.sequence_parallel) if self.gather_input else x, self.weight)
 
-
 class RowParallelLinear(nn.Module):
     """weight [out, in/tp]: rank r takes input features r*in/tp .. and the partial outputs are summed."""
 
@@ -312,7 +291,6 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x):
         return _g(F.linear(x, self.weight), self.grid.tp_group, self.grid.sequence_parallel)
-
 
 class VocabParallelEmbedding(nn.Module):
     """weight [V/tp, d]: rank r embeds ids r*V/tp .. (r+1)*V/tp - 1, zeros elsewhere; g sums them."""
@@ -329,11 +307,9 @@ class VocabParallelEmbedding(nn.Module):
         x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)
         return _g(x, self.grid.tp_group, self.grid.sequence_parallel)
 
-
 def prepare_input(module: nn.Module, grid: Grid):
     """Apply f to a sublayer's input once, for all its column-parallel layers (torchtitan's PrepareModuleInput)."""
     module.register_forward_pre_hook(lambda m, args: (_f(args[0], grid.tp_group, grid.sequence_parallel), *args[1:]))
-
 
 def vocab_parallel_loss(grid: Grid):
     """The loss on this rank's vocabulary slice of the head; the [B, T, V] logits never exist."""
@@ -345,13 +321,11 @@ def vocab_parallel_loss(grid: Grid):
         return lm_head_loss(h, head, targets, mask, grid.tp_rank * head.weight.shape[0], all_reduce, compiled)
     return loss_fn
 
-
 # The tensor-parallel plan of one block (torchtitan's parallelize_module, written out): "input" applies
 # f once to the submodule's input; "column" / "row" swap an nn.Linear for its parallel version.
 BLOCK_PLAN = {"self_attn": "input", "self_attn.q_proj": "column", "self_attn.k_proj": "column",
               "self_attn.v_proj": "column", "self_attn.o_proj": "row",
               "mlp": "input", "mlp.up_proj": "column", "mlp.down_proj": "row"}
-
 
 def parallelize(model, grid: Grid):
     """Apply BLOCK_PLAN to every block and split the embedding and the head over the vocabulary, in place, on
@@ -381,7 +355,6 @@ def parallelize(model, grid: Grid):
         role_of(name, p)
     return model
 
-
 # ----------------------------------------------------------------------------- context parallelism
 def cp_positions(T, cp, cp_rank, device=None):
     """The positions of a sequence of T tokens that CP rank cp_rank holds: the sequence is cut into 2 cp
@@ -395,17 +368,14 @@ def cp_positions(T, cp, cp_rank, device=None):
     c = T // (2 * cp)
     return torch.cat([torch.arange(i * c, (i + 1) * c, device=device) for i in (cp_rank, 2 * cp - 1 - cp_rank)])
 
-
 def cp_owner(positions, T, cp):
     """The inverse of cp_positions: (the CP rank holding each position, its index among that rank's tokens)."""
     c = T // (2 * cp)
     chunk = positions // c
     return torch.minimum(chunk, 2 * cp - 1 - chunk), positions % c + c * (chunk >= cp)
 
-
 class GatherKV(GatherFromSP):
     """Context parallelism's one collective pair (Llama 3, 3.3.2): GatherFromSP's, over the CP group."""
-
 
 def gather_kv(k, v, grid: Grid):
     """k, v [B, T/cp, Hkv, D] of this rank's tokens -> [B, T, Hkv, D] each, in sequence order: one all-gather of
@@ -415,7 +385,6 @@ def gather_kv(k, v, grid: Grid):
     kv = GatherKV.apply(torch.cat((k, v), 2), grid.cp_group)
     rank, index = cp_owner(torch.arange(T, device=k.device), T, grid.cp)
     return kv[:, rank * (T // grid.cp) + index].chunk(2, 2)
-
 
 # ----------------------------------------------------------------------------- pipeline parallelism
 def keep_stage(model, grid: Grid):
@@ -433,7 +402,6 @@ def keep_stage(model, grid: Grid):
     if not grid.last_stage:
         model.model.norm = model.lm_head = None
     return model
-
 
 class Pipe:
     """Point-to-point sends and receives between neighbouring stages, named for the direction (picotron):
@@ -486,13 +454,11 @@ class Pipe:
             return None
         return self._exchange(send_prev=grad, recv_prev=True)["prev"].requires_grad_()
 
-
 def wait_for_stream(device):
     """Wait for the work this rank queued on its current stream only: a device-wide synchronize would wait for
     the parameter all-gathers running beside it too, and undo their overlap with the next forward."""
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
-
 
 def _stage_backward(x, y, grad_y):
     """Backward through this stage: y is the loss on the last stage, else the activations sent on."""
@@ -501,7 +467,6 @@ def _stage_backward(x, y, grad_y):
     else:
         torch.autograd.backward(y, grad_y)
     return None if x is None else x.grad
-
 
 def pipeline_1f1b(micro_steps, pipe: Pipe, opt, train=True):
     """Megatron-LM's 1F1B schedule for one global batch. micro_steps[i](hidden) runs micro-batch i on
@@ -544,7 +509,6 @@ def pipeline_1f1b(micro_steps, pipe: Pipe, opt, train=True):
         opt.sync = j == warmup - 1
         pipe.send_backward(_stage_backward(*units.pop(0), grad_y))
     return total, held
-
 
 def pipeline_interleaved(micro_steps, pipe: Pipe, opt, train=True):
     """Megatron-LM's interleaved 1F1B (Narayanan et al. 2021, arXiv 2104.04473, section 2.2): rank s holds V
@@ -591,25 +555,20 @@ def pipeline_interleaved(micro_steps, pipe: Pipe, opt, train=True):
         x, grad_y = got["prev"].requires_grad_() if "prev" in got else None, got.get("next")
     return total, most
 
-
 def tp_slice(full, role, grid: Grid):
     """This rank's slice of a full tensor (the whole tensor where the role says it is not split)."""
     return full if role.tp_dim is None else full.chunk(grid.tp, role.tp_dim)[grid.tp_rank]
-
 
 def tp_grad_is_partial(role, grid: Grid) -> bool:
     """Replicated parameters whose gradient each TP rank only sees part of, summed over TP."""
     return grid.tp > 1 and (role.tp_partial_grad or (grid.sequence_parallel and role.sequence_parallel))
 
-
 # ----------------------------------------------------------------------------- ZeRO-1 optimizer
 ALIGN = 64  # every parameter starts at a multiple of 64 elements in the flat buffers (Megatron-LM pads
 # the same way): 128-byte aligned views in bf16, 256 in fp32, which Inductor's CUDA kernels assume
 
-
 def _align(n, to=ALIGN):
     return -(-n // to) * to
-
 
 @dataclass
 class Piece:
@@ -621,7 +580,6 @@ class Piece:
     bucket: int
     offset: int
 
-
 @dataclass
 class Bucket:
     start: int          # offset in the flat buffers
@@ -630,7 +588,6 @@ class Bucket:
     ready: int = 0      # gradients arrived this step (-1: reduce-scatter launched)
     reduce_work: object = None
     gather_work: object = None
-
 
 def zero_layout(named_numels, dp, bucket_size):
     """The flat-buffer layout of ZeRO-1, a pure function of the parameters (name, numel) in model order,
@@ -649,7 +606,6 @@ def zero_layout(named_numels, dp, bucket_size):
             names, pos, start = [], start + size, start + size
     return index, buckets
 
-
 def zero_pieces(index, buckets, numels, dp_rank, dp):
     """The pieces DP rank dp_rank owns: each parameter's intersection with its bucket's partition."""
     pieces = []
@@ -661,7 +617,6 @@ def zero_pieces(index, buckets, numels, dp_rank, dp):
         if s < e:
             pieces.append(Piece(n, s - off, e - off, b_id, s - lo))
     return pieces
-
 
 class DistributedOptimizer:
     """ZeRO-1 (module docstring) around an optimizer of this project (train.AdEMAMix, train.AdamW). Parameters
@@ -827,7 +782,6 @@ class DistributedOptimizer:
         self.optimizer.steps = steps
         self.publish()
         self.wait_params()
-
 
 @torch.no_grad()
 def check_replicas(model, grid: Grid):

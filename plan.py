@@ -38,13 +38,11 @@ GPUS = (("GH200 96 GB", 96e9), ("H100 80 GB", 80e9))  # "fits": under 90% of the
 FIT = 0.9  # leaving room for the allocator's fragmentation
 _CACHE = {}  # param_count, the stages' parameters and buckets, once per architecture and layout (the search asks often)
 
-
 def _params(m):
     key = ("count", repr(m))
     if key not in _CACHE:
         _CACHE[key] = param_count(m)
     return _CACHE[key]
-
 
 def with_layout(cfg, **keys):
     """cfg with other layout keys: those of [parallel] (tp, cp, pp, dp, virtual_stages, sequence_parallel) and
@@ -52,7 +50,6 @@ def with_layout(cfg, **keys):
     par = {f.name for f in fields(parallel.ParallelConfig)}
     return {**cfg, "parallel": replace(cfg["parallel"], **{k: v for k, v in keys.items() if k in par}),
             "train": replace(cfg["train"], **{k: v for k, v in keys.items() if k not in par})}
-
 
 def activation_bytes_per_token(m, tp, sp, wb, compiled, cp=1):
     """What autograd keeps for backward, per token and block, on one rank: tp splits the heads and the
@@ -74,11 +71,9 @@ def activation_bytes_per_token(m, tp, sp, wb, compiled, cp=1):
     return (2 * (4 + wb) * d / sp + 2 * wb * d + (4 + 4 * wb) * hq + (4 + 3 * wb) * hkv + 4 * H
             + (1 + 5 * wb) * ff + gathered)
 
-
 def sequences(t):
     """Sequences per sample: dpo and qrpo count pairs in train.global_batch_size and micro_batch_size, two each."""
     return 2 if t.objective != "lm" else 1
-
 
 def memory_plan(cfg, tp, dp, stage=0):
     """Per-GPU memory of one pipeline stage of a layout (stage 0: the first): a dict of named byte counts
@@ -130,7 +125,6 @@ def memory_plan(cfg, tp, dp, stage=0):
     peak = static + max(activations + loss + rows["head gradient handed to autograd"], 2 * 4 * min(train.OPT_CHUNK, n / zero))
     return rows, peak
 
-
 def plan_layout(cfg):
     """The numbers of the config's layout: {"tp", "cp", "pp", "dp", "gpus",
     "micro_batches", "stages": {(activation checkpointing, stage): (rows, peak bytes)}} for every stage
@@ -146,11 +140,9 @@ def plan_layout(cfg):
     return dict(tp=tp, cp=p.cp, pp=p.pp, dp=dp, gpus=tp * p.cp * p.pp * dp,
                 micro_batches=t.global_batch_size // (dp * t.micro_batch_size), stages=stages)
 
-
 def peak_memory(cfg, tp, dp):
     """The largest stage's planned peak, in bytes."""
     return max(memory_plan(cfg, tp, dp, s)[1] for s in {0, cfg["parallel"].pp - 1})
-
 
 def format_plan(cfg, plan):
     """The plan as text, one block per activation-checkpointing choice and stage."""
@@ -171,17 +163,14 @@ def format_plan(cfg, plan):
     lines.append("  (fits = under 90% of the GPU's memory, leaving room for the allocator's fragmentation)")
     return "\n".join(lines)
 
-
 # ----------------------------------------------------------------------------- bytes: what a step sends
 def _wbytes(t):
     """Bytes of a weight or activation element: bfloat16 on a GPU, float32 on a CPU (train.build)."""
     return 2 if t.dtype == "bfloat16" and t.device != "cpu" else 4
 
-
 def _loss_rows(t, vocab_slice):
     """Rows of logits the loss handles at once (model.lm_head_loss)."""
     return model_py.loss_chunk_rows(vocab_slice, "cpu" if t.device == "cpu" else "cuda")
-
 
 def stage_parameters(cfg, stage):
     """[(name, numel, role)] of one pipeline stage's TP-local parameters in model order: what its
@@ -194,7 +183,6 @@ def stage_parameters(cfg, stage):
         _CACHE[key] = [(n, t.numel(), t.role) for n, t in checkpoint._stage_parameters(m, p.tp, p.pp, stage)]
     return _CACHE[key]
 
-
 def zero_layout(cfg, stage):
     """parallel.zero_layout of a stage's parameters over the dp x cp weight replicas: (index, buckets)."""
     p = cfg["parallel"]
@@ -203,7 +191,6 @@ def zero_layout(cfg, stage):
         params = stage_parameters(cfg, stage)
         _CACHE[key] = parallel.zero_layout([(n, k) for n, k, _ in params], (p.dp or 1) * p.cp, p.bucket_size)
     return _CACHE[key]
-
 
 def step_bytes(cfg, stage=0, dp_rank=0, logged=True, cp_rank=0):
     """What one training step hands to torch.distributed on one rank of a pipeline stage: {(kind, group):
@@ -276,7 +263,6 @@ def step_bytes(cfg, stage=0, dp_rank=0, logged=True, cp_rank=0):
     add("all_reduce", "world", 2 + 2 * logged, 4 + 8 + 24 * logged)
     return out
 
-
 def format_bytes(cfg):
     """step_bytes as text, for every stage that differs (the first, a middle one, the last), dp rank 0."""
     p = cfg["parallel"]
@@ -288,7 +274,6 @@ def format_bytes(cfg):
         for (kind, group), (calls, nbytes) in sorted(step_bytes(cfg, stage).items()):
             lines.append(f"  {kind:<16}{group:<7}{calls:>10,} calls {nbytes:>22,} bytes")
     return "\n".join(lines)
-
 
 # ----------------------------------------------------------------------------- machines, measured efficiency
 # A machine is a few numbers per GPU, each overridable: --machine.KEY=VALUE. gpus_per_node: the GPUs that
@@ -348,7 +333,6 @@ OPTIMIZER_BYTES = {"ademamix": 124, "adamw": 80}  # per fp32 element, read and w
 # ops (train.AdEMAMix.step: 2 lerps 12 B each, v 8 + 12, the denominator 3 x 8, the update 8 + 12 + 12 + 12, the
 # weights 12; AdamW.step: 8 + 12 + 8 + 12 + 3 x 8 + 16)
 
-
 def published(cfg, machine_name, dp=True):
     """The PUBLISHED measurement of this model, layout (any dp if dp is False) and machine, or None."""
     m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
@@ -360,14 +344,12 @@ def published(cfg, machine_name, dp=True):
             return row
     return None
 
-
 def update_bytes(n, dp, optimizer, wb):
     """Bytes the update reads and writes for n parameters (TP-local) partitioned over dp ranks: on the
     partition the update's own traffic (OPTIMIZER_BYTES), the norm (4 B) and clipping (8 B), the copy back
     into the weights (4 B + the weight's); zeroing the whole fp32 gradient buffer (4 B an element of n)
     and the partition."""
     return n / dp * (OPTIMIZER_BYTES[optimizer] + 12 + 4 + wb) + 4 * n + (4 * n / dp if dp > 1 else 0)
-
 
 def compute_mfu(row):
     """A row's MFU over its forward and backward: its step less the update, as optimizer_s counts it on one
@@ -377,7 +359,6 @@ def compute_mfu(row):
         return row["mfu"]
     update = update_bytes(row["params"], 1, row.get("optimizer", "ademamix"), 2) / (row["hbm_GBps"] * 1e9)
     return row["mfu"] * row["step_s"] / (row["step_s"] - update)
-
 
 def efficiency_row(cfg, rows):
     """The measured row nearest the matrices one rank multiplies: hidden size, query and MLP widths on the
@@ -389,7 +370,6 @@ def efficiency_row(cfg, rows):
     same = [r for r in rows if r["compile"] == t.compile] or rows
     return min(same, key=lambda r: sum(abs(math.log(a / b)) for a, b in zip(shape, (r["hidden"], r["q_width"],
                                                                                      r["mlp_width"]))))
-
 
 # ----------------------------------------------------------------------------- time: a sum of named terms
 def _bandwidth(machine, cfg, group):
@@ -406,7 +386,6 @@ def _bandwidth(machine, cfg, group):
         return machine["net_GBps"] * 1e9
     return machine["nvlink_GBps"] * 1e9 * (size - 1 if machine["nvlink_pairwise"] and size > 2 else 1)
 
-
 def collective_s(kind, g, calls, nbytes, bw, latency_s=0.0):
     """The alpha-beta model of a ring (NCCL's bus bandwidth): per rank an all-reduce moves 2 (g-1)/g of its
     buffer, an all-gather or reduce-scatter (g-1)/g of the whole tensor, a send its tensor (a receive comes
@@ -415,14 +394,12 @@ def collective_s(kind, g, calls, nbytes, bw, latency_s=0.0):
              "send": 1.0, "recv": 0.0}[kind]
     return calls * latency_s + moved * nbytes / bw if moved else 0.0
 
-
 def _comm_s(cfg, machine, counts, keep):
     """Seconds of the collectives in step_bytes' counts whose (kind, group) `keep` accepts."""
     p = cfg["parallel"]
     size = dict(tp=p.tp, cp=p.cp, pp=p.pp, dp=p.dp or 1, dp_cp=(p.dp or 1) * p.cp, world=p.tp * p.cp * p.pp * (p.dp or 1))
     return sum(collective_s(kind, size[group], calls, nbytes, _bandwidth(machine, cfg, group), machine["latency_us"] * 1e-6)
                for (kind, group), (calls, nbytes) in counts.items() if keep(kind, group))
-
 
 def compute_s(cfg, stage, machine, mfu):
     """The FLOPs a rank of this stage runs in a step, over peak x efficiency. Per token (model.flops_per_token):
@@ -437,7 +414,6 @@ def compute_s(cfg, stage, machine, mfu):
     flops = layer * m.num_hidden_layers / p.pp * (8 / 6 if t.activation_checkpointing else 1) + head * (stage == p.pp - 1)
     tokens = t.global_batch_size * sequences(t) * T / ((p.dp or 1) * p.cp)  # this replica's, 1/cp of them
     return tokens * flops / p.tp / (machine["peak_tflops"] * 1e12 * mfu)
-
 
 def dp_exposed_s(cfg, stage, rs_s, ag_s, unit_f, unit_b):
     """The parts of the ZeRO-1 reduce-scatter (rs_s) and all-gather (ag_s) that compute does not hide, as the
@@ -470,19 +446,16 @@ def dp_exposed_s(cfg, stage, rs_s, ag_s, unit_f, unit_b):
         ag = max(ag, net - (stage + c * pp + 1) * unit_f)
     return rs, max(0.0, ag)
 
-
 def optimizer_s(cfg, stage, machine):
     """The update, bound by memory bandwidth: update_bytes of the stage's parameters over the GPU's."""
     t = cfg["train"]
     n = sum(k for _, k, _ in stage_parameters(cfg, stage))
     return update_bytes(n, (cfg["parallel"].dp or 1) * cfg["parallel"].cp, t.optimizer, _wbytes(t)) / (machine["hbm_GBps"] * 1e9)
 
-
 TERMS = ("compute", "tensor/sequence-parallel collectives", "context-parallel K/V all-gathers", "pipeline bubble",
          "pipeline point-to-point",
          "data-parallel reduce-scatter, not hidden", "data-parallel all-gather, not hidden",
          "optimizer step (memory-bound)", "small all-reduces (loss, token count, norm, flags)")
-
 
 def step_time(cfg, machine, rows=EFFICIENCY):
     """One training step on `machine`: {"terms": {name: seconds}} that sum to "step_s", the stages they come
@@ -524,14 +497,12 @@ def step_time(cfg, machine, rows=EFFICIENCY):
                 mfu=tps * flops_per_token(m, cfg["data"].seq_len, _params(m)) / (machine["peak_tflops"] * 1e12),
                 row=row, micro_batches=micro, gpus=gpus)
 
-
 def _layout_name(cfg):
     p, t = cfg["parallel"], cfg["train"]
     return (f"tp={p.tp}{f' cp={p.cp}' if p.cp > 1 else ''} pp={p.pp}"
             f"{f' virtual_stages={p.virtual_stages}' if p.virtual_stages > 1 else ''} dp={p.dp or 1}, "
             f"micro-batch {t.micro_batch_size}{', sequence parallel' if p.sequence_parallel and p.tp > 1 else ''}"
             f"{', activation checkpointing' if t.activation_checkpointing else ''}")
-
 
 def format_time(cfg, name, machine, r):
     """step_time as text: the terms, the step, tokens/s/GPU and MFU, and the published measurement beside."""
@@ -556,11 +527,9 @@ def format_time(cfg, name, machine, r):
     lines.append(f"  (compute efficiency from: {r['row']['source']})")
     return "\n".join(lines)
 
-
 # ----------------------------------------------------------------------------- search and scaling
 def _divisors(n):
     return [k for k in range(1, n + 1) if n % k == 0]
-
 
 def search(cfg, machine, gpus, rows=EFFICIENCY):
     """Every layout of `gpus` GPUs that check_layout accepts and whose largest stage fits FIT of the GPU's
@@ -588,7 +557,6 @@ def search(cfg, machine, gpus, rows=EFFICIENCY):
                 out.append((r["tokens_per_s_gpu"], c, r))
     return sorted(out, key=lambda x: -x[0])
 
-
 def format_search(cfg, name, machine, gpus, ranked, top=10):
     t = cfg["train"]
     lines = [f"the {min(top, len(ranked))} fastest of {len(ranked)} layouts of {gpus:,} x {name} that fit {FIT:.0%} of "
@@ -614,7 +582,6 @@ def format_search(cfg, name, machine, gpus, ranked, top=10):
                          "; ".join(f"{k} {own['terms'][k]:.3f} -> {first['terms'][k]:.3f} s" for d, k in diffs if abs(d) > 0.0005))
     return "\n".join(lines)
 
-
 def scaling(cfg, machine, gpus, rows=EFFICIENCY):
     """Strong scaling at the config's global batch: its tp, pp, virtual stages and micro-batch with dp = 1, 2,
     4, ... up to gpus / (tp pp): [(gpus, cfg, step_time, efficiency, fits)], efficiency being tokens/s/GPU over
@@ -629,7 +596,6 @@ def scaling(cfg, machine, gpus, rows=EFFICIENCY):
         dp *= 2
     return out
 
-
 def format_scaling(cfg, name, curve):
     t = cfg["train"]
     lines = [f"strong scaling at a constant global batch of {t.global_batch_size} x {cfg['data'].seq_len} tokens on "
@@ -643,7 +609,6 @@ def format_scaling(cfg, name, curve):
         lines.append(f"  measured on Alps: {pub['scaling'][2]:.0%} from {pub['scaling'][0]:,} to {pub['scaling'][1]:,} GPUs "
                      f"({pub['model']}, APERTUS.md section 3); planned {curve[-1][3]:.0%}")
     return "\n".join(lines)
-
 
 # ----------------------------------------------------------------------------- the architecture
 def audit(cfg, seq_len: int = 4096) -> str:
@@ -675,7 +640,6 @@ def audit(cfg, seq_len: int = 4096) -> str:
               f"bf16 weights: {2 * total / 1e9:.2f} GB ({2 * total / 2**30:.2f} GiB)"]
     return "\n".join(lines)
 
-
 # ----------------------------------------------------------------------------- the command
 def load(path, overrides):
     """The config as train.py reads it; with train.init_from, the architecture of that directory when it
@@ -689,7 +653,6 @@ def load(path, overrides):
             print(f"note: {e}; planning with the [model] section as written", file=sys.stderr)
     return cfg
 
-
 def read_rows(path):
     """The plan_row of every JSON line bench.py printed into `path`."""
     with open(path) as f:
@@ -697,7 +660,6 @@ def read_rows(path):
     if not any(rows):
         raise ValueError(f"{path} holds no bench.py line with a plan_row")
     return [r for r in rows if r]
-
 
 def machine_from(name, what_if):
     """MACHINES[name] with --machine.KEY=VALUE overrides."""
@@ -713,7 +675,6 @@ def machine_from(name, what_if):
         except ValueError:
             raise ValueError(f"--machine.{key} needs a number, got {value!r}") from None
     return machine
-
 
 def main(argv):
     args = [a for a in argv if a != "--plan"]
@@ -757,7 +718,6 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

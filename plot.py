@@ -20,11 +20,9 @@ import sys
 PANELS = [("loss", "loss (val dashed)"), ("val_loss/", "validation loss per source"), ("lr", "learning rate"),
           ("grad_norm", "gradient norm"), ("tokens_per_sec", "tokens/s"), ("mfu", "MFU")]
 
-
 def metrics_path(run):
     """A run directory's metrics.jsonl, or the file given."""
     return os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
-
 
 def read_metrics(run):
     """{step: record} of a run's metrics.jsonl."""
@@ -38,7 +36,6 @@ def read_metrics(run):
             records[r["step"]] = {**records.get(r["step"], {}), **r}
     return dict(sorted(records.items()))
 
-
 def series(records, key, x):
     """(xs, ys) of the records that hold a finite number under `key`; x: "step" or "tokens" (every source's)."""
     xs, ys = [], []
@@ -49,11 +46,9 @@ def series(records, key, x):
             ys.append(v)
     return xs, ys
 
-
 def draw(ax, xy, **style):
     if xy[0]:  # an empty line would still count as a line: the panel says "not logged" instead
         ax.plot(*xy, **style)
-
 
 def plot(runs, out, x="step"):
     import matplotlib
@@ -90,7 +85,6 @@ def plot(runs, out, x="step"):
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
-
 def main(argv):
     p = argparse.ArgumentParser(description="Plot the curves of runs from their metrics.jsonl.")
     p.add_argument("runs", nargs="+", help="run directories (out_dir) or metrics.jsonl files")
@@ -109,7 +103,6 @@ def main(argv):
     plot(args.runs, args.out, args.x)
     print(f"wrote {args.out}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -36,17 +36,14 @@ from tqdm import tqdm
 
 from data import DataError, DataLoader, IndexedDatasetWriter, write_index
 
-
 def token_dtype(vocab_size: int) -> np.dtype:
     """The token type of a dataset written for a vocabulary of this size: 2 bytes where they suffice."""
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
-
 
 # -----------------------------------------------------------------------------
 # tokenizer
 
 PAD_ID = 3  # <pad> in every tokenizer here (<s> 1, </s> 2, <unk> 0)
-
 
 class Tokenizer:
     """A tiktoken byte-level BPE whose ranks sit above `offset` reserved special ids: id = rank + offset.
@@ -68,7 +65,6 @@ class Tokenizer:
         # special ids have no bytes, nor do ids past the ranks (a model's vocab is often padded, 260 -> 272)
         ranks = [i - self.offset for i in ids if self.offset <= i < self.offset + self.enc.n_vocab]
         return self.enc.decode_bytes(ranks).decode("utf-8", errors="replace")
-
 
 @functools.lru_cache(maxsize=None)  # parsing takes 0.5 s (tekken) to 1.5 s (tokenizer.json); prepare asks once a piece
 def get_tokenizer(name: str) -> Tokenizer:
@@ -100,7 +96,6 @@ def get_tokenizer(name: str) -> Tokenizer:
         raise DataError(f"{path}: tokenizer must be 'byte', a tekken JSON file or a tokenizer.json "
                         f"({type(e).__name__}: {e})") from None
 
-
 def _gpt2_byte_spelling() -> dict[int, str]:
     """The character that spells each byte in a byte-level tokenizer.json (bytes_to_unicode in openai/gpt-2's
     encoder.py): printable Latin-1 bytes spell themselves, the other 68 take U+0100... in byte order
@@ -108,7 +103,6 @@ def _gpt2_byte_spelling() -> dict[int, str]:
     printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(0x100 + k) for k, b in enumerate(others)}}
-
 
 def _read_tokenizer_json(path: str, spec: dict) -> Tokenizer:
     """A Hugging Face tokenizer.json laid out as Mistral's and Apertus' are: the special tokens (added_tokens) at
@@ -182,7 +176,6 @@ def _read_tokenizer_json(path: str, spec: dict) -> Tokenizer:
         raise DataError(f"{path}: not a byte-level BPE tokenizer.json ({type(e).__name__}: {e})") from None
     return Tokenizer(name, enc, offset, vocab_size, special)
 
-
 # -----------------------------------------------------------------------------
 # chat: the Apertus chat template, for supervised fine-tuning
 
@@ -195,13 +188,11 @@ DEVELOPER = "Deliberation: disabled\nTool Capabilities: disabled"  # the develop
 CHAT_CONTROL = [f"<|{role}_{edge}|>" for role in ("system", "developer", "user", "assistant")
                 for edge in ("start", "end")]
 
-
 def check_chat_tokenizer(tok: Tokenizer) -> None:
     """The chat template needs a tokenizer with Apertus' control tokens (its tokenizer.json has them)."""
     missing = [name for name in CHAT_CONTROL if name not in tok.special]
     if missing:
         raise DataError(f"tokenizer {tok.name} has no {missing[0]} token; chat data needs Apertus' tokenizer.json")
-
 
 def chat_tokens(tok: Tokenizer, messages, date: str = CHAT_DATE,
                 generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
@@ -267,16 +258,13 @@ def chat_tokens(tok: Tokenizer, messages, date: str = CHAT_DATE,
     loss_mask = [learn for piece, learn in pieces for _ in piece]
     return ids, loss_mask
 
-
 # -----------------------------------------------------------------------------
 # preferences: pairs of completions of a prompt, for DPO and QRPO
-
 
 def _reward(x, what):
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
         raise DataError(f"{what} must be a finite number, got {x!r}")
     return float(x)
-
 
 def preference_pair(tok: Tokenizer, record, date: str = CHAT_DATE):
     """One line of preferences, {"prompt": [messages...], "chosen": {"content": str, "reward": r},
@@ -305,7 +293,6 @@ def preference_pair(tok: Tokenizer, record, date: str = CHAT_DATE):
                         'all (DPO)')
     return pair, rewards + [_reward(r, f'"ref_rewards"[{i}]') for i, r in enumerate(ref or [])]
 
-
 def _chat_input(path: str, out: str, tokenizer: str, seq_len: int):
     """What --chat and --preferences check before any work: a tokenizer with Apertus' control tokens (checked
     here, not at the first record: the file is not at fault), the sequence length, the output, the input.
@@ -320,7 +307,6 @@ def _chat_input(path: str, out: str, tokenizer: str, seq_len: int):
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
-
 def _json_lines(path: str, size: int, desc: str):
     """(line number, its JSON value) for every non-blank line of a JSON-lines file, with a progress bar."""
     with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=desc) as bar:
@@ -334,13 +320,11 @@ def _json_lines(path: str, size: int, desc: str):
                 raise DataError(f"{path}:{line}: not valid JSON ({e})") from None
             yield line, record
 
-
 def _add_padded(data_w, mask_w, ids, mask, n: int, eos_id: int) -> None:
     """One sequence of n tokens: ids padded with EOS, its loss mask with 0 (the padding comes last: under the
     causal mask no counted token sees it)."""
     data_w.add_document(np.array(ids + [eos_id] * (n - len(ids)), dtype=data_w.dtype))
     mask_w.add_document(np.array(mask + [False] * (n - len(ids)), dtype=np.uint8))
-
 
 def prepare_preferences(path: str, out: str, tokenizer: str, seq_len: int, date: str = CHAT_DATE) -> dict:
     """Preference pairs (JSON lines, see preference_pair) -> out.bin/.idx: two sequences per pair, prompt +
@@ -376,12 +360,10 @@ def prepare_preferences(path: str, out: str, tokenizer: str, seq_len: int, date:
         counts["rewards"] = bool(first[1])
     return counts
 
-
 # -----------------------------------------------------------------------------
 # prepare: text files, directories and .jsonl files -> one indexed dataset
 
 PIECE_BYTES = 4 << 20  # .jsonl files are cut at line ends into pieces this big, so one big file uses every worker
-
 
 def _jsonl_pieces(path: str) -> list[tuple[int, int, int]]:
     """(start byte, end byte, line number of the first line) of each piece of a .jsonl file."""
@@ -394,7 +376,6 @@ def _jsonl_pieces(path: str) -> list[tuple[int, int, int]]:
                 start, first_line = offset + nl + 1, lines + 1
             offset += len(block)
     return pieces + [(start, offset, first_line)] if start < offset else pieces
-
 
 def _list_pieces(inputs: list[str]) -> list[tuple[str, int, int, int]]:
     """(path, start, end, first line) of every piece of work, in a fixed order (directories sorted)."""
@@ -418,7 +399,6 @@ def _list_pieces(inputs: list[str]) -> list[tuple[str, int, int, int]]:
                 raise DataError(f"{path}: cannot read input ({e.strerror})") from None
     return pieces
 
-
 def _documents(path: str, raw: bytes, first_line: int):
     """The text of every document in a piece: one per .jsonl line, else the whole file."""
     if not path.endswith(".jsonl"):
@@ -435,7 +415,6 @@ def _documents(path: str, raw: bytes, first_line: int):
             raise DataError(f'{path}:{line}: a .jsonl line must be an object with a string "text" field')
         yield doc["text"]
 
-
 def _tokenize_piece(task):
     """Tokenize one piece in a worker: (its documents' tokens back to back, the length of each)."""
     (path, start, end, first_line), tokenizer = task
@@ -450,13 +429,11 @@ def _tokenize_piece(task):
     docs = [np.array(tok.encode_document(text), dtype=dtype) for text in _documents(path, raw, first_line)]
     return (np.concatenate(docs) if docs else np.empty(0, dtype)), [len(d) for d in docs]
 
-
 def _check_out(out: str) -> None:
     """prepare never overwrites a dataset, nor leaves a stale loss mask or rewards beside a new one."""
     for path in (out + ext for ext in (".idx", ".bin", ".mask.idx", ".mask.bin", ".rewards.idx", ".rewards.bin")):
         if os.path.exists(path):
             raise DataError(f"{path}: already exists; remove it or choose another --out")
-
 
 def prepare(inputs: list[str], out: str, tokenizer: str = "byte", workers: int = 0) -> dict:
     """Tokenize text files, directories (walked recursively) and .jsonl files (one {"text": ...} per line)
@@ -479,7 +456,6 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "byte", workers: int =
             bar.update(piece[2] - piece[1])
     bar.close()
     return {"tokens": writer.num_tokens, "documents": writer.sequences}
-
 
 def prepare_chat(path: str, out: str, tokenizer: str, seq_len: int, date: str = CHAT_DATE) -> dict:
     """Conversations (JSON lines {"messages": [{"role": ..., "content": ...}, ...]}) -> a packed, masked
@@ -525,7 +501,6 @@ def prepare_chat(path: str, out: str, tokenizer: str, seq_len: int, date: str = 
                             f"({counts['dropped']} dropped)")
     return counts
 
-
 def _stdlib_files(max_file_bytes: int = 200_000, max_total_bytes: int = 16 << 20) -> list[str]:
     """The standard library's .py sources in a fixed order: about 10 MB of text that every Python ships."""
     files, total = [], 0
@@ -545,9 +520,7 @@ def _stdlib_files(max_file_bytes: int = 200_000, max_total_bytes: int = 16 << 20
                     total += size
     return files
 
-
 DEMO_SOURCES = ("all", "code", "docs")
-
 
 def demo_dataset(tokenizer: str = "byte", kind: str = "all") -> str:
     """A demo corpus made from what every Python installation ships (no download): "code", the standard
@@ -579,15 +552,12 @@ def demo_dataset(tokenizer: str = "byte", kind: str = "all") -> str:
                 raise  # else another process (another torchrun rank, say) prepared it first
     return prefix
 
-
 def resolve_prefix(prefix: str, tokenizer: str) -> str:
     """A source's path prefix, with "demo:<kind>" standing for a demo corpus (prepared on first use)."""
     return demo_dataset(tokenizer, prefix[5:]) if prefix.startswith("demo:") else prefix
 
-
 # -----------------------------------------------------------------------------
 # benchmark: a huge index opens in constant time and memory
-
 
 def _write_synthetic_index(prefix: str, documents: int, doc_tokens: int, dtype, chunk: int = 1 << 22) -> None:
     """An index of `documents` documents of doc_tokens tokens each, written in full and then dropped from
@@ -606,7 +576,6 @@ def _write_synthetic_index(prefix: str, documents: int, doc_tokens: int, dtype, 
         f.seek(documents * doc_tokens * np.dtype(dtype).itemsize - 1)
         f.write(b"\0")
 
-
 def _memory() -> dict:
     """This process's resident memory now and at its peak, in MB (Linux; elsewhere the peak only)."""
     try:
@@ -615,7 +584,6 @@ def _memory() -> dict:
         return {k: int(status[v].split()[0]) / 1024 for k, v in (("now", "VmRSS"), ("peak", "VmHWM"))}
     except OSError:
         return {"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
 
 def bench_index(documents: int = 100_000_000, doc_tokens: int = 1000, seq_len: int = 4096,
                 global_batch: int = 1024, vocab_size: int = 131072, workdir: str | None = None) -> dict:
@@ -642,10 +610,8 @@ def bench_index(documents: int = 100_000_000, doc_tokens: int = 1000, seq_len: i
                 "open_and_first_batch_seconds": seconds, "rss_mb_before": before.get("now"),
                 "rss_mb_after": after.get("now"), "peak_rss_mb": after["peak"]}
 
-
 # -----------------------------------------------------------------------------
 # command line
-
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -702,7 +668,6 @@ def main(argv=None) -> int:
         print(f"error: {e.filename or getattr(args, 'out', '') or 'writing'}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

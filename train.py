@@ -39,7 +39,6 @@ import parallel
 import prepare  # the tokenizer of the sample and the demo corpus of `demo:` sources
 from model import Apertus, ModelConfig, document_ids, flops_per_token, param_count
 
-
 @dataclass
 class TrainConfig:
     """The [train] section."""
@@ -99,14 +98,11 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"train.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
 
-
 SECTIONS = {"model": ModelConfig, "data": data.DataConfig, "train": TrainConfig,
             "parallel": parallel.ParallelConfig}
 
-
 class ConfigError(Exception):
     pass
-
 
 # ----------------------------------------------------------------------------- configuration
 def _check_type(section, key, value, types):
@@ -121,7 +117,6 @@ def _check_type(section, key, value, types):
         return value
     names = "/".join(t.__name__ for t in allowed if t is not type(None))
     raise ConfigError(f"{section}.{key} must be {names}, got {value!r}")
-
 
 def load_config(path, overrides=()):
     """TOML file + --section.key=value overrides -> {section: dataclass}, and "model_keys": the [model] keys given
@@ -157,10 +152,8 @@ def load_config(path, overrides=()):
     out["model_keys"] = sorted(raw.get("model", {}))
     return out
 
-
 # ----------------------------------------------------------------------------- the recipe
 OPT_CHUNK = 2**26  # elements per foreach batch: the update's temporaries stay at 2 x 256 MB in fp32
-
 
 def _foreach_batches(tensors, lists, max_elements=OPT_CHUNK):
     """Parameters (and their gradients and moments, listed alike) cut into views of at most max_elements, grouped
@@ -176,7 +169,6 @@ def _foreach_batches(tensors, lists, max_elements=OPT_CHUNK):
             size += min(max_elements, t.numel() - s)
     return batches
 
-
 def _moments_and_groups(params, weight_decay, names):
     """The optimizer state, {moment name: [a zero tensor per parameter]}, and the update's work list,
     {weight decay: foreach batches of (param, grad, *moments) views}."""
@@ -187,7 +179,6 @@ def _moments_and_groups(params, weight_decay, names):
         lists = [[params[i] for i in idx], [params[i].grad for i in idx], *([state[k][i] for i in idx] for k in names)]
         groups[wd] = _foreach_batches(lists[0], lists)
     return state, groups
-
 
 class AdEMAMix:
     """AdEMAMix (Pagliardini et al. 2024, arXiv 2409.03137), as apple/ml-ademamix (pytorch/ademamix.py):
@@ -243,7 +234,6 @@ class AdEMAMix:
                     torch._foreach_add_(upd, p, alpha=wd)
                 torch._foreach_add_(p, upd, alpha=-lr)
 
-
 class AdamW:
     """AdamW (Loshchilov & Hutter), the update of torch.optim.AdamW, with the same state interface as
     AdEMAMix: p *= 1 - lr wd;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
@@ -273,7 +263,6 @@ class AdamW:
                 torch._foreach_add_(denom, self.eps)
                 torch._foreach_addcdiv_(p, m, denom, value=-lr / bc1)
 
-
 def make_optimizer(t: TrainConfig):
     """(roles, tensors) -> the optimizer: weight decay where the parameter's Role asks for it (not norms, xIELU)."""
     def build(roles, tensors):
@@ -283,7 +272,6 @@ def make_optimizer(t: TrainConfig):
         return AdEMAMix(tensors, wd, lr=t.lr, betas=(t.beta1, t.beta2, t.beta3), alpha=t.alpha,
                         warmup=t.ademamix_warmup, eps=t.eps)
     return build
-
 
 def wsd_lr(step, max_lr, min_lr, warmup_steps, decay_start, decay_steps, shape="1-sqrt"):
     """Warmup-stable-decay: linear warmup from 0, constant, then a cooldown to min_lr that can start
@@ -295,9 +283,7 @@ def wsd_lr(step, max_lr, min_lr, warmup_steps, decay_start, decay_steps, shape="
     frac = min((step - decay_start) / decay_steps, 1.0)
     return min_lr + (max_lr - min_lr) * (1 - (math.sqrt(frac) if shape == "1-sqrt" else frac))
 
-
 _GOLDFISH_TABLE = {}  # device -> the table, made once (not copied to the device at every micro-step)
-
 
 def goldfish_mask(labels, k=50, h=50):
     """Goldfish loss (Hans et al. 2024), exactly as the Apertus data pipeline: True where the label is dropped from
@@ -315,12 +301,10 @@ def goldfish_mask(labels, k=50, h=50):
         drop[:, h - 1:] = table[keys] < 1 / k
     return drop.view(labels.shape)
 
-
 def loss_mask(x, y, t: TrainConfig, eos_id):
     """Tokens that count: not where the INPUT is EOS (Megatron's eod-mask-loss), nor Goldfish-dropped."""
     mask = x != eos_id
     return mask & ~goldfish_mask(y, t.goldfish_k, t.goldfish_h) if t.goldfish else mask
-
 
 def dpo_loss(logps, ref_logps, lengths, beta, length_normalize=False):
     """DPO (Rafailov et al. 2023, arXiv 2305.18290; TRL's dpo_loss) per pair. logps, ref_logps, lengths [P, 2]:
@@ -329,7 +313,6 @@ def dpo_loss(logps, ref_logps, lengths, beta, length_normalize=False):
     b = beta, or beta / |y| length-normalised. Returns (losses [P], margins [P]: the implied reward margin)."""
     r = (beta / lengths.double() if length_normalize else beta) * (logps - ref_logps)
     return -torch.nn.functional.logsigmoid(r[:, 0] - r[:, 1]), r[:, 0] - r[:, 1]
-
 
 def qrpo_loss(logps, ref_logps, lengths, rewards, ref_rewards, beta, length_normalize=False, beta_max=0.1):
     """QRPO (Matrenok, Moalla and Gulcehre 2025, arXiv 2507.08068; Apertus' qrpo_loss) per pair: logps,
@@ -348,19 +331,16 @@ def qrpo_loss(logps, ref_logps, lengths, rewards, ref_rewards, beta, length_norm
     r = b * (logps - ref_logps)
     return ((rq - b * log_z - r) ** 2).mean(1), r[:, 0] - r[:, 1], rq
 
-
 # dense bf16 peak (no sparsity) per GPU, from NVIDIA's datasheets; looked up by the device name, the
 # longest matching key first ("H100 PCIe" before "H100", "GH200" before "H200")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H800": 989e12, "GH200": 989e12,
                    "H200": 989e12, "H200 NVL": 835e12, "A100": 312e12, "A800": 312e12, "B200": 2250e12,
                    "GB200": 2500e12, "L40S": 362e12}
 
-
 def peak_flops(device):
     """Dense bf16 peak of the GPU, looked up by its name; None when unknown (MFU is then null)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((PEAK_BF16_FLOPS[k] for k in sorted(PEAK_BF16_FLOPS, key=len, reverse=True) if k in name), None)
-
 
 # ----------------------------------------------------------------------------- the run
 def build(cfg, grid, device):
@@ -380,11 +360,9 @@ def build(cfg, grid, device):
         model.compile_blocks()
     return model
 
-
 def log(grid, *args):
     if grid.rank == 0:
         print(*args, flush=True)
-
 
 def all_sum(x, *groups, op=torch.distributed.ReduceOp.SUM):
     """Sum x (or reduce it by op) over the given process groups (None or a group of one: nothing to do)."""
@@ -392,7 +370,6 @@ def all_sum(x, *groups, op=torch.distributed.ReduceOp.SUM):
         if g is not None:
             torch.distributed.all_reduce(x, op=op, group=g)
     return x
-
 
 def micro_loss(model, x, y, mask, n_tokens, hidden=None, chunk=None, cp_index=None, pairs=None):
     """One micro-batch on this rank's stage: its share of the global mean loss (the last stage), or the activations
@@ -402,7 +379,6 @@ def micro_loss(model, x, y, mask, n_tokens, hidden=None, chunk=None, cp_index=No
     doc = document_ids(x, cfg.eos_token_id, cfg.bos_token_id)
     out = model(x, y, mask, doc, "sequence" if pairs else "sum", hidden=hidden, cp_index=cp_index, chunk=chunk)
     return out if out.dim() > 1 else pairs(out) if pairs else out / n_tokens  # activations, or the loss
-
 
 def pair_loss(b, mask, t, sums, cp_group, out):
     """Micro-batch b of whole pairs (rows 2i chosen, 2i + 1 rejected), out [B] its rows' summed losses: its
@@ -418,7 +394,6 @@ def pair_loss(b, mask, t, sums, cp_group, out):
         (losses, margins), quantiles = dpo_loss(logps, ref, lengths, t.beta, norm), ref * 0
     sums += torch.stack([margins.sum(), (margins > 0).sum() + (margins == 0).sum() / 2, quantiles.mean(1).sum()])
     return losses.sum() / t.global_batch_size
-
 
 def forward_backward(model, opt, batches, t, grid, train=True, stats=None):
     """One global batch on this rank: the micro-batches' losses summed and normalised by the number of tokens that
@@ -467,7 +442,6 @@ def forward_backward(model, opt, batches, t, grid, train=True, stats=None):
             stats[k] = v + (0.0 if train else stats.get(k, 0.0))
     return all_sum(total, *groups).item() / (grid.cp if pairs else 1), waited, busy
 
-
 def train_step(model, opt, batches, lr, t, grid, guard=None, stats=None):
     """Forward and backward over the global batch, then the update: forward_backward's (loss, waited, busy) with the
     gradient norm second. A non-finite loss or gradient skips the update; with the guard, a second try (SpikeGuard)."""
@@ -479,7 +453,6 @@ def train_step(model, opt, batches, lr, t, grid, guard=None, stats=None):
         if math.isfinite(norm):  # opt.step skips a non-finite gradient too
             break
     return loss, norm, waited, busy
-
 
 class SpikeGuard:
     """train.spike_guard: Megatron-LM's re-run of a suspicious step, scored as OLMo-core scores spikes (a loss
@@ -521,10 +494,8 @@ class SpikeGuard:
                   f"{'the re-run applied' if applied else 'batch skipped'}")
         return {"spike": "hardware", "spike_loss": first}
 
-
 class HardwareFault(RuntimeError):
     pass
-
 
 @torch.no_grad()
 def evaluate(model, loader, n_batches, t, grid, opt, stats=None):
@@ -534,7 +505,6 @@ def evaluate(model, loader, n_batches, t, grid, opt, stats=None):
                         for i in range(n_batches)) / n_batches for s, name in enumerate(loader.source_names)}
     model.train()
     return losses
-
 
 @torch.no_grad()
 def reference_pass(model, loader, t, grid, opt, eval_batches):
@@ -560,7 +530,6 @@ def reference_pass(model, loader, t, grid, opt, eval_batches):
         os.replace(path + ".tmp.npz", path)
     loader.reference = tables
 
-
 def sample(model, tok, t, device):
     """A few tokens from the trained model (one process). Eager, with SDPA: every new length would be a new shape
     for the compiled blocks and the FlexAttention mask."""
@@ -574,13 +543,11 @@ def sample(model, tok, t, device):
     finally:
         model.attn_backend = backend
 
-
 def check_layout(cfg, world, dp=None):
     """parallel.check_layout of the config's layout on `world` processes (dp: world / (tp x cp x pp))."""
     m, t, p = cfg["model"], cfg["train"], cfg["parallel"]
     parallel.check_layout(m, world, p.tp, dp, t.global_batch_size, t.micro_batch_size, cfg["data"].seq_len,
                           p.sequence_parallel, p.pp, p.cp, p.virtual_stages)
-
 
 def setup(cfg):
     """Before the first step: the architecture (train.init_from's, if set), the grid, data, model and optimizer."""
@@ -612,7 +579,6 @@ def setup(cfg):
     opt = parallel.DistributedOptimizer(model, grid, make_optimizer(t), p.bucket_size)
     return grid, tok, loader, model, opt
 
-
 def start(cfg, grid, opt, loader):
     """Where the run begins: the newest good checkpoint in out_dir (verified; a bad one is skipped), else the weights
     of init_from, else the seeded init. The resolved config is printed and saved as config.json. Returns (step, meta):
@@ -643,7 +609,6 @@ def start(cfg, grid, opt, loader):
     return step, dict(config=config, optimizer=t.optimizer, export_dtype=export_dtype,
                       spike_guard=path and meta.get("spike_guard"))  # the spike guard's window and skipped batches
 
-
 def across_ranks(x, grid):
     """(min, max, sum) of a float over all ranks."""
     mm = torch.tensor([-x, x], dtype=torch.float64, device=grid.device)
@@ -652,7 +617,6 @@ def across_ranks(x, grid):
         torch.distributed.all_reduce(mm, op=torch.distributed.ReduceOp.MAX)
         torch.distributed.all_reduce(sm)
     return -mm[0].item(), mm[1].item(), sm.item()
-
 
 class Metrics:
     """metrics.jsonl (rank 0, appended, one line per logged step and per step that evaluates or saves) and
@@ -716,9 +680,7 @@ class Metrics:
         if self.wandb:
             self.wandb.finish()
 
-
 SIGNALLED = {"name": None}  # the signal handler's only state: the loop reads it after each step
-
 
 @contextlib.contextmanager
 def guarded(t):
@@ -736,13 +698,11 @@ def guarded(t):
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
-
 def watchdog(t):
     """(Re)arm the hang watchdog: if this rank does not come back here within hang_timeout_s, every thread's stack is
     printed and the process exits 1 (srun or torchrun restarts the job). Re-armed after each step, evaluation, save."""
     if t.hang_timeout_s:
         faulthandler.dump_traceback_later(t.hang_timeout_s, exit=True)
-
 
 def agree(grid, *flags):
     """Flags any rank raised, known to every rank (one small all-reduce): they must all stop together."""
@@ -750,7 +710,6 @@ def agree(grid, *flags):
     if grid.world > 1:
         torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX)
     return [bool(x) for x in v.tolist()]
-
 
 def signalled(grid, saver, t):
     """Whether a signal reached any rank, which every rank then knows. A save that failed on any rank is said here,
@@ -764,7 +723,6 @@ def signalled(grid, saver, t):
         log(grid, f"{say}; the previous checkpoints are intact, retrying at the next interval")
     return signal_seen
 
-
 def validate(model, loader, step, n_batches, t, grid, opt):
     """The validation part of a step's record: val_loss (the sources weighted as the stage of the last step mixes
     them), val_loss/<source> and, for pairs, val_<stat>."""
@@ -776,10 +734,8 @@ def validate(model, loader, step, n_batches, t, grid, opt):
     watchdog(t)
     return record
 
-
 class SaveError(checkpoint.CheckpointError):
     pass
-
 
 def save(saver, t, step, opt, grid, meta, loader, signal_seen):
     """A checkpoint of `step` (its files in the background with async_checkpoint). Returns the seconds blocked."""
@@ -792,14 +748,12 @@ def save(saver, t, step, opt, grid, meta, loader, signal_seen):
     watchdog(t)
     return round(blocked, 4)
 
-
 def wait_for_save(grid, saver):
     """Wait for the save in flight; why it failed, if it did on any rank (every rank learns it: all stop together)."""
     saver.wait()
     if agree(grid, saver.error is not None)[0]:
         return saver.error or "a checkpoint save failed on another rank"
     return None
-
 
 def export_hf(t, grid, saver, dtype):
     """<out_dir>/hf from the newest checkpoint, in the dtype the weights came in, with the tokenizer files of
@@ -816,7 +770,6 @@ def export_hf(t, grid, saver, dtype):
             error = f"export to {out} failed: {e}"
     if agree(grid, error is not None)[0]:
         raise SaveError(error or "the export failed on rank 0")
-
 
 def finish(model, tok, t, grid, saver, meta, step, signal_seen, failed):
     """After the loop: a failed last save stops here; else the last line after a signal, or the export and the
@@ -835,11 +788,9 @@ def finish(model, tok, t, grid, saver, meta, step, signal_seen, failed):
             log(grid, f"no sample: the model is split over {grid.world} processes (sample from one process, "
                       f"or from `python checkpoint.py consolidate` of the last checkpoint)")
 
-
 def due(step, every, t):
     """The last step, or every `every` steps (0: only the last)."""
     return step == t.max_steps or bool(every and step % every == 0)
-
 
 def run(cfg):
     """The training loop: a batch, a step, its metrics; then, when due, evaluation, a checkpoint and an export.
@@ -882,7 +833,6 @@ def run(cfg):
     parallel.shutdown(grid, opt)
     return model
 
-
 def main(argv):
     if "--plan" in argv:  # the memory plan of a layout is plan.py's; this is the same command
         import plan
@@ -900,7 +850,6 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)  # LaunchError: this rank's own environment, every rank says it
         return 1 if isinstance(e, (SaveError, HardwareFault)) else 2  # 1: the scheduler counts no success
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -17,7 +17,6 @@ CONTROL = ["<|system_start|>", "<|system_end|>", "<|developer_start|>", "<|devel
            "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>", "<|inner_prefix|>", "<|inner_suffix|>",
            "<|tools_prefix|>", "<|tools_suffix|>"]  # ids 61..72 in the tokenizer.json of swiss-ai/Apertus-8B-2509
 
-
 def train_in_process(*args, threads=None):
     """`python train.py ARGS`, run by train.main in this process (a new interpreter would spend most of a
     short run importing torch): a CompletedProcess with its exit status and what it printed. threads:
@@ -36,14 +35,12 @@ def train_in_process(*args, threads=None):
         torch.set_num_threads(before)
     return subprocess.CompletedProcess(["train.py", *args], rc, out.getvalue(), err.getvalue())
 
-
 def tekken_path():
     spec = importlib.util.find_spec("mistral_common")
     path = spec and os.path.join(spec.submodule_search_locations[0], "data", "tekken_240718.json")
     if not path or not os.path.exists(path):
         pytest.skip("mistral-common (which ships tekken_240718.json) is not installed")
     return path
-
 
 @pytest.fixture(scope="session")
 def apertus_json(tmp_path_factory):
@@ -79,5 +76,4 @@ def apertus_json(tmp_path_factory):
     path = tmp_path_factory.mktemp("apertus") / "tokenizer.json"
     tok.save(str(path))
     return str(path)
-
 

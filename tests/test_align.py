@@ -25,13 +25,11 @@ import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 transformers = pytest.importorskip("transformers")
 
-
 # ----------------------------------------------------------------------------- the losses
 def dpo_plain(lp, ref, n, beta, norm):
     b = [beta / n[y] if norm else beta for y in (0, 1)]
     margin = b[0] * (lp[0] - ref[0]) - b[1] * (lp[1] - ref[1])
     return math.log1p(math.exp(-margin)), margin
-
 
 def qrpo_plain(lp, ref, n, rewards, ref_rewards, beta, norm, beta_max):
     decimal.getcontext().prec = 60
@@ -44,7 +42,6 @@ def qrpo_plain(lp, ref, n, rewards, ref_rewards, beta, norm, beta_max):
         log_z = float((B * ((1 / B).exp() - 1)).ln())
         losses.append((quantile - b * log_z - b * (lp[y] - ref[y])) ** 2)
     return (losses[0] + losses[1]) / 2
-
 
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("beta,beta_max", [(0.1, 0.1), (5.0, 0.1), (5.0, 0.0), (0.05, 1.0)])
@@ -67,7 +64,6 @@ def test_losses_are_the_formulas(norm, beta, beta_max):
         assert q_losses[i].item() == pytest.approx(qrpo_plain(*args, rewards[i].tolist(), refs, beta, norm, beta_max), rel=1e-12)
         assert quantiles[i].tolist() == [sum(r <= rewards[i, y].item() for r in refs) / len(refs) for y in (0, 1)]
 
-
 def test_log_z_is_exact_without_overflow_and_apertus_approximation_is_close():
     """log Z = log(b (exp(1/b) - 1)) overflows float64 below b = 0.0014; the exact form does not, and Apertus'
     b log Z ~ b log b + 1 is within 5e-6 of it below the clamp (b <= 0.1)."""
@@ -79,7 +75,6 @@ def test_log_z_is_exact_without_overflow_and_apertus_approximation_is_close():
         assert math.isfinite(loss) and loss == pytest.approx((1 - exact) ** 2, rel=1e-12)
         if b <= 0.1:
             assert abs(exact - (b * math.log(b) + 1)) < 5e-6
-
 
 # ----------------------------------------------------------------------------- the data
 def chat_tokenizer(path):
@@ -98,7 +93,6 @@ def chat_tokenizer(path):
     (path / "tokenizer.json").write_text(json.dumps(spec))
     return str(path)
 
-
 def preference(i, rng, rewards=True):
     """A pair whose chosen completion follows a rule (letters a-m only) and the rejected not (n-z)."""
     def words(letters):
@@ -109,7 +103,6 @@ def preference(i, rng, rewards=True):
         pair["chosen"]["reward"], pair["rejected"]["reward"] = rng.uniform(0.5, 1), rng.uniform(0, 0.5)
         pair["ref_rewards"] = [rng.random() for _ in range(rng.randint(4, 10))]
     return pair
-
 
 SEQ = 100
 TINY = """[model]
@@ -138,7 +131,6 @@ warmup_steps = 1
 QRPO = ["--train.objective=qrpo", "--train.beta=5.0", "--train.length_normalize=true", "--train.beta_max=0.1"]
 DPO = ["--train.objective=dpo", "--train.beta=0.1"]
 
-
 @pytest.fixture(scope="module")
 def prefs(tmp_path_factory):
     """The tokenizer, 300 pairs prepared by the command line (with rewards), the config, a tiny HF model."""
@@ -157,18 +149,15 @@ def prefs(tmp_path_factory):
     shutil.copy(os.path.join(tok, "tokenizer.json"), base / "hf")
     return base
 
-
 def run_args(prefs, out, *args):
     return [str(prefs / "tiny.toml"), f"--data.dataset={prefs / 'prefs'}", f"--data.tokenizer={prefs / 'tok'}",
             f"--train.out_dir={out}", *args]
-
 
 def prepare_prefs(capsys, prefs, path, out, *args):
     """prepare.py --preferences in this process: (exit status, stdout, the lines of error)."""
     rc = prepare.main(["--preferences", str(path), "--tokenizer", str(prefs / "tok"), "--out", str(out), *args])
     cap = capsys.readouterr()
     return rc, cap.out, [line for line in cap.err.replace("\r", "\n").splitlines() if line.startswith("error:")]
-
 
 def test_prepare_preferences_masks_the_completion_only_and_keeps_the_rewards(prefs, tmp_path, capsys):
     tok = prepare.get_tokenizer(str(prefs / "tok"))
@@ -201,7 +190,6 @@ def test_prepare_preferences_masks_the_completion_only_and_keeps_the_rewards(pre
     assert len(data.IndexedDataset(str(tmp_path / "dpo"))) == 2
     assert data.IndexedDataset(str(tmp_path / "dpo.rewards"), values=True).sequence(0).size == 0
 
-
 @pytest.mark.parametrize("line,message", [
     ("{not json", "bad.jsonl:2: not valid JSON"),
     ('{"prompt": [{"role": "user", "content": "q"}], "chosen": {"content": "a"}}', 'bad.jsonl:2: a preference record'),
@@ -220,17 +208,14 @@ def test_a_bad_preference_line_is_one_line_of_error_naming_it(prefs, tmp_path, c
     assert rc == 2 and len(errors) == 1 and message in errors[0], errors
     assert not os.path.exists(tmp_path / "bad.idx")
 
-
 # ----------------------------------------------------------------------------- training
 def losses(out, key="loss"):
     return {r["step"]: r[key] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if key in r}
-
 
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
 
 def _layouts_worker(rank, world, ports, runs):
     """One process of several train.py runs in a row (each its own process group): the workers start once."""
@@ -243,13 +228,11 @@ def _layouts_worker(rank, world, ports, runs):
             rc = train.main(args)
         assert rc == 0, (rank, args, out.getvalue()[-3000:])
 
-
 PARITY = ["--train.max_steps=5", "--train.global_batch_size=4", "--train.micro_batch_size=1", "--train.lr=1e-2",
           "--train.checkpoint_interval=3", "--train.eval_interval=5", "--data.eval_batches=1"]
 LAYOUTS = {"dpo": {"tp2pp2": ["--parallel.tp=2", "--parallel.pp=2"], "pp2dp2": ["--parallel.pp=2"]},
            "qrpo": {"tp2pp2": ["--parallel.tp=2", "--parallel.pp=2"], "tp2dp2": ["--parallel.tp=2"],
                     "cp2dp2": ["--parallel.cp=2"]}}  # context parallelism: a row's log-probability summed over CP
-
 
 @pytest.fixture(scope="module")
 def parity(prefs):
@@ -265,7 +248,6 @@ def parity(prefs):
     mp.spawn(_layouts_worker, args=(4, [free_port() for _ in runs], runs), nprocs=4, join=True)
     return base
 
-
 @pytest.mark.parametrize("objective,layout", [(o, lay) for o, layouts in LAYOUTS.items() for lay in layouts])
 def test_every_layout_gives_the_single_process_losses(parity, objective, layout):
     """The training loss within 1e-5 (relative), the margins and the validation metrics within 1e-5 (absolute:
@@ -276,7 +258,6 @@ def test_every_layout_gives_the_single_process_losses(parity, objective, layout)
         for step, value in got.items():
             scale = abs(want[step]) if key == "loss" else 1
             assert abs(value - want[step]) <= 1e-5 * scale, (key, step, value, want[step])
-
 
 def test_a_resume_reuses_the_reference_under_another_layout_with_init_from_gone(parity, prefs, tmp_path):
     """The qrpo run of tp=2 x dp=2 resumed on one process from its step 3, init_from gone: the reference
@@ -297,7 +278,6 @@ def test_a_resume_reuses_the_reference_under_another_layout_with_init_from_gone(
     for step in (4, 5):
         assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
 
-
 @pytest.mark.parametrize("objective", ["qrpo", "dpo"])
 def test_a_short_run_learns_the_preferences(prefs, tmp_path, objective):
     """From a random tiny model: at step 1 the policy is the reference (margin 0, accuracy 0.5: ties count
@@ -316,7 +296,6 @@ def test_a_short_run_learns_the_preferences(prefs, tmp_path, objective):
     else:
         assert "quantile_reward" not in rows[30]
 
-
 def test_objectives_refuse_the_wrong_data_in_one_line_and_dpo_needs_no_rewards(prefs, tmp_path):
     out = train_in_process(*run_args(prefs, tmp_path / "lm", "--train.max_steps=1"))
     assert out.returncode == 2 and "prefs.idx: preference pairs (train.objective dpo, qrpo)" in out.stderr
@@ -330,7 +309,6 @@ def test_objectives_refuse_the_wrong_data_in_one_line_and_dpo_needs_no_rewards(p
     out = train_in_process(*run_args(prefs, tmp_path / "d", *DPO, "--train.max_steps=2", "--train.global_batch_size=2",
                                      "--train.micro_batch_size=2", f"--data.dataset={tmp_path / 'norewards'}"))
     assert out.returncode == 0 and sorted(losses(tmp_path / "d")) == [1, 2], out.stderr[-2000:]  # dpo needs none
-
 
 def test_qrpo_configs_are_apertus_and_the_8b_plan_fits_one_4_gpu_h100_node(prefs):
     import plan
@@ -348,7 +326,6 @@ def test_qrpo_configs_are_apertus_and_the_8b_plan_fits_one_4_gpu_h100_node(prefs
                  if k.startswith("activations")) for args in (pair, two)]
     assert acts[0] == acts[1] > 0
 
-
 # ----------------------------------------------------------------------------- generation and chat
 def test_generate_with_the_kv_cache_is_the_plain_path_and_transformers_greedy(tmp_path):
     from test_model import SHAPES, hf_model
@@ -364,7 +341,6 @@ def test_generate_with_the_kv_cache_is_the_plain_path_and_transformers_greedy(tm
         cache, full = {}, ours(cached)
         ours(cached[:, :20], cache=cache)
         assert torch.allclose(ours(cached[:, 20:27], cache=cache)[:, -1], full[:, 26], atol=1e-5)
-
 
 def test_chat_answers_a_prompt_as_transformers_would(apertus_json, tmp_path, capsys):
     import chat

@@ -6,7 +6,6 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
 def test_bench_runs_on_cpu_and_prints_one_json_line(tmp_path):
     out = subprocess.run([sys.executable, "bench.py", "configs/tiny.toml", "--steps", "2", "--warmup", "1",
                           "--train.global_batch_size=8", "--checkpoint", str(tmp_path)], cwd=ROOT, capture_output=True,
@@ -19,7 +18,6 @@ def test_bench_runs_on_cpu_and_prints_one_json_line(tmp_path):
         assert key in r, key
     assert r["device"] == "cpu" and r["mfu"] is None and r["tokens_per_sec"] > 0 and r["global_batch"] == 8
     assert "bench" in out.stderr  # the progress bar
-
 
 def test_bench_refuses_a_bad_layout_in_one_line():
     out = subprocess.run([sys.executable, "bench.py", "configs/tiny.toml", "--parallel.tp=3"], cwd=ROOT,

@@ -11,10 +11,8 @@ from checkpoint import slice_runs
 LAYOUTS = [((12,), 0), ((12, 6), 0), ((12, 6), 1), ((6, 12), 1), ((4, 6, 12), 1), ((4, 6, 12), 2), ((8, 4, 2), 0),
            ((12, 6), None)]
 
-
 def slices(full, dim, tp):
     return [full.flatten()] if dim is None else [s.contiguous().flatten() for s in full.chunk(tp, dim)]
-
 
 @pytest.mark.parametrize("shape,dim", LAYOUTS)
 def test_every_element_of_a_slice_is_read_once_from_the_writers_slice_that_holds_it(shape, dim):
@@ -38,7 +36,6 @@ def test_every_element_of_a_slice_is_read_once_from_the_writers_slice_that_holds
                     assert a[3] + a[2] == b[3] and not (a[0] == b[0] and a[1] + a[2] == b[1])
                 cases += 1
     assert cases >= 5
-
 
 def test_same_split_is_one_run_per_writer_and_a_row_split_reads_rows():
     assert list(slice_runs((4, 6), 1, 2, 1, 2, 0, 12)) == [(1, 0, 12, 0)]  # the same layout: the whole slice at once

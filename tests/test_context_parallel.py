@@ -22,7 +22,6 @@ import plan
 import train
 from model import Apertus, ModelConfig, document_ids
 
-
 # ----------------------------------------------------------------------------- the chunk map
 @pytest.mark.parametrize("cp", [1, 2, 3, 4, 8])
 def test_rank_r_holds_chunks_r_and_2cp_minus_1_minus_r_and_the_inverse_finds_them(cp):
@@ -39,11 +38,9 @@ def test_rank_r_holds_chunks_r_and_2cp_minus_1_minus_r_and_the_inverse_finds_the
     rank, index = parallel.cp_owner(torch.arange(T), T, cp)  # the inverse of every position
     assert torch.equal(torch.stack([held[r][i] for r, i in zip(rank, index)]), torch.arange(T))
 
-
 # ----------------------------------------------------------------------------- C ranks simulated in one process
 SMALL = ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=8, vocab_size=64, rope_theta=1e4, rope_scaling=None)
-
 
 def packed_documents(B, T, seed=0, high=64):
     """[B, T + 1] ids: documents of 3 to 20 tokens, <s> ... </s>, packed back to back (several a row)."""
@@ -58,7 +55,6 @@ def packed_documents(B, T, seed=0, high=64):
                 rows[b, at + n - 1] = 2
             at += n
     return rows
-
 
 def simulated_ranks(m, x, y, mask, cp, backend):
     """What each of cp ranks computes (logits and summed loss over its tokens), in one process: each rank's
@@ -96,7 +92,6 @@ def simulated_ranks(m, x, y, mask, cp, backend):
         a.gather_kv = None
     return full_logits, full_loss, per_rank
 
-
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 @pytest.mark.parametrize("cp", [2, 4])
 def test_global_positions_documents_and_mask_of_a_ranks_chunks_give_the_one_process_numbers(cp, backend):
@@ -113,7 +108,6 @@ def test_global_positions_documents_and_mask_of_a_ranks_chunks_give_the_one_proc
     for pos, logits, _ in per_rank:
         assert (full_logits[:, pos] - logits).abs().max() < 1e-5
     assert abs(sum(loss for *_, loss in per_rank) - full_loss) < 1e-4 * full_loss
-
 
 def test_goldfish_windows_across_another_ranks_chunk_count_as_in_one_process():
     """The Goldfish halo: the h labels that drop a position may lie in another rank's chunk. The mask is
@@ -136,7 +130,6 @@ def test_goldfish_windows_across_another_ranks_chunk_count_as_in_one_process():
     alone = [train.goldfish_mask(y[:, pos], k, h) for pos in (parallel.cp_positions(64, cp, r) for r in range(cp))]
     assert any(not torch.equal(a, train.goldfish_mask(y, k, h)[:, pos]) for a, pos in
                zip(alone, (parallel.cp_positions(64, cp, r) for r in range(cp))))
-
 
 # ----------------------------------------------------------------------------- the collective pair, on gloo
 def _pair_worker(rank, world, port):
@@ -195,10 +188,8 @@ def _pair_worker(rank, world, port):
     del y, kg, vg
     _shutdown(grid)
 
-
 def test_kv_all_gather_and_gradient_reduce_scatter_one_pair_a_block_and_the_planned_activations():
     _spawn(_pair_worker, 2)
-
 
 # ----------------------------------------------------------------------------- whole runs, against one process
 # tests/test_parallel.py's run (tiny.toml, 8 steps of 16 x 128 tokens, a checkpoint at step 4) on documents
@@ -207,10 +198,8 @@ def test_kv_all_gather_and_gradient_reduce_scatter_one_pair_a_block_and_the_plan
 # drift apart by 1e-3 from step 7 on these random tokens, their losses still within 1e-5)
 LAYOUTS = {"dp2": (1, 2, 1, 2), "cp4": (1, 4, 1, 1), "tp2sp": (2, 2, 1, 1), "pp2": (1, 2, 2, 1)}  # (tp, cp, pp, dp)
 
-
 def layout_args(tp, cp, pp, sp=False):
     return [f"--parallel.tp={tp}", f"--parallel.cp={cp}", f"--parallel.pp={pp}", f"--parallel.sequence_parallel={str(sp).lower()}"]
-
 
 @pytest.fixture(scope="module")
 def short_documents(tmp_path_factory):
@@ -220,7 +209,6 @@ def short_documents(tmp_path_factory):
         for _ in range(1200):
             w.add_document(np.concatenate([[1], rng.integers(3, 260, rng.integers(3, 61)), [2]]))
     return [f"--data.dataset={prefix}", "--train.lr=1e-3"]  # beside test_parallel.RUN, which torchrun() adds
-
 
 @pytest.fixture(scope="module")
 def cp_runs(tmp_path_factory, short_documents):
@@ -236,7 +224,6 @@ def cp_runs(tmp_path_factory, short_documents):
         assert f"layout tp={tp} cp={cp} pp={pp} dp={dp}" in out.stdout
     return base
 
-
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_4_processes_with_context_parallelism_give_the_single_process_losses(cp_runs, layout):
     # the gradient norm sums in another order and follows AdamW's first steps, which amplify the rounding of
@@ -247,7 +234,6 @@ def test_4_processes_with_context_parallelism_give_the_single_process_losses(cp_
         assert sorted(got) == (list(range(1, 9)) if key != "val_loss" else [8])
         for step, value in got.items():
             assert abs(value - want[step]) <= rtol * abs(want[step]), (key, step, value, want[step])
-
 
 def test_a_cp_checkpoint_holds_the_one_process_weights_and_one_without_cp_reads_as_cp1(cp_runs, tmp_path):
     """The reader maps pieces to rank files by the writer's (tp, cp, pp, dp): the cp = 2 x pp = 2
@@ -263,7 +249,6 @@ def test_a_cp_checkpoint_holds_the_one_process_weights_and_one_without_cp_reads_
     assert (single.cp, pp2.cp, pp2.pp) == (1, 2, 2)
     for name in single.shapes:
         assert torch.allclose(single.full("master", name), pp2.full("master", name), atol=5e-4, rtol=0), name
-
 
 # cp = 2 x pp = 2 -> one process (cp = 1, pp = 1); tp = 2 x cp = 2 with sequence parallelism -> cp = 4 (tp = 1)
 @pytest.mark.parametrize("source,nproc,layout", [("pp2", 1, None), ("tp2sp", 4, (1, 4, 1))])
@@ -285,7 +270,6 @@ def test_a_cp2_checkpoint_resumes_at_cp1_and_cp4_under_another_tp_and_pp(cp_runs
     for step, loss in got.items():
         assert abs(loss - want[step]) <= 1e-5 * abs(want[step]), (step, loss, want[step])
 
-
 def test_a_context_parallel_layout_that_does_not_fit_is_refused(monkeypatch, capsys):
     """One line, before any process group or tensor exists (this process plays rank 0 of the world)."""
     monkeypatch.chdir(ROOT)
@@ -300,7 +284,6 @@ def test_a_context_parallel_layout_that_does_not_fit_is_refused(monkeypatch, cap
         assert train.main([*RUN, *args]) == 2
         assert capsys.readouterr().err.strip().splitlines() == [f"error: layout refused: {message}"]
     assert not dist.is_initialized()
-
 
 # ----------------------------------------------------------------------------- the long-context stages
 def test_a_stage_starts_from_a_checkpoints_weights_with_its_own_rope_and_exports_the_released_rope(cp_runs, tmp_path,
@@ -331,11 +314,9 @@ def test_a_stage_starts_from_a_checkpoints_weights_with_its_own_rope_and_exports
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"error: model.num_hidden_layers = 2 disagrees with 4 in {source}/meta.json"]
 
-
 STAGE_TABLE = {  # APERTUS.md 2b: sequence, RoPE theta, (tp, cp, pp, dp)
     "8b": [(8192, 1e6, (2, 1, 1, 1024)), (16384, 2e6, (4, 1, 1, 512)), (32768, 4e6, (4, 2, 1, 256)), (65536, 12e6, (4, 4, 1, 128))],
     "70b": [(8192, 1e6, (4, 1, 8, 64)), (16384, 2e6, (4, 2, 8, 32)), (32768, 4e6, (4, 4, 8, 16)), (65536, 12e6, (4, 8, 8, 8))]}
-
 
 @pytest.mark.parametrize("size", list(STAGE_TABLE))
 def test_the_stage_configs_follow_the_table_chain_their_checkpoints_and_the_64k_plan_fits_an_h100(size, capsys):

@@ -25,12 +25,10 @@ from prepare import get_tokenizer, prepare
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "Grüezi mitenand! 你好, мир. <s> is text here. 🙂\n"
 
-
 # ---- an independent writer of the format (the layout of Megatron-LM's megatron/core/datasets/indexed_dataset.py),
 # with struct and numpy (not data.py's writer)
 
 CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6, np.float32: 7, np.uint16: 8}
-
 
 def write_megatron(prefix, documents, dtype, version=1, gap_after=None):
     """documents: a list of documents, each a list of sequences (lists of ids). gap_after: a sequence
@@ -57,15 +55,12 @@ def write_megatron(prefix, documents, dtype, version=1, gap_after=None):
         f.write(struct.pack(f"<{len(doc_idx)}q", *doc_idx))
     return prefix
 
-
 def stream_source(tmp_path, name, n_tokens, dtype=np.uint16, doc=97):
     """A source whose token stream is offset, offset+1, ...: a window's first token tells which one it is."""
     tokens = np.arange(n_tokens) % 60000
     return write_megatron(tmp_path / name, [[tokens[a:a + doc]] for a in range(0, n_tokens, doc)], dtype)
 
-
 # ---- the format
-
 
 @pytest.mark.parametrize("dtype,high", [(np.uint16, 2**16), (np.int32, 2**31)])
 def test_reads_every_document_of_an_independent_writer(tmp_path, dtype, high):
@@ -82,7 +77,6 @@ def test_reads_every_document_of_an_independent_writer(tmp_path, dtype, high):
             assert ds.sequence(k).tolist() == s
             k += 1
 
-
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32])
 def test_our_writer_writes_the_same_bytes(tmp_path, dtype):
     rng = np.random.default_rng(1)
@@ -95,7 +89,6 @@ def test_our_writer_writes_the_same_bytes(tmp_path, dtype):
     for ext in (".idx", ".bin"):
         assert (tmp_path / ("ours" + ext)).read_bytes() == (tmp_path / ("theirs" + ext)).read_bytes()
     assert sorted(os.listdir(tmp_path)) == ["ours.bin", "ours.idx", "theirs.bin", "theirs.idx"]  # no temp files
-
 
 def corrupt(tmp_path, what):
     prefix = write_megatron(tmp_path / "ds", [[list(range(5, 105))], [list(range(7, 57))]], np.uint16)
@@ -125,7 +118,6 @@ def corrupt(tmp_path, what):
         idx.unlink()
     return prefix
 
-
 @pytest.mark.parametrize("what,file,message", [
     ("version", "idx", "unknown index version 2"),
     ("code", "idx", "unknown dtype code 9"),
@@ -145,9 +137,7 @@ def test_a_bad_dataset_is_one_line_of_error_naming_the_file(tmp_path, what, file
         IndexedDataset(prefix, vocab_size=260)
     assert "\n" not in str(e.value)
 
-
 # ---- tokenizers
-
 
 def test_byte_tokenizer():
     tok = get_tokenizer("byte")
@@ -158,7 +148,6 @@ def test_byte_tokenizer():
     assert tok.decode(tok.encode_document(TEXT)) == TEXT
     assert tok.decode(torch.tensor([0, 1, 2, 3, 4 + 72, 265, 4 + 105])) == "Hi"  # specials and padding ids dropped
     assert tok.decode([4 + 0xC3]) == "\ufffd"  # half a UTF-8 character
-
 
 def test_tekken_tokenizer():
     path = tekken_path()
@@ -172,7 +161,6 @@ def test_tekken_tokenizer():
 
     assert Tekkenizer.from_file(path).encode(TEXT, bos=True, eos=True) == tok.encode_document(TEXT)
 
-
 def test_bad_tokenizer(tmp_path):
     with pytest.raises(DataError, match="nope.json"):
         get_tokenizer(str(tmp_path / "nope.json"))
@@ -180,9 +168,7 @@ def test_bad_tokenizer(tmp_path):
     with pytest.raises(DataError, match="bad.json"):
         get_tokenizer(str(tmp_path / "bad.json"))
 
-
 # ---- prepare
-
 
 def corpus(tmp_path):
     """A directory tree of text files plus a .jsonl file: 12 + 30 documents."""
@@ -198,7 +184,6 @@ def corpus(tmp_path):
         for i, t in enumerate(lines):
             f.write(json.dumps({"text": t, "id": i}) + "\n" + ("\n" if i == 7 else ""))  # blank lines are skipped
     return [str(docs), str(tmp_path / "more.jsonl")], texts + lines
-
 
 def test_prepare(tmp_path, monkeypatch):
     inputs, texts = corpus(tmp_path)
@@ -221,7 +206,6 @@ def test_prepare(tmp_path, monkeypatch):
     assert tok.decode(docs[-1]) == texts[-1]  # input order: the .jsonl file came last
     assert sorted(os.listdir(out)) == ["w1.bin", "w1.idx", "w2.bin", "w2.idx", "w3.bin", "w3.idx"]
 
-
 def test_prepare_errors(tmp_path):
     good = tmp_path / "good.txt"
     good.write_text("fine")
@@ -239,7 +223,6 @@ def test_prepare_errors(tmp_path):
     with pytest.raises(DataError, match="out.idx: already exists"):
         prepare([str(good)], str(tmp_path / "out"))
 
-
 def test_cli(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     run = [sys.executable, os.path.join(ROOT, "prepare.py")]
@@ -249,7 +232,6 @@ def test_cli(tmp_path):
                          text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: no such file or directory"]
-
 
 def chat_tokenizer(path):
     """A byte-level tokenizer.json with Apertus' chat control tokens and no merges: <unk> <s> </s>, the
@@ -263,7 +245,6 @@ def chat_tokenizer(path):
             {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]},
         "model": {"type": "BPE", "vocab": vocab, "merges": []}}))
     return str(path)
-
 
 def test_prepare_chat_makes_its_directory_never_overwrites_and_blames_the_right_thing(tmp_path):
     tokenizer, chats = chat_tokenizer(tmp_path / "tok.json"), tmp_path / "chats.jsonl"
@@ -295,7 +276,6 @@ def test_prepare_chat_makes_its_directory_never_overwrites_and_blames_the_right_
         prepare_py.prepare_chat(str(chats), str(tmp_path / "c3"), "byte", 511)  # the tokenizer's fault, not line 1's
     assert not any(n.startswith(("c2", "c3")) for n in os.listdir(tmp_path))
 
-
 def test_demo_dataset(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOAPERTUS_CACHE", str(tmp_path))
     t0 = time.time()
@@ -310,9 +290,7 @@ def test_demo_dataset(tmp_path, monkeypatch):
     t0 = time.time()
     assert prepare_py.demo_dataset() == prefix and time.time() - t0 < 1  # cached
 
-
 # ---- the blend against Megatron-LM
-
 
 def normalize(weights):
     """megatron/core/datasets/utils.py normalize()."""
@@ -320,7 +298,6 @@ def normalize(weights):
     w_sum = np.sum(w)
     w = (w / w_sum).tolist()
     return w
-
 
 def build_blending_indices(weights, size):
     """helpers.cpp build_blending_indices, transcribed line by line, on the weights BlendedDataset hands it:
@@ -343,11 +320,9 @@ def build_blending_indices(weights, size):
         current_samples[max_error_index] += 1
     return dataset_index, dataset_sample_index
 
-
 # [6.4, 0.5, 7.4, 4.7]: normalised twice, as Megatron does, two weights move by one bit and the order of
 # sources differs from sample 19 on from that of weights normalised once
 WEIGHT_SETS = [[0.7, 0.3], [1, 1, 1], [0.5, 0.3, 0.2], [3, 1, 0.01, 7, 2], [0.1] * 10, [2], [6.4, 0.5, 7.4, 4.7]]
-
 
 @pytest.mark.parametrize("weights", WEIGHT_SETS + [np.random.default_rng(4).random(8).tolist()])
 def test_blend_is_megatrons(weights):
@@ -362,10 +337,8 @@ def test_blend_is_megatrons(weights):
         first += count
     assert first == 20_000 and got == want
 
-
 def loader(stages, tmp_path, G=10, m=2, rank=0, dp=1, seed=0, **kw):
     return DataLoader(stages, 16, G, m, dp_rank=rank, dp_size=dp, seed=seed, vocab_size=60000, **kw)
-
 
 @pytest.mark.parametrize("weights", [[0.7, 0.3], [6.4, 0.5, 7.4, 4.7]])
 def test_the_loaders_sources_follow_megatron_and_every_prefix_keeps_the_weights(tmp_path, weights):
@@ -379,13 +352,10 @@ def test_the_loaders_sources_follow_megatron_and_every_prefix_keeps_the_weights(
     assert np.abs(counts - expected).max() <= 1
     assert load.tokens_seen(100) == {n: int(c) * 16 for n, c in zip(names, counts[-1])}
 
-
 # ---- order, resume, layouts, stages
-
 
 def first_tokens(batches):
     return torch.cat([mb.x[:, 0] for mb in batches])
-
 
 def test_epochs_are_fresh_permutations_and_validation_is_held_out(tmp_path):
     prefix = stream_source(tmp_path, "a", 16 * 12 + 1)  # 12 samples: 11 train + 1 validation at 0.05
@@ -400,13 +370,11 @@ def test_epochs_are_fresh_permutations_and_validation_is_held_out(tmp_path):
     b = load.get_batch(0)[0]
     assert torch.equal(b.y, b.x + 1) and b.x.dtype == torch.int64 and b.loss_mask is None
 
-
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 255, 1000, 4097])
 def test_permute_is_a_bijection(n):
     key = np.array([1, 2, 3, 4], dtype=np.uint64)
     p = data.permute(np.arange(n), n, key)
     assert sorted(p.tolist()) == list(range(n)) and np.array_equal(p, data.permute(np.arange(n), n, key))
-
 
 def test_the_order_of_a_trillion_samples_is_computed_in_constant_memory():
     n = 10**12  # train samples: 4 PB of tokens at seq_len 4,096, far past Apertus' 3.7 billion sequences
@@ -424,7 +392,6 @@ def test_the_order_of_a_trillion_samples_is_computed_in_constant_memory():
         assert len(np.unique(got[at])) == at.sum()
     assert not np.array_equal(got[:5000], got[5000:10000])
     assert np.array_equal(got[::7], data.Source.train_samples(fake, positions[::7], seed=0))  # a pure function
-
 
 def test_resume_at_any_step_under_any_layout_across_stages(tmp_path):
     a, b, c = (stream_source(tmp_path, n, k) for n, k in (("a", 3000), ("b", 2000), ("c", 1500)))
@@ -449,7 +416,6 @@ def test_resume_at_any_step_under_any_layout_across_stages(tmp_path):
                     assert torch.equal(torch.cat([first_tokens(r.get_batch(step)) for r in ranks]), want[step])
                 assert fresh[0].tokens_seen(step + 1) == saved[-1].tokens_seen(step + 1) == seen[step + 1]
 
-
 def test_a_cursor_continues_a_new_stage_and_one_from_another_table_is_ignored(tmp_path):
     a, b = stream_source(tmp_path, "a", 3000), stream_source(tmp_path, "b", 3000)
     one = loader([(0, [("a", a, 0.7), ("b", b, 0.3)])], tmp_path)
@@ -463,7 +429,6 @@ def test_a_cursor_continues_a_new_stage_and_one_from_another_table_is_ignored(tm
         resumed, fresh = loader(*other[:1], tmp_path, G=other[1]), loader(*other[:1], tmp_path, G=other[1])
         assert not resumed.load_state(state)  # ignored: the order stays that of the current table
         assert torch.equal(first_tokens(resumed.get_batch(7)), first_tokens(fresh.get_batch(7)))
-
 
 def test_packed_source_brings_its_loss_mask(tmp_path):
     T = 16
@@ -491,7 +456,6 @@ def test_packed_source_brings_its_loss_mask(tmp_path):
     with pytest.raises(DataError, match=r"chat.idx: sequence \d+ holds 16 tokens; a packed source needs seq_len \+ 1 = 17"):
         DataLoader([(0, [("chat", packed, 1.0)])], T, 8, 4).get_batch(0)
 
-
 def test_loader_errors(tmp_path):
     prefix = stream_source(tmp_path, "a", 1000)
     stages = [(0, [("a", prefix, 1.0)])]
@@ -513,7 +477,6 @@ def test_loader_errors(tmp_path):
     with pytest.raises(DataError, match="gap.idx: sequences 450 and 451 do not follow each other in .*gap.bin"):
         DataLoader([(0, [("gap", gap, 1.0)])], 16, 8, 2)
 
-
 # ---- a staged run of train.py
 
 STAGES = [[0, [("code", 0.8), ("docs", 0.2)]], [20, [("code", 0.3), ("docs", 0.7)]]]  # the boundary inside the run
@@ -524,12 +487,10 @@ STAGED_RUN = [  # configs/tiny-stages.toml, smaller (2 layers, 16 x 64 tokens a 
     "--train.eval_interval=10", "--train.log_interval=1", "--train.checkpoint_interval=15", "--train.sample_tokens=0",
     "--train.warmup_steps=5", "--train.decay_start=30", "--train.decay_steps=10"]  # the lr not tied to max_steps
 
-
 def staged_run(out_dir, max_steps):
     train.run(train.load_config(os.path.join(ROOT, "configs/tiny-stages.toml"),
                                 STAGED_RUN + [f"--train.max_steps={max_steps}", f"--train.out_dir={out_dir}"]))
     return {r["step"]: r for r in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl")))}
-
 
 @pytest.fixture
 def one_thread():
@@ -539,7 +500,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
 
 def test_a_staged_run_learns_every_source_counts_its_tokens_and_resumes_across_the_boundary(tmp_path, capsys,
                                                                                             one_thread):
@@ -571,9 +531,7 @@ def test_a_staged_run_learns_every_source_counts_its_tokens_and_resumes_across_t
             for key in ("loss", "tokens/code", "tokens/docs"):
                 assert resumed[s][key] == straight[s][key], (step, s, key)
 
-
 # ---- configuration
-
 
 def test_data_config(tmp_path):
     toml = tmp_path / "run.toml"
@@ -610,7 +568,6 @@ sources = [{name = "web", prefix = "data/web", weight = 0.6}, {name = "math", pr
             DataConfig(**kw)
     with pytest.raises(DataError, match=r"data.stages\[1\] starts at step 0"):
         data.stage_table(DataConfig(stages=[{"start_step": 0, "sources": mix}, {"start_tokens": 0, "sources": mix}]), 4)
-
 
 def test_min_doc_tokens_trains_exactly_as_a_dataset_of_the_kept_documents(tmp_path, monkeypatch):
     """A source with min_doc_tokens = N reads the documents of at least N tokens back to back, in their

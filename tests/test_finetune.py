@@ -15,7 +15,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 FAST = ["--train.log_interval=1", "--train.sample_tokens=0", "--train.eval_interval=0", "--train.max_steps=1",
         "--train.global_batch_size=4", "--train.micro_batch_size=2", "--data.seq_len=64"]
 
-
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A tiny random transformers Apertus with the real vocabulary (131,072 ids), saved in fp32."""
@@ -34,7 +33,6 @@ def hf_dir(tmp_path_factory):
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 65536}))
     return path
 
-
 def config_without_model(tmp_path):
     """configs/tiny.toml without its [model] section: with init_from the architecture is the HF one."""
     text = open(os.path.join(ROOT, "configs/tiny.toml")).read()
@@ -43,7 +41,6 @@ def config_without_model(tmp_path):
     path.write_text(head + "[data]" + rest.split("[data]", 1)[1])
     return str(path)
 
-
 def train(out_dir, hf, *args, nproc=1):
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc_per_node={nproc}"]
@@ -51,7 +48,6 @@ def train(out_dir, hf, *args, nproc=1):
     return subprocess.run([*launch, "train.py", config_without_model(out_dir.parent), *FAST, f"--train.out_dir={out_dir}",
                            f"--train.init_from={hf}", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=600)
-
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_init_from_then_a_zero_lr_step_exports_the_input_exactly(hf_dir, tmp_path, tp):
@@ -74,7 +70,6 @@ def test_init_from_then_a_zero_lr_step_exports_the_input_exactly(hf_dir, tmp_pat
     b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
-
 
 def test_init_from_trains_resumes_and_bad_directories_are_one_line(hf_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -101,7 +96,6 @@ def test_init_from_trains_resumes_and_bad_directories_are_one_line(hf_dir, tmp_p
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
 
-
 def test_export_every_n_steps_in_the_dtype_the_weights_came_in(hf_dir, tmp_path):
     bf16 = tmp_path / "bf16"
     transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).save_pretrained(bf16)
@@ -113,7 +107,6 @@ def test_export_every_n_steps_in_the_dtype_the_weights_came_in(hf_dir, tmp_path)
     assert all(v.dtype == torch.bfloat16 for v in t.values())
     m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
     assert m.dtype == torch.bfloat16
-
 
 def test_consolidate_in_fp32_and_bf16(hf_dir, tmp_path):
     """The xIELU buffers of every layer once became one shared tensor in fp32 ('Some tensors share memory')."""

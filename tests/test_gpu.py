@@ -23,7 +23,6 @@ SMALL = ["--model.hidden_size=256", "--model.intermediate_size=1024", "--model.n
          "--train.dtype=bfloat16", "--train.device=cuda", "--train.lr=1e-3", "--train.warmup_steps=5",
          "--train.optimizer=ademamix", "--train.ademamix_warmup=20"]
 
-
 def learnable_batches(cfg, steps, period=16, doc_len=100):
     """Documents that repeat a random pattern of 8 ids: the loss falls from ln(V) within 20 steps."""
     t, T, V = cfg["train"], cfg["data"].seq_len, cfg["model"].vocab_size
@@ -37,7 +36,6 @@ def learnable_batches(cfg, steps, period=16, doc_len=100):
         out.append([data.Batch(rows[k:k + mb, :-1].contiguous(), rows[k:k + mb, 1:].contiguous(), None,
                                torch.zeros(mb, dtype=torch.int64)) for k in range(0, t.global_batch_size, mb)])
     return out
-
 
 def run_steps(compile, steps=20, device="cuda"):
     torch._dynamo.reset()
@@ -60,7 +58,6 @@ def run_steps(compile, steps=20, device="cuda"):
         model_py.make_block_mask = real
     return losses, graphs, len(calls), cfg
 
-
 def test_compiled_flex_bf16_follows_eager_without_recompiles():
     eager, _, eager_masks, cfg = run_steps(compile=False)
     compiled, graphs, masks, _ = run_steps(compile=True)
@@ -71,12 +68,10 @@ def test_compiled_flex_bf16_follows_eager_without_recompiles():
         assert abs(a - b) <= 2e-2 * abs(a), (eager, compiled)  # bf16: a few ulp of drift over 20 steps
     assert compiled[-1] < compiled[0] - 0.5  # and it learns
 
-
 def cli(*args):
     return subprocess.run([sys.executable, "train.py", "configs/tiny.toml", *SMALL, "--train.compile=true",
                            "--train.log_interval=1", "--train.sample_tokens=0", "--train.eval_interval=0", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
-
 
 def test_save_and_resume_on_cuda_is_bit_identical(tmp_path):
     a, b = tmp_path / "straight", tmp_path / "resumed"
@@ -90,7 +85,6 @@ def test_save_and_resume_on_cuda_is_bit_identical(tmp_path):
     for step in range(5, 9):
         assert la[step]["loss"] == lb[step]["loss"], (step, la[step]["loss"], lb[step]["loss"])
     assert la[8]["peak_memory_gb"] > 0 and la[8]["mfu"] is not None
-
 
 def test_plan_is_within_ten_percent_of_the_measured_peak():
     args = ["configs/apertus-1b.toml", "--model.num_hidden_layers=4", "--data.seq_len=2048",

@@ -24,7 +24,6 @@ SHAPES = {  # (hidden, ff, layers, heads, kv_heads, head_dim, vocab, rope_scalin
     "odd": (36, 75, 3, 3, 3, 12, 97, None),
 }
 
-
 def hf_model(shape, seed=0):
     """A transformers Apertus with every tensor random: norms, QK-norms and xIELU scalars included."""
     d, ff, L, H, KV, D, V, rope = shape
@@ -40,10 +39,8 @@ def hf_model(shape, seed=0):
             p.copy_(torch.randn_like(p) * (0.3 if "act_fn" in name else 0.15) + ("norm" in name))
     return m.eval()
 
-
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
-
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_load_hf_and_save_hf_match_transformers(shape, tmp_path):
@@ -61,7 +58,6 @@ def test_load_hf_and_save_hf_match_transformers(shape, tmp_path):
                                                              attn_implementation="eager").eval()
     with torch.no_grad():
         assert rel_err(back(ids).logits, want) < 1e-5
-
 
 def test_a_save_split_into_files_roundtrips_and_transformers5_config(tmp_path):
     ref = hf_model(SHAPES["gqa-llama3"])
@@ -82,7 +78,6 @@ def test_a_save_split_into_files_roundtrips_and_transformers5_config(tmp_path):
         assert torch.equal(again(ids), ours(ids))
         assert rel_err(ours(ids), ref(ids).logits) < 1e-5
 
-
 def test_packed_documents_match_documents_alone():
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -100,7 +95,6 @@ def test_packed_documents_match_documents_alone():
             assert torch.allclose(out[start:start + len(d)], alone, atol=1e-5, rtol=1e-5)
             start += len(d)
 
-
 @pytest.mark.parametrize("with_docs", [False, True])
 def test_flex_attention_matches_sdpa(with_docs):
     torch.manual_seed(0)
@@ -113,7 +107,6 @@ def test_flex_attention_matches_sdpa(with_docs):
     want = attention(q, k, v, sdpa_mask(doc))
     got = attention(q, k, v, make_block_mask(doc))
     assert (got - want).abs().max() < 1e-5
-
 
 def test_init_is_deterministic_and_apertus_like():
     cfg = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -130,7 +123,6 @@ def test_init_is_deterministic_and_apertus_like():
     std_o = a.model.layers["0"].self_attn.o_proj.weight.std().item()
     assert abs(std_o - 0.008944 / (2 * 4) ** 0.5) < 0.0005
 
-
 def test_audit_70b_prints_exact_count_without_allocating():
     import plan
     cfg = plan.load(os.path.join(ROOT, "configs/apertus-70b.toml"), [])
@@ -138,7 +130,6 @@ def test_audit_70b_prints_exact_count_without_allocating():
     out = subprocess.run([sys.executable, "plan.py", "configs/apertus-8b.toml", "--audit"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "8,053,338,176" in out.stdout, out.stderr
-
 
 def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="GQA cannot split 6 query heads into 4"):
@@ -170,13 +161,11 @@ def test_bad_inputs_give_clear_errors(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode != 0 and out.stderr.startswith("error:") and "Traceback" not in out.stderr
 
-
 def test_documents_start_after_eos_and_at_bos():
     ids = torch.tensor([[5, 6, 2, 1, 7, 8, 1, 9, 2, 1]])  # pretraining: </s><s>; chat: <s> without </s>
     assert document_ids(ids, 2).tolist() == [[0, 0, 0, 1, 1, 1, 1, 1, 1, 2]]
     assert document_ids(ids, 2, 1).tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2, 3]]
     assert model_py.document_positions(document_ids(ids, 2, 1)).tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 0]]
-
 
 def test_every_parameter_has_a_role_that_survives_conversions():
     cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -194,7 +183,6 @@ def test_every_parameter_has_a_role_that_survives_conversions():
     with pytest.raises(RuntimeError, match="lm_head.weight has no Role"):
         m.init_weights()
 
-
 def test_compiled_blocks_keep_every_name():
     cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=8, vocab_size=64)
@@ -203,7 +191,6 @@ def test_compiled_blocks_keep_every_name():
     a.compile_blocks()
     assert list(a.state_dict()) == names and not any("_orig_mod" in n for n in names)
     assert [n for n, _ in a.named_parameters()] == [n for n, _ in Apertus(cfg).named_parameters()]
-
 
 def test_chunked_loss_equals_full_logits_cross_entropy():
     """Value and gradients of the chunked head + loss against the plain [N, V] logits version."""

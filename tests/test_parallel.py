@@ -22,22 +22,18 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 RUN = ["configs/tiny.toml", "--train.log_interval=1", "--train.sample_tokens=0", "--train.eval_interval=0",
        "--train.max_steps=8", "--train.checkpoint_interval=4", "--parallel.bucket_size=60000", "--data.seq_len=128"]
 
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
 def _spawn(fn, world, *args):
     port = free_port()
     mp.spawn(fn, args=(world, port, *args), nprocs=world, join=True)
 
-
 def _init(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-
 
 def _shutdown(grid, opt=None):
     """parallel.shutdown and what it promises: no gloo thread outlives it. One left running can free a
@@ -45,7 +41,6 @@ def _shutdown(grid, opt=None):
     assert parallel.gloo_threads() != [] or sys.platform != "linux"
     parallel.shutdown(grid, opt)
     assert parallel.gloo_threads() == []
-
 
 # ----------------------------------------------------------------------------- layers
 def _layers_worker(rank, world, port, sp):
@@ -90,11 +85,9 @@ def _layers_worker(rank, world, port, sp):
     del h, y, got  # their autograd graphs hold the tensor-parallel group
     _shutdown(grid)
 
-
 @pytest.mark.parametrize("world,sp", [(2, False), (4, False), (4, True)])
 def test_parallel_layers_match_single_process(world, sp):
     _spawn(_layers_worker, world, sp)
-
 
 class SGD:
     """Plain SGD with the optimizer interface of train.AdEMAMix (steps, moments, step(lr))."""
@@ -108,7 +101,6 @@ class SGD:
     def step(self, lr):
         self.steps += 1
         torch._foreach_add_(self.params, [p.grad for p in self.params], alpha=-lr)
-
 
 def _model_worker(rank, world, port, tp, sp, opt_name):
     """Whole model steps under (tp, dp) against the same steps on one process. SGD checks the gradients
@@ -165,7 +157,6 @@ def _model_worker(rank, world, port, tp, sp, opt_name):
     del loss  # its autograd graph holds the tensor-parallel group
     _shutdown(grid, opt)
 
-
 def _collectives_worker(rank, world, port, sp):
     """Count the collectives of one block's forward and backward under TP."""
     _init(rank, world, port)
@@ -193,17 +184,14 @@ def _collectives_worker(rank, world, port, sp):
     assert counts == want, counts
     _shutdown(grid)
 
-
 @pytest.mark.parametrize("sp", [False, True])
 def test_a_block_sends_four_collectives_as_megatron(sp):
     _spawn(_collectives_worker, 2, sp)
-
 
 @pytest.mark.parametrize("tp,sp,opt", [(2, False, "sgd"), (2, True, "sgd"), (4, True, "sgd"), (2, False, "ademamix"),
                                        (1, False, "ademamix")])
 def test_optimizer_steps_match_single_process_and_replicas_agree(tp, sp, opt):
     _spawn(_model_worker, 4, tp, sp, opt)
-
 
 # ----------------------------------------------------------------------------- whole runs
 def torchrun(nproc, out_dir, *args):
@@ -216,13 +204,10 @@ def torchrun(nproc, out_dir, *args):
     assert "threads outlive the process groups" not in out.stderr, out.stderr[-3000:]
     return out
 
-
 def losses(out_dir, key="loss"):
     return {r["step"]: r[key] for r in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl")))}
 
-
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "tp4": (4, 1), "pp2": (1, 2), "tp2pp2": (2, 2), "pp4": (1, 4)}  # (tp, pp)
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -235,7 +220,6 @@ def runs(tmp_path_factory):
         assert out.returncode == 0, (name, f"whole output in {base / name}.log", out.stderr[-3000:])
     return base
 
-
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_4_processes_give_the_single_process_losses(runs, layout):
     # the norm: clipping sees every stage, each element counted once (summed in another order: looser)
@@ -244,7 +228,6 @@ def test_4_processes_give_the_single_process_losses(runs, layout):
         assert sorted(got) == list(range(1, 9))
         for step, value in got.items():
             assert abs(value - want[step]) <= rtol * abs(want[step]), (key, step, value, want[step])
-
 
 # pp4 -> tp2pp2: a checkpoint written at tp = 1 split nothing, and the reader must still find its slices
 @pytest.mark.parametrize("source,tp,pp", [("pp4", 2, 2), ("tp2pp2", 1, 4), ("tp2pp2", 2, 1), ("tp2pp2", None, None)])
@@ -267,7 +250,6 @@ def test_a_checkpoint_resumes_under_another_layout(runs, tmp_path, source, tp, p
     assert sorted(got) == [5, 6, 7, 8]
     for step, loss in got.items():
         assert abs(loss - want[step]) <= 1e-5 * abs(want[step]), (step, loss, want[step])
-
 
 def test_a_resume_reads_only_its_share_of_the_bytes(runs, monkeypatch):
     """Counted where the bytes leave safetensors, and the files opened: each rank of a tp=4 reader of a
@@ -315,11 +297,9 @@ def test_a_resume_reads_only_its_share_of_the_bytes(runs, monkeypatch):
         total += nbytes[0]
     assert total <= 1.1 * size, (total, size)
 
-
 def test_pipeline_logs_its_bubble(runs):
     rows = [json.loads(line) for line in open(runs / "pp4" / "metrics.jsonl")]
     assert all(0 <= r["bubble"] < 1 for r in rows)
-
 
 def test_consolidate_tp2_dp2_checkpoint_to_hugging_face(runs, tmp_path):
     transformers = pytest.importorskip("transformers")
@@ -335,7 +315,6 @@ def test_consolidate_tp2_dp2_checkpoint_to_hugging_face(runs, tmp_path):
     ids = torch.randint(4, 260, (1, 32))
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, ours.eval()(ids), atol=1e-4)
-
 
 def test_a_layout_that_does_not_fit_is_refused(monkeypatch, capsys):
     """Refused before any process group or tensor exists: the check needs only the world size (set here
@@ -354,7 +333,6 @@ def test_a_layout_that_does_not_fit_is_refused(monkeypatch, capsys):
         assert err.strip().splitlines() == [f"error: {message}"] or (args[0] == "--plan" and message in err), err
     assert not dist.is_initialized()
 
-
 def test_plan_70b_at_apertus_layout_fits_gh200_and_h100():
     out = subprocess.run([sys.executable, "plan.py", "configs/apertus-70b.toml", "--parallel.tp=4",
                           "--parallel.pp=8", "--parallel.dp=128", "--train.activation_checkpointing=true"],
@@ -364,7 +342,6 @@ def test_plan_70b_at_apertus_layout_fits_gh200_and_h100():
     with_ckpt = out.stdout.split("with activation checkpointing:")[1]
     peaks = [line for line in with_ckpt.splitlines() if "peak" in line]
     assert len(peaks) == 2 and all("fits GH200 96 GB, fits H100 80 GB" in line for line in peaks)
-
 
 def _stage_worker(rank, world, port):
     """pp = 4: each stage holds only its layers, and 1F1B keeps no more activations alive than the plan's
@@ -420,10 +397,8 @@ def _stage_worker(rank, world, port):
         opt.step(1e-3)
     _shutdown(grid, opt)
 
-
 def test_a_stage_holds_its_layers_and_no_more_activations_than_planned():
     _spawn(_stage_worker, 4)
-
 
 def test_slurm_environment_gives_the_rank(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):

@@ -16,7 +16,6 @@ import parallel
 import plan
 import train
 
-
 class RendezvousPipe:
     """Pipe's exchange between threads, as strict as NCCL can be: a batch of sends and receives completes only
     when every receive has its tensor and every send was taken by its peer (a deadlock times out)."""
@@ -39,7 +38,6 @@ class RendezvousPipe:
         assert all(e.wait(10) for e in taken), "a send was never received"
         return got
 
-
 class Sync:
     """The optimizer's sync flag, remembered at each backward."""
     def __init__(self):
@@ -52,7 +50,6 @@ class Sync:
     @sync.setter
     def sync(self, value):
         self.flags.append(value)
-
 
 @pytest.mark.parametrize("pp,V,m", [(2, 2, 2), (2, 2, 6), (4, 2, 4), (4, 2, 8), (3, 3, 6), (2, 4, 8), (4, 4, 4)])
 def test_interleaved_rounds_compute_the_gradients_without_deadlock(pp, V, m):
@@ -99,9 +96,7 @@ def test_interleaved_rounds_compute_the_gradients_without_deadlock(pp, V, m):
         assert most == min((V + 1) * pp - 2 * s - 1, m * V)
         assert f"activations ({most} chunks of 1 layers in flight)" in plan.memory_plan(cfg, 1, 1, s)[0]
 
-
 UNIT_S = 0.06  # a micro-batch's forward through a stage, slept
-
 
 class Sleep(torch.autograd.Function):
     """y = x, taking `seconds` forward and twice that backward: compute that leaves the CPU free."""
@@ -115,7 +110,6 @@ class Sleep(torch.autograd.Function):
     def backward(ctx, grad):
         time.sleep(2 * ctx.seconds)
         return grad, None
-
 
 def _measure_bubbles(port, m, unit_s):
     """pp = 4 stages on gloo, the real schedules and Pipe, each micro-batch's forward a sleep of unit_s (V
@@ -141,7 +135,6 @@ def _measure_bubbles(port, m, unit_s):
             bubbles[V].append(pipe.wait_s / (time.perf_counter() - t0))
     _shutdown(grid)
     return bubbles
-
 
 def _runs_worker(rank, world, port, ports, base):
     """The interleaved runs on 4 processes, one after the other in the same processes (a process start costs
@@ -174,9 +167,7 @@ def _runs_worker(rank, world, port, ports, base):
         with open(os.path.join(base, "bubbles.json"), "w") as f:
             json.dump(bubbles, f)
 
-
 RUN8 = [*RUN, "--model.num_hidden_layers=8", "--data.eval_batches=1"]  # pp = 4 x V = 2 chunks of one layer
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -187,7 +178,6 @@ def runs(tmp_path_factory):
     from test_parallel import free_port
     _spawn(_runs_worker, 4, [free_port() for _ in range(4)], str(base))
     return base
-
 
 @pytest.mark.parametrize("layout", ["pp4v2", "pp2v2"])
 def test_interleaved_runs_give_the_single_process_losses(runs, layout):
@@ -201,7 +191,6 @@ def test_interleaved_runs_give_the_single_process_losses(runs, layout):
            (runs / "single", runs / layout)]
     assert len(val[0]) == len(val[1]) == 1 and val[1][0] == pytest.approx(val[0][0], rel=1e-5)
 
-
 def test_a_checkpoint_resumes_across_pipeline_and_virtual_stages(runs, tmp_path):
     """pp = 4, V = 2 (stage 0 holds layers 0 and 4) resumed at pp = 2, V = 2 (layers 0, 1, 4, 5); pp = 2,
     V = 2 resumed on one process."""
@@ -214,7 +203,6 @@ def test_a_checkpoint_resumes_across_pipeline_and_virtual_stages(runs, tmp_path)
         assert sorted(got) == [5, 6, 7, 8]
         for step, loss in got.items():
             assert abs(loss - want[step]) <= 1e-5 * abs(want[step]), (resumed, step, loss, want[step])
-
 
 def test_interleaved_bubble_is_the_plans_and_below_1f1b(runs):
     """The plan's bubble term, (pp-1)/(V m) of the work, is (pp-1)/(V m + pp - 1) of the step. Measured as
@@ -237,7 +225,6 @@ def test_interleaved_bubble_is_the_plans_and_below_1f1b(runs):
         assert planned - 0.02 <= measured[V] <= planned + 0.05, (V, measured, planned)
     assert measured[2] < measured[1] - 0.1, measured
 
-
 def test_a_layout_the_interleaved_schedule_cannot_run_is_refused():
     cfg = train.load_config(os.path.join(ROOT, "configs/tiny.toml"))["model"]  # 4 layers
     for kwargs, message in ((dict(pp=1, vp=2), "virtual_stages=2 must be 1, or more with pp > 1"),
@@ -249,14 +236,12 @@ def test_a_layout_the_interleaved_schedule_cannot_run_is_refused():
             parallel.check_layout(cfg, 2 * kwargs["pp"], 1, 2, **{"global_batch": 16, "micro_batch": 4, **kwargs})
     parallel.check_layout(cfg, 4, 1, 2, 16, 4, pp=2, vp=2)  # 2 micro-batches a rank, chunks of one layer
 
-
 def _bubble_worker(rank, world, port, out):
     _init(rank, world, port)
     bubbles = _measure_bubbles(port, 4, UNIT_S)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(bubbles, f)
-
 
 if __name__ == "__main__":  # the measurement alone (BENCHMARKS.md): python tests/test_pipeline.py
     import tempfile

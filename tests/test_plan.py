@@ -31,10 +31,8 @@ PAIR_LAYOUTS = [(1, 2, 1, False, 1, False, 2), (2, 1, 2, True, 1, False, 1)]
 COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "batch_isend_irecv", "broadcast",
                "barrier", "all_gather", "reduce_scatter", "send", "recv", "all_to_all_single")  # isend, irecv: P2POp checks them
 
-
 def _bytes(t):
     return t.numel() * t.element_size()
-
 
 def _record(grids, log, on):
     """Wrap torch.distributed's collectives: while on[0], each call adds its (kind, group) calls and bytes
@@ -65,7 +63,6 @@ def _record(grids, log, on):
         return call
     for name in COLLECTIVES:
         setattr(dist, name, wrap(name, getattr(dist, name)))
-
 
 def _bytes_worker(rank, world, port, ports, out_dir, pair_args):
     _init(rank, world, port)
@@ -98,7 +95,6 @@ def _bytes_worker(rank, world, port, ports, out_dir, pair_args):
         assert {k: tuple(v) for k, v in log.items()} == {k: tuple(v) for k, v in want.items()}, \
             ((tp, pp, dp, sp, vp, ckpt, cp), rank, sorted(log.items()), sorted(want.items()))
 
-
 def test_the_plan_counts_the_bytes_the_code_sends(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     tok, rng = test_align.chat_tokenizer(tmp_path / "tok"), random.Random(0)
@@ -110,21 +106,17 @@ def test_the_plan_counts_the_bytes_the_code_sends(tmp_path, monkeypatch):
                  "--data.val_fraction=0.1", "--data.seq_len=100", *test_align.QRPO]
     _spawn(_bytes_worker, 4, [free_port() for _ in LAYOUTS + PAIR_LAYOUTS], str(tmp_path), pair_args)
 
-
 # ----------------------------------------------------------------------------- the terms and their numbers
 def _cfg(path, *overrides):
     return train.load_config(os.path.join(ROOT, path), list(overrides))
 
-
 APERTUS_70B = ("configs/apertus-70b.toml", "--train.global_batch_size=4096")  # virtual_stages = 2 in the config
-
 
 def test_a_cpu_run_is_planned_in_float32_as_it_runs():
     cpu = _cfg("configs/tiny.toml", "--train.device=cpu", "--train.dtype=bfloat16")
     assert plan.plan_layout(cpu)["stages"] == plan.plan_layout(_cfg("configs/tiny.toml", "--train.device=cpu"))["stages"]
     gpu = _cfg("configs/tiny.toml", "--train.device=cuda", "--train.dtype=bfloat16")
     assert plan.plan_layout(gpu)["stages"] != plan.plan_layout(cpu)["stages"]
-
 
 def test_one_gpu_steps_reproduce_the_rows_they_come_from():
     """One GPU: the step is compute (at the row's forward-and-backward efficiency) plus the update, which
@@ -148,11 +140,9 @@ def test_one_gpu_steps_reproduce_the_rows_they_come_from():
         assert all(v == 0 for k, v in r["terms"].items() if k not in ("compute", "optimizer step (memory-bound)"))
         assert r["step_s"] == pytest.approx(measured_s, rel=0.005), (path, r["step_s"], measured_s)
 
-
 def model_flops(cfg):
     from model import flops_per_token, param_count
     return flops_per_token(cfg["model"], cfg["data"].seq_len, param_count(cfg["model"]))
-
 
 def test_collective_terms_are_the_ring_formula_over_the_groups_links():
     """Apertus-8B at tp = 2 inside a GH200 node: its all-reduces move 2 (g-1)/g of their bytes over one
@@ -168,7 +158,6 @@ def test_collective_terms_are_the_ring_formula_over_the_groups_links():
     assert plan._bandwidth(gh, wide, "dp") == 25e9 and plan._bandwidth(h100, wide, "dp") == 450e9
     assert plan.collective_s("reduce_scatter", 4, 3, 8e9, 1e9, 1e-3) == pytest.approx(3e-3 + 6)
 
-
 def test_apertus_70b_strong_scaling_is_within_10_points_of_alps():
     """32 to 4,096 GH200s at Apertus' layout and constant batch (dp grows): 80% measured (APERTUS.md)."""
     curve = plan.scaling(_cfg(*APERTUS_70B), plan.MACHINES["gh200-alps"], 4096)
@@ -176,13 +165,11 @@ def test_apertus_70b_strong_scaling_is_within_10_points_of_alps():
     effs = [eff for *_, eff, _ in curve]
     assert all(a >= b for a, b in zip(effs, effs[1:])) and abs(effs[-1] - 0.80) <= 0.10, effs
 
-
 def _main(*args):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = plan.main(list(args))
     return rc, out.getvalue(), err.getvalue()
-
 
 def test_plan_prints_the_step_beside_alps_measurements(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -219,7 +206,6 @@ def test_plan_prints_the_step_beside_alps_measurements(tmp_path, monkeypatch):
     rc, out, _ = _main(*APERTUS_70B, "--machine", "gh200-alps", "--gpus", "4096", "--efficiency", str(tmp_path / "bench.jsonl"))
     assert rc == 0 and "at 50.0% of 989 TFLOP/s, measured: apertus-70b.toml --model.num_hidden_layers=4" in out
 
-
 def test_plan_bytes_prints_every_collective_of_a_step(monkeypatch):
     monkeypatch.chdir(ROOT)
     rc, out, _ = _main("configs/tiny.toml", "--parallel.tp=2", "--parallel.pp=2", "--parallel.dp=2", "--bytes")
@@ -227,7 +213,6 @@ def test_plan_bytes_prints_every_collective_of_a_step(monkeypatch):
     cfg = _cfg("configs/tiny.toml", "--parallel.tp=2", "--parallel.pp=2", "--parallel.dp=2")
     for (kind, group), (calls, nbytes) in plan.step_bytes(cfg, 1).items():
         assert f"{kind:<16}{group:<7}{calls:>10,} calls {nbytes:>22,} bytes" in out.split("stage 1 of 2")[1]
-
 
 def test_search_ranks_the_layouts_that_fit_and_places_apertus(monkeypatch):
     monkeypatch.chdir(ROOT)

@@ -83,7 +83,6 @@ elif fault == "hang-first":           # step 1 never ends
 sys.exit(train.main(args))
 """
 
-
 def run(out_dir, *args, fault="none", timeout=300):
     if fault == "none":  # nothing planted: train.main in this process, one thread as the subprocesses
         return train_in_process(*TINY, f"--train.out_dir={out_dir}", *args, threads=1)
@@ -91,17 +90,14 @@ def run(out_dir, *args, fault="none", timeout=300):
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
-
 def final_state(out_dir, step=6):
     with safe_open(os.path.join(out_dir, f"ckpt-{step:08d}", "rank-00000.safetensors"), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys() if not k.startswith("rng|")}
-
 
 def assert_same(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
@@ -109,7 +105,6 @@ def straight(tmp_path_factory):
     r = run(out)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
-
 
 @pytest.mark.parametrize("fault,mode", [("kill-step", "sync"), ("kill-save", "sync"), ("kill-save", "async"),
                                         ("kill-commit", "async")])
@@ -124,10 +119,8 @@ def test_kill_9_then_resume_is_bit_identical(straight, tmp_path, fault, mode):
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # the unfinished save was cleaned up
     assert_same(final_state(tmp_path), final_state(straight))
 
-
 def committed(out_dir):
     return sorted(n for n in os.listdir(out_dir) if n.startswith("ckpt-") and not n.endswith(".tmp"))
-
 
 def test_a_new_checkpoint_is_kept_beside_a_newer_bad_one(straight, tmp_path):
     """keep_checkpoints = 1 and the only checkpoint corrupt: the run starts over, and the checkpoint it
@@ -143,7 +136,6 @@ def test_a_new_checkpoint_is_kept_beside_a_newer_bad_one(straight, tmp_path):
     assert r.returncode == 0 and "ckpt-00000002 at step 2" in r.stdout, r.stderr[-3000:]
     assert committed(tmp_path) == ["ckpt-00000006"]  # ckpt-4 rewritten at step 4, then pruned
     assert_same(final_state(tmp_path), final_state(straight))
-
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_a_bad_newest_checkpoint_is_named_and_skipped(straight, tmp_path, damage):
@@ -163,7 +155,6 @@ def test_a_bad_newest_checkpoint_is_named_and_skipped(straight, tmp_path, damage
     assert "resumed from" in r.stdout and "ckpt-00000002 at step 2" in r.stdout
     assert_same(final_state(tmp_path), final_state(straight))
 
-
 def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(straight, tmp_path):
     r = run(tmp_path, fault="disk-full")
     assert r.returncode == 1, r.stderr[-3000:]
@@ -177,7 +168,6 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(straight, tmp
     assert not [n for n in os.listdir(tmp_path / "retry") if n.endswith(".tmp")]  # the failed one was cleaned up
     assert_same(final_state(tmp_path / "retry"), final_state(straight))
 
-
 @pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])
 def test_a_signal_saves_the_step_reached_and_exits_0(straight, tmp_path, sig):
     r = run(tmp_path, fault=sig)
@@ -188,7 +178,6 @@ def test_a_signal_saves_the_step_reached_and_exits_0(straight, tmp_path, sig):
     assert r.returncode == 0 and "at step 3" in r.stdout, r.stderr[-3000:]
     assert_same(final_state(tmp_path), final_state(straight))
 
-
 @pytest.mark.parametrize("fault", ["hang", "hang-first"])
 def test_a_hung_step_is_stopped_by_the_watchdog_with_every_stack(tmp_path, fault):
     r = run(tmp_path, "--train.hang_timeout_s=5", fault=fault, timeout=120)
@@ -197,7 +186,6 @@ def test_a_hung_step_is_stopped_by_the_watchdog_with_every_stack(tmp_path, fault
     if fault == "hang-first":  # a hang in the very first step is caught, within the timeout
         began = float(r.stderr.split("hang begins ")[1].split()[0])
         assert time.time() - began < 5 + 15, time.time() - began
-
 
 def test_no_watchdog_is_left_armed_after_a_run_that_exports(tmp_path, monkeypatch):
     """The watchdog watches the loop only: after the last export nothing may kill a process that lives on."""
@@ -208,7 +196,6 @@ def test_no_watchdog_is_left_armed_after_a_run_that_exports(tmp_path, monkeypatc
     r = run(tmp_path, "--train.hang_timeout_s=600", "--train.export_hf=true", "--train.export_hf_every=4")
     assert r.returncode == 0 and r.stdout.count("exported") == 2, r.stderr[-3000:]
     assert armed.count(True) > 6 and armed[-1] is False
-
 
 def test_async_and_sync_saves_write_identical_files(straight, tmp_path):
     r = run(tmp_path, "--train.async_checkpoint=true")
@@ -221,7 +208,6 @@ def test_async_and_sync_saves_write_identical_files(straight, tmp_path):
         assert meta["files"]["rank-00000.safetensors"]["bytes"] == len(a)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert all(r["checkpoint_block_s"] >= 0 for r in rows if r["step"] % 2 == 0)
-
 
 def test_an_async_save_writes_its_own_step_not_what_the_loop_does_next(tmp_path, monkeypatch):
     """The writer thread is held back while the loop changes every tensor of the optimizer state: the

@@ -19,13 +19,11 @@ transformers = pytest.importorskip("transformers")
 ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 
-
 def conversation(i, rng):
     """A user asking about item i in random words (unpredictable); the assistant's answer follows a rule."""
     noise = " ".join("".join(rng.choice("bcdfghklmnprstvz") for _ in range(5)) for _ in range(6))
     return {"messages": [{"role": "user", "content": f"{noise} item {i}?"},
                          {"role": "assistant", "content": f"Item {i} is {COLORS[i % 8]}."}]}
-
 
 @pytest.fixture(scope="module")
 def sft_setup(apertus_json, tmp_path_factory):
@@ -46,13 +44,11 @@ def sft_setup(apertus_json, tmp_path_factory):
     assert out.returncode == 0, out.stderr[-2000:]
     return base
 
-
 def prepare_chat(capsys, *args):
     """prepare.py --chat in this process: (exit status, stdout, stderr)."""
     rc = prepare.main(["--chat", *map(str, args)])
     out = capsys.readouterr()
     return rc, out.out, out.err
-
 
 def test_prepare_chat_packs_whole_conversations_with_their_masks(sft_setup, tmp_path, capsys):
     tok = prepare.get_tokenizer(str(sft_setup / "hf"))
@@ -84,7 +80,6 @@ def test_prepare_chat_packs_whole_conversations_with_their_masks(sft_setup, tmp_
         assert rc == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
         assert not os.path.exists(tmp_path / "bad.bin")
 
-
 def role_losses(model_dir, tok, rng_seed=1, n=40):
     """Mean cross-entropy of a model on held-out conversations' assistant tokens and user tokens."""
     m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -102,7 +97,6 @@ def role_losses(model_dir, tok, rng_seed=1, n=40):
         for role, mk in (("assistant", mask), ("user", user_mask)):
             sums[role].append(ce[torch.tensor(mk[1:])].mean().item())
     return {k: float(np.mean(v)) for k, v in sums.items()}
-
 
 def test_sft_learns_the_assistant_and_not_the_user(sft_setup, tmp_path):
     hf = sft_setup / "hf"

@@ -54,7 +54,6 @@ CSCS_NCCL = {"NCCL_NET": "AWS Libfabric", "NCCL_NET_GDR_LEVEL": "PHB", "NCCL_CRO
              "FI_CXI_DEFAULT_CQ_SIZE": "131072", "FI_CXI_DEFAULT_TX_SIZE": "16384", "FI_CXI_DISABLE_HOST_REGISTER": "1",
              "FI_CXI_RX_MATCH_MODE": "software", "FI_MR_CACHE_MONITOR": "userfaultfd"}
 
-
 def start(tmp_path, restarts=None, max_restarts=10, rc=0, usr1_rc=0, seconds="0.1", forward_waits=0):
     """The job script as the batch shell of a 2-node allocation, with fake srun and scontrol: the process."""
     bin_dir = tmp_path / "bin"
@@ -72,31 +71,25 @@ def start(tmp_path, restarts=None, max_restarts=10, rc=0, usr1_rc=0, seconds="0.
     return subprocess.Popen(["bash", SCRIPT, "configs/tiny.toml"], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
-
 def finish(proc):
     out, _ = proc.communicate(timeout=30)
     return proc.returncode, out
-
 
 def log(tmp_path, name):
     path = tmp_path / name
     return path.read_text() if path.exists() else ""
 
-
 def requeued(tmp_path):
     return f"scontrol requeue {JOB_ID}" in log(tmp_path, "scontrol.log")
-
 
 def test_script_parses():
     out = subprocess.run(["bash", "-n", SCRIPT], capture_output=True, text=True)
     assert out.returncode == 0 and out.stderr == "", out.stderr
 
-
 def test_no_set_e():
     # `set -e` would end the script when `wait` returns early for the USR1 trap, before the requeue decision
     code = [line.split("#")[0] for line in open(SCRIPT)]
     assert not [line for line in code if re.search(r"\bset\s+(-\w*e|-o\s+errexit)", line)]
-
 
 def step_env(tmp_path):
     """Run the job script to a clean finish: the environment its training step saw, and the step's srun line."""
@@ -105,28 +98,23 @@ def step_env(tmp_path):
     env = dict(line.split("=", 1) for line in log(tmp_path, "train.env").splitlines())
     return env, log(tmp_path, "srun.log").splitlines()[0]
 
-
 def test_step_gets_the_cpus_of_the_task(tmp_path):
     # Slurm >= 22.05: the step has sbatch's --cpus-per-task only through SRUN_CPUS_PER_TASK or srun's own option
     env, step = step_env(tmp_path)
     assert env.get("SRUN_CPUS_PER_TASK") == "288" or "--cpus-per-task=288" in step, (env, step)
 
-
 def test_step_gets_the_cscs_network_settings(tmp_path):
     env, _ = step_env(tmp_path)
     assert {k: env.get(k) for k in CSCS_NCCL} == CSCS_NCCL
-
 
 def test_failed_step_is_requeued(tmp_path):
     rc, out = finish(start(tmp_path, rc=3))
     assert rc == 3 and requeued(tmp_path), out
 
-
 def test_failed_step_is_not_requeued_once_the_restarts_are_used_up(tmp_path):
     rc, out = finish(start(tmp_path, restarts=10, max_restarts=10, rc=3))
     assert rc == 3 and not requeued(tmp_path), out
     assert "not requeueing" in out
-
 
 def test_job_requeued_beyond_max_restarts_does_not_start(tmp_path):
     # Slurm itself requeues the job after a node failure (--requeue), without the script's own count
@@ -134,7 +122,6 @@ def test_job_requeued_beyond_max_restarts_does_not_start(tmp_path):
     assert rc == 1, out
     assert len(out.strip().splitlines()) == 1 and "MAX_RESTARTS" in out, out
     assert log(tmp_path, "srun.log") == "" and not requeued(tmp_path)
-
 
 @pytest.mark.parametrize("forward_waits,usr1_rc", [(0, 0), (1, 0), (1, 7)])
 def test_usr1_is_forwarded_and_the_step_status_reported(tmp_path, forward_waits, usr1_rc):

@@ -21,10 +21,8 @@ from model import Apertus, ModelConfig, document_ids
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--train.log_interval=1", "--train.sample_tokens=0", "--train.eval_interval=0"]
 
-
 def cli(*args):
     return train_in_process(*args)
-
 
 # ----------------------------------------------------------------------------- Goldfish
 def goldfish_reference(labels, k=50, h=50):
@@ -37,7 +35,6 @@ def goldfish_reference(labels, k=50, h=50):
     for j in range(len(keys)):
         drop[j + h - 1] = drop_window[j]
     return drop
-
 
 def test_goldfish_matches_the_reference_algorithm():
     torch.manual_seed(0)
@@ -52,7 +49,6 @@ def test_goldfish_matches_the_reference_algorithm():
     frac = train.goldfish_mask(small, k=50, h=13).float().mean().item()
     assert 0.01 < frac < 0.03  # about 1/k where the products do not collapse
     assert torch.equal(train.goldfish_mask(small[0], 10, 5), goldfish_reference(small[0], 10, 5))
-
 
 # ----------------------------------------------------------------------------- AdEMAMix
 class ReferenceAdEMAMix(torch.optim.Optimizer):
@@ -93,7 +89,6 @@ class ReferenceAdEMAMix(torch.optim.Optimizer):
                 update.add_(p, alpha=g["wd"])
                 p.add_(-g["lr"] * update)
 
-
 @pytest.mark.parametrize("beta1", [0.9, 0.0])
 def test_ademamix_follows_apple_reference_over_1000_steps_with_warmups(beta1):
     torch.manual_seed(0)
@@ -118,7 +113,6 @@ def test_ademamix_follows_apple_reference_over_1000_steps_with_warmups(beta1):
         assert torch.allclose(x, y, rtol=1e-7, atol=1e-9), (x - y).abs().max()
     assert ours.steps == 1000 and ("exp_avg" in ours.moments(0)) == (beta1 != 0)
 
-
 def test_ademamix_schedules_and_a_step_count_past_float32():
     S = train.AdEMAMix.schedules
     assert S(400, 0.9, 0.9999, 8.0, 400) == (8.0, 0.9999) and S(0, 0.9, 0.9999, 8.0, 400)[0] == 0.0
@@ -130,14 +124,12 @@ def test_ademamix_schedules_and_a_step_count_past_float32():
     opt.step()
     assert opt.steps == 2**24 + 2 and isinstance(opt.steps, int)
 
-
 def test_wsd_schedule():
     lr = lambda s: train.wsd_lr(s, 1.0, 0.1, 10, 80, 20, "1-sqrt")
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0) and lr(50) == 1.0
     assert lr(80) == 1.0 and lr(85) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(0.25)))
     assert lr(100) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)
     assert train.wsd_lr(90, 1.0, 0.0, 10, 80, 20, "linear") == pytest.approx(0.5)
-
 
 def test_no_weight_decay_on_norms_and_xielu():
     from model import Apertus, ModelConfig, role_of
@@ -151,7 +143,6 @@ def test_no_weight_decay_on_norms_and_xielu():
     names = {n for n, p in named if id(p.untyped_storage()) in decayed}
     assert names == {n for n, p in named if p.dim() == 2}
     assert set(opt.groups) == {0.0, 0.1}
-
 
 # ----------------------------------------------------------------------------- config errors
 @pytest.mark.parametrize("args,message", [
@@ -169,12 +160,10 @@ def test_bad_config_is_one_clear_line(args, message, tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
 
-
 # ----------------------------------------------------------------------------- the loop
 def metrics(out_dir):
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     return {r["step"]: r for r in rows}
-
 
 def test_resume_is_bit_identical(tmp_path):
     args = ["configs/tiny.toml", *FAST, "--train.checkpoint_interval=3", "--model.num_hidden_layers=2",
@@ -190,7 +179,6 @@ def test_resume_is_bit_identical(tmp_path):
         assert key in a[12]
     kept = sorted(n for n in os.listdir(tmp_path / "resumed") if n.startswith("ckpt-"))
     assert kept == ["ckpt-00000006", "ckpt-00000009", "ckpt-00000012"]  # keep_checkpoints = 3
-
 
 def test_bad_data_is_a_clear_error_and_harms_no_checkpoint(tmp_path):
     run = tmp_path / "run"
@@ -210,14 +198,12 @@ def test_bad_data_is_a_clear_error_and_harms_no_checkpoint(tmp_path):
     after = {n: open(run / "ckpt-00000002" / n, "rb").read() for n in os.listdir(run / "ckpt-00000002")}
     assert before == after and sorted(n for n in os.listdir(run) if n.startswith("ckpt-")) == ["ckpt-00000002"]
 
-
 def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path):
     assert cli("configs/tiny.toml", *FAST, "--train.max_steps=2", f"--train.out_dir={tmp_path}").returncode == 0
     os.makedirs(tmp_path / "ckpt-00000004.tmp")  # what a crash in the middle of a save leaves behind
     shutil.copy(tmp_path / "ckpt-00000002" / "rank-00000.safetensors", tmp_path / "ckpt-00000004.tmp")
     import checkpoint
     assert checkpoint.latest_checkpoint(str(tmp_path)).endswith("ckpt-00000002")
-
 
 def test_tiny_trains_well_below_the_untrained_loss(tmp_path):
     out = cli("configs/tiny.toml", "--train.max_steps=100", "--train.eval_interval=0", "--train.warmup_steps=10",
@@ -226,7 +212,6 @@ def test_tiny_trains_well_below_the_untrained_loss(tmp_path):
     val = metrics(tmp_path)[100]["val_loss"]  # 3.24 (60 steps: 3.37, too close to the bound)
     assert val < 0.6 * math.log(260), val  # untrained: about ln(vocab) = 5.6
     assert "sample:" in out.stdout
-
 
 # ----------------------------------------------------------------------------- hardware-facing fixes
 def test_mfu_counts_no_input_embedding_and_knows_the_h100_variants(monkeypatch):
@@ -241,13 +226,11 @@ def test_mfu_counts_no_input_embedding_and_knows_the_h100_variants(monkeypatch):
         assert train.peak_flops(torch.device("cuda")) == peak, name
     assert train.peak_flops(torch.device("cpu")) is None
 
-
 def test_goldfish_table_is_made_once_per_device():
     train.goldfish_mask(torch.randint(0, 100, (2, 60)))
     table = train._GOLDFISH_TABLE[torch.device("cpu")]
     train.goldfish_mask(torch.randint(0, 100, (2, 60)))
     assert train._GOLDFISH_TABLE[torch.device("cpu")] is table
-
 
 def test_evaluation_time_is_not_counted_in_the_next_steps_tokens_per_sec(tmp_path, monkeypatch):
     """Each evaluation moves train.py's clock on by 100 s: a step that counted it would show under 41
@@ -266,7 +249,6 @@ def test_evaluation_time_is_not_counted_in_the_next_steps_tokens_per_sec(tmp_pat
     train.run(cfg)
     rows = metrics(tmp_path)
     assert skew[0] == 400 and all(rows[s]["tokens_per_sec"] > 16 * 256 / 50 for s in (1, 2, 3, 4)), rows
-
 
 def test_one_block_mask_per_micro_batch_shared_by_every_layer(monkeypatch):
     """The FlexAttention mask is built once per micro-batch (not per layer) and handed to every layer
@@ -288,7 +270,6 @@ def test_one_block_mask_per_micro_batch_shared_by_every_layer(monkeypatch):
         train.forward_backward(m.eval(), opt, batches, cfg["train"], grid, train=False)
     assert len(built) == 3 and len(seen) == 9  # 3 micro-batches, 3 layers
     assert all(seen[3 * i + j] is built[i] for i in range(3) for j in range(3))
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_planned_activations_are_what_autograd_keeps(dtype):
@@ -317,7 +298,6 @@ def test_planned_activations_are_what_autograd_keeps(dtype):
     # counts the copy (wb bytes per query feature)
     assert measured <= planned <= measured + dtype.itemsize * 256 + 64, (measured, planned)
 
-
 def test_the_loss_is_normalised_over_the_global_batch_whatever_the_split():
     """Packed chat data with very unequal loss masks: the loss and the gradients are the same for 1, 2 or
     4 micro-batches, and the loss is the mean over the masked-in tokens of the whole global batch."""
@@ -345,7 +325,6 @@ def test_the_loss_is_normalised_over_the_global_batch_whatever_the_split():
     for loss, grads in results[1:]:
         assert abs(loss - results[0][0]) < 1e-6 and torch.allclose(grads, results[0][1], atol=1e-7, rtol=1e-5)
 
-
 def test_checkpoint_never_stores_an_optimizer_step_as_a_tensor(tmp_path):
     from safetensors import safe_open
     assert cli("configs/tiny.toml", *FAST, "--train.max_steps=2", "--train.optimizer=ademamix",
@@ -355,7 +334,6 @@ def test_checkpoint_never_stores_an_optimizer_step_as_a_tensor(tmp_path):
         kinds = {k.split("|")[0] for k in f.keys()}
     assert kinds == {"master", "exp_avg", "exp_avg_slow", "exp_avg_sq", "rng"}
     assert json.load(open(ck / "meta.json"))["optimizer_steps"] == 2
-
 
 def test_compiled_run_writes_the_same_checkpoint_names_resumes_eager_and_consolidates(tmp_path, monkeypatch):
     """train.compile with a one-layer model: no _orig_mod. anywhere, and the checkpoint is interchangeable
@@ -384,7 +362,6 @@ def test_compiled_run_writes_the_same_checkpoint_names_resumes_eager_and_consoli
     checkpoint.consolidate(str(tmp_path / "c" / "ckpt-00000003"), str(tmp_path / "hf"))
     assert os.path.exists(tmp_path / "hf" / "model.safetensors")
 
-
 MEMORY_PROBE = r"""
 import resource, sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -405,7 +382,6 @@ train.train_step(m, opt, batch, 1e-3, cfg["train"], grid)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
-
 def test_the_loss_never_holds_the_full_logits():
     """A step's peak memory at vocab 131,072 grows from seq 64 to seq 2,048 by less than a third of one
     fp32 logits tensor (0.36 GB) beyond what the same growth costs at a small vocabulary."""
@@ -418,7 +394,6 @@ def test_the_loss_never_holds_the_full_logits():
     small = peak(2048, 512) - peak(64, 512)
     logits = 2048 * 131072 * 4
     assert big - small < logits / 3, (big / 1e9, small / 1e9)
-
 
 def test_python_train_py_inside_an_sbatch_allocation_runs_as_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "2", "SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",

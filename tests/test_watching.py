@@ -24,19 +24,15 @@ GUARD = ["--train.spike_guard=true", "--train.spike_window=8", "--train.spike_si
 POISONED = (20, 30)  # the steps whose batch holds garbage (their global batches are 19 and 29)
 STEPS, RESUME_AT = 34, 24  # the resume's window must be restored to see step 30's spike: 30 - 24 < spike_window
 
-
 def run(out_dir, *args, **kw):
     return train_in_process(*TINY, f"--train.out_dir={out_dir}", *args, threads=1, **kw)
-
 
 def metrics(out_dir):
     return {r["step"]: r for r in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl")))}
 
-
 def weights(out_dir, step):
     with safe_open(os.path.join(out_dir, f"ckpt-{step:08d}", "rank-00000.safetensors"), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys() if not k.startswith("rng|")}
-
 
 def make_corpora(base):
     """A clean source "web" (the start of the demo corpus) and a copy whose batches at POISONED hold a run of
@@ -61,7 +57,6 @@ def make_corpora(base):
     tokens.flush()
     return clean, poisoned, garbage
 
-
 def without_update_at(steps):
     """train.train_step for a run whose data has no batch at these steps: the step number passes, no update."""
     real, calls = train.train_step, {"n": 0}
@@ -73,7 +68,6 @@ def without_update_at(steps):
             return float("nan"), float("nan"), 0.0, 0.0
         return real(model, opt, *args, **kw)
     return train_step
-
 
 def faults(at_grads, at_forward):
     """Faults planted on the first try of a step, at the final norm: in step at_grads the gradient that flows back
@@ -99,7 +93,6 @@ def faults(at_grads, at_forward):
                 hook.remove()
     return train_step, forward_backward
 
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """poisoned: the poisoned corpus under the guard, checkpoints at RESUME_AT and STEPS; reference: the clean
@@ -122,7 +115,6 @@ def runs(tmp_path_factory):
     assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
     return dict(base=base, clean=clean, poisoned=poisoned, garbage=garbage, log=out.stdout, resumed_log=res.stdout)
 
-
 def test_a_poisoned_batch_is_rerun_skipped_and_named_and_the_run_goes_on_as_without_it(runs):
     got, want = metrics(runs["base"] / "poisoned"), metrics(runs["base"] / "reference")
     for step in POISONED:
@@ -139,7 +131,6 @@ def test_a_poisoned_batch_is_rerun_skipped_and_named_and_the_run_goes_on_as_with
     a, b = weights(runs["base"] / "poisoned", STEPS), weights(runs["base"] / "reference", STEPS)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-
 def test_a_resume_after_a_skip_keeps_the_guard_and_is_bit_identical(runs):
     meta = json.load(open(runs["base"] / "poisoned" / f"ckpt-{RESUME_AT:08d}" / "meta.json"))
     guard = meta["spike_guard"]
@@ -155,7 +146,6 @@ def test_a_resume_after_a_skip_keeps_the_guard_and_is_bit_identical(runs):
     assert all(torch.equal(a[k], b[k]) for k in a)
     final = json.load(open(runs["base"] / "resumed" / f"ckpt-{STEPS:08d}" / "meta.json"))["spike_guard"]
     assert [s["step"] for s in final["skipped"]] == list(POISONED)
-
 
 def test_the_guard_state_machine_case_by_case():
     """SpikeGuard's cases on made-up losses, driven as train_step drives it: suspicious() before each try's update,
@@ -195,7 +185,6 @@ def test_the_guard_state_machine_case_by_case():
     assert step(14, 9.0, 7.0, norm=nan) == ([True, True], {"spike": "hardware", "spike_loss": 9.0})
     assert guard.state["losses"] == window and guard.faults == 4 and len(guard.state["skipped"]) == 2
 
-
 def test_one_time_faults_are_the_hardware_the_rerun_is_used_and_the_run_stops_after_max_faults(runs, tmp_path, monkeypatch):
     step_fn, fb_fn = faults(at_grads=12, at_forward=16)
     monkeypatch.setattr(train, "train_step", step_fn)
@@ -215,7 +204,6 @@ def test_one_time_faults_are_the_hardware_the_rerun_is_used_and_the_run_stops_af
     assert "a hardware fault (1 of 2), the re-run applied" in out.stdout
     assert sorted(s for s, r in got.items() if "spike" in r) == [12, 16]
 
-
 HARNESS = r"""
 import json, os, sys
 sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]
@@ -234,7 +222,6 @@ train.SpikeGuard.judge = judged
 sys.exit(train.main(args))
 """
 
-
 def test_under_tp2_dp2_every_rank_takes_the_same_decisions(runs, tmp_path):
     (tmp_path / "harness.py").write_text(HARNESS)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", str(tmp_path / "harness.py"),
@@ -251,11 +238,9 @@ def test_under_tp2_dp2_every_rank_takes_the_same_decisions(runs, tmp_path):
     assert {s: r["spike"] for s, r in got.items() if "spike" in r} == spikes
     assert got[POISONED[0]]["skipped_samples"] == {"web": runs["garbage"][POISONED[0]]}
 
-
 # ----------------------------------------------------------------------------- tracking and plots
 def scalars(record):
     return {k: v for k, v in record.items() if type(v) in (int, float) and k != "step"}
-
 
 def test_tensorboard_holds_every_scalar_of_metrics_jsonl(tmp_path):
     pytest.importorskip("tensorboard", reason="the extra `track` (pip install -e \".[track]\") is not installed")
@@ -270,7 +255,6 @@ def test_tensorboard_holds_every_scalar_of_metrics_jsonl(tmp_path):
     for tag in tags:
         got = {e.step: e.value for e in events.Scalars(tag)}
         assert got == pytest.approx({s: r[tag] for s, r in want.items() if tag in r}, rel=1e-6), tag  # float32
-
 
 def test_wandb_offline_logs_the_same_and_a_restart_resumes_the_same_run(tmp_path):
     """Two launches of train.py in their own processes (a process that ends is what flushes W&B's offline writer;
@@ -292,7 +276,6 @@ def test_wandb_offline_logs_the_same_and_a_restart_resumes_the_same_run(tmp_path
                 texts = {json.dumps(v), json.dumps(int(v)) if float(v).is_integer() else json.dumps(v)}
                 assert k.encode() in logged and any(s.encode() in logged for s in texts), (launch, step, k, v)
 
-
 def test_a_missing_tracking_package_is_one_line_before_any_step(tmp_path, monkeypatch, capsys):
     import importlib.util
     real = importlib.util.find_spec
@@ -302,7 +285,6 @@ def test_a_missing_tracking_package_is_one_line_before_any_step(tmp_path, monkey
     err = capsys.readouterr().err
     assert err.strip() == 'error: train.wandb_project needs the wandb package: pip install -e ".[track]"', err
     assert not os.path.exists(tmp_path / "metrics.jsonl") or not open(tmp_path / "metrics.jsonl").read()
-
 
 def test_plot_draws_the_curves_of_runs(runs, tmp_path):
     pytest.importorskip("matplotlib", reason="the extra `plot` (pip install -e \".[plot]\") is not installed")
@@ -318,13 +300,11 @@ def test_plot_draws_the_curves_of_runs(runs, tmp_path):
     assert plot.main([str(runs["base"] / "poisoned" / "metrics.jsonl"), "--x", "tokens", "--out", str(tmp_path / "t.png")]) == 0
     assert plot.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "n.png")]) == 2
 
-
 def test_plot_without_matplotlib_is_one_line(monkeypatch, capsys):
     import plot
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # an import of it now fails
     assert plot.main(["out/run"]) == 2
     assert capsys.readouterr().err == 'error: plot.py needs matplotlib: pip install -e ".[plot]"\n'
-
 
 def test_the_guard_is_on_in_the_8b_and_70b_configs_only():
     for name, on in (("apertus-8b", True), ("apertus-70b", True), ("tiny", False), ("apertus-8b-sft", False)):

@@ -48,7 +48,7 @@ def write_safetensors(path, tensors: dict, metadata: dict) -> dict:
     tensors themselves (no second copy in memory), fsynced. Returns {"bytes": size, "crc32": checksum}."""
     header, offset = {"__metadata__": metadata}, 0
     for name, t in tensors.items():
-        n = _nbytes(t)
+        n = t.nbytes
         header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -63,9 +63,6 @@ def write_safetensors(path, tensors: dict, metadata: dict) -> dict:
         f.flush()
         os.fsync(f.fileno())
     return {"bytes": size, "crc32": crc}
-
-def _nbytes(t):
-    return t.numel() * t.element_size()
 
 def file_crc32(path, block=WRITE_BLOCK):
     crc = 0
@@ -218,8 +215,7 @@ def committed_checkpoints(out_dir):
 
 def latest_checkpoint(out_dir):
     """The newest committed checkpoint in out_dir, or None (not verified: see find_resume)."""
-    done = committed_checkpoints(out_dir)
-    return done[-1] if done else None
+    return next(reversed(committed_checkpoints(out_dir)), None)
 
 def verify(path, grid) -> str | None:
     """None if this rank's share of the checkpoint is whole, else why not. File i is checked (size, then
@@ -229,9 +225,7 @@ def verify(path, grid) -> str | None:
             files = json.load(f)["files"]
     except (OSError, ValueError, KeyError) as e:
         return f"unreadable meta.json ({e})"
-    for i, (name, info) in enumerate(sorted(files.items())):
-        if i % grid.world != grid.rank:
-            continue
+    for name, info in sorted(files.items())[grid.rank::grid.world]:
         file = os.path.join(path, name)
         try:
             if os.path.getsize(file) != info["bytes"]:
@@ -245,8 +239,7 @@ def verify(path, grid) -> str | None:
     return None
 
 def find_resume(out_dir, grid):
-    """The newest checkpoint that every rank finds whole; a bad one is named in one line (by the rank
-    that checked the bad file) and skipped."""
+    """The newest checkpoint every rank finds whole; a bad one is skipped, named by the rank that checked it."""
     candidates = committed_checkpoints(out_dir)
     for path in reversed(candidates):
         problem = verify(path, grid)
@@ -324,8 +317,8 @@ class CheckpointReader:
         self.sources, self.shapes = {}, {}
         for pp_rank in range(pp):
             named = _stage_parameters(self.cfg, tp, pp, pp_rank, lay.get("virtual_stages", 1))
-            index, buckets = parallel.zero_layout([(n, p.numel()) for n, p in named], zero, lay["bucket_size"])
             numels = {n: p.numel() for n, p in named}
+            index, buckets = parallel.zero_layout(list(numels.items()), zero, lay["bucket_size"])
             self.shapes.update({n: (p.role.tp_dim, full_shape(n, p)) for n, p in named})
             for z in range(zero):
                 d, c = divmod(z, cp)
@@ -333,9 +326,7 @@ class CheckpointReader:
                     for t in range(tp) if self.shapes[pc.name][0] is not None else [0]:
                         rank = ((d * pp + pp_rank) * cp + c) * tp + t  # parallel.init_distributed's
                         self.sources.setdefault(pc.name, {}).setdefault(t, []).append((pc.start, pc.end, rank))
-        for pieces in self.sources.values():
-            for t in pieces:
-                pieces[t].sort()
+        self.sources = {n: {t: sorted(p) for t, p in pieces.items()} for n, pieces in self.sources.items()}
         self.starts = {n: {t: [s for s, _, _ in p] for t, p in pieces.items()} for n, pieces in self.sources.items()}
         self.files, self.bytes_read = {}, 0
 
@@ -381,14 +372,13 @@ class CheckpointReader:
         return self.read(kind, name, 1, 0, 0, math.prod(shape)).view(shape)
 
 def _stage_parameters(cfg, tp, pp, pp_rank, vp=1):
-    """(name, meta tensor) of one pipeline stage's TP-local parameters in model order: what the writer's
-    DistributedOptimizer laid out."""
+    """(name, meta tensor) of a stage's TP-local parameters in model order, as the writer's optimizer laid them out."""
     grid = parallel.Grid(tp=tp, pp=pp, pp_rank=pp_rank, virtual_stages=vp)
     with torch.device("meta"):
         m = Apertus(cfg)
     parallel.keep_stage(m, grid)
     parallel.parallelize(m, grid)
-    return [(n, p) for n, p in m.named_parameters()]
+    return list(m.named_parameters())
 
 @torch.no_grad()
 def load_checkpoint(path, opt, grid, optimizer_name):
@@ -441,11 +431,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     # the transformers 4.x spelling of RoPE, which the released checkpoints use and transformers 5 reads
-    same = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                         "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
-                                         "rope_theta")}  # ModelConfig speaks HF's names
+    same = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "vocab_size", "max_position_embeddings", "rope_theta")  # ModelConfig speaks HF's names
     return {
-        "architectures": ["ApertusForCausalLM"], "model_type": "apertus", **same,
+        "architectures": ["ApertusForCausalLM"], "model_type": "apertus", **{k: getattr(cfg, k) for k in same},
         # spelled out even when off: transformers 5 would otherwise fill in Apertus' llama3 default
         "rope_scaling": cfg.rope_scaling or {"rope_type": "default"}, "rms_norm_eps": cfg.rms_norm_eps,
         "hidden_act": "xielu", "tie_word_embeddings": False, "attention_bias": False,
@@ -471,8 +460,7 @@ def read_hf_config(path) -> ModelConfig:
         raise CheckpointError(f"{cfg_path}: {e}") from None
 
 def hf_index(path) -> dict:
-    """tensor name -> the safetensors file of an HF directory that holds it: the index's weight_map, or the
-    headers of the files."""
+    """tensor name -> its safetensors file in an HF directory: the index's weight_map, or the files' headers."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -523,18 +511,16 @@ def save_hf(model: Apertus, path, dtype=None, max_file_bytes=5 * 2**30):
     write_hf(model.config, ((n, t.to(dtype)) for n, t in state.items()), path, dtype, max_file_bytes)
 
 def write_hf(cfg: ModelConfig, tensors, path, dtype, max_file_bytes=5 * 2**30):
-    """tensors: an iterator of (HF name, tensor), consumed one at a time; at most one file's worth is
-    held in memory. Above max_file_bytes the weights are split into model-0000i-of-0000n.safetensors
-    plus model.safetensors.index.json, as transformers writes them."""
+    """tensors: (HF name, tensor) pairs, consumed one at a time (at most one file's worth in memory). Above
+    max_file_bytes, split as transformers does: model-0000i-of-0000n.safetensors plus model.safetensors.index.json."""
     os.makedirs(path, exist_ok=True)
     files, current, size, total = [], {}, 0, 0  # files: (temporary name, tensor names) of each one written
     for name, t in tensors:
-        nbytes = _nbytes(t)
-        if current and size + nbytes > max_file_bytes:
+        if current and size + t.nbytes > max_file_bytes:
             files.append(_write_hf_file(path, len(files), current))
             current, size = {}, 0
         current[name] = t.detach().contiguous().cpu()
-        size, total = size + nbytes, total + nbytes
+        size, total = size + t.nbytes, total + t.nbytes
     files.append(_write_hf_file(path, len(files), current))
     n = len(files)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -584,15 +570,13 @@ def load_hf_into(opt, path, grid):
         local = list(p.shape)
         row = math.prod(local[1:])  # elements per row of this rank's slice
         r0, r1 = piece.start // max(row, 1), -(-piece.end // max(row, 1))  # the rows holding the piece
-        index = [slice(None)] * len(local)
-        if local:
-            index[0] = slice(r0, r1)
+        index = [slice(r0, r1)] + [slice(None)] * (len(local) - 1)
         if role.tp_dim is not None:
             w = local[role.tp_dim]
             lo = grid.tp_rank * w + (r0 if role.tp_dim == 0 else 0)
             index[role.tp_dim] = slice(lo, lo + (r1 - r0 if role.tp_dim == 0 else w))
         block = sl[tuple(index)] if local else sl[:]
-        nbytes += _nbytes(block)
+        nbytes += block.nbytes
         return block.flatten()[piece.start - r0 * row:piece.end - r0 * row]
     opt.load_state(opt.state()[1], read, kinds=("master",))
     return nbytes
@@ -654,8 +638,7 @@ def load_init_from(opt, init_from, grid):
     return load_hf_into(opt, init_from, grid), str(hf_dtype(init_from)).removeprefix("torch.")
 
 def export_hf(ckpt_path, out_dir, dtype, init_from=""):
-    """A checkpoint -> a Hugging Face directory in `dtype` (a name: "bfloat16"), with the tokenizer files of
-    init_from when it is still there."""
+    """A checkpoint -> an HF directory in `dtype` (a name: "bfloat16"), plus init_from's tokenizer files that exist."""
     consolidate(ckpt_path, out_dir, getattr(torch, dtype))
     for name in TOKENIZER_FILES:
         if init_from and os.path.exists(os.path.join(init_from, name)):

@@ -36,8 +36,7 @@ import torch
 
 @dataclass
 class DataConfig:
-    """The [data] section. The training data is one of: `dataset` (one prefix), `sources` (a mixture),
-    `stages` (a curriculum of mixtures); set at most one of them. With none, the demo corpus.
+    """The [data] section: the training data is `dataset`, `sources` or `stages` (at most one); none: the demo corpus.
 
         [[data.stages]]                          # a curriculum: each stage a fresh blend of its own weights
         start_step = 0
@@ -115,9 +114,8 @@ def stage_table(cfg: DataConfig, global_batch: int, resolve=lambda prefix: prefi
     if cfg.stages:
         table = []
         for i, stage in enumerate(cfg.stages):
-            # a token count starts the stage at the first step that begins at or past it: ceil(tokens / step)
             start = (stage["start_step"] if "start_step" in stage
-                     else -(-stage["start_tokens"] // (global_batch * cfg.seq_len)))
+                     else -(-stage["start_tokens"] // (global_batch * cfg.seq_len)))  # ceil(tokens / step)
             table.append((start, entries(stage["sources"])))
             if i == 0 and start != 0 or i > 0 and start <= table[i - 1][0]:
                 raise DataError(f"data.stages[{i}] starts at step {start}: the first stage must start at step 0 "
@@ -233,8 +231,7 @@ class IndexedDatasetWriter:
         self.prefix, self.dtype = prefix, np.dtype(dtype).newbyteorder("<")
         self.tmp = f".tmp-{os.getpid()}-{os.urandom(4).hex()}"  # unique: two writers of one prefix never collide
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)  # --out data/new/mine: made here
-        self.bin = open(prefix + ".bin" + self.tmp, "wb")
-        self.lengths = open(prefix + ".lengths" + self.tmp, "w+b")
+        self.bin, self.lengths = open(prefix + ".bin" + self.tmp, "wb"), open(prefix + ".lengths" + self.tmp, "w+b")
         self.sequences, self.num_tokens = 0, 0
 
     def add_document(self, tokens) -> None:
@@ -504,7 +501,6 @@ class DataLoader:
         self._reset()
 
     # ---- the blend's cursor
-
     def _reset(self, *cursors):
         """A cursor is (step, stage, samples each of the stage's sources gave in it, samples each source gave
         in earlier stages); the loader remembers the last few and those at the stages' starts."""
@@ -527,13 +523,12 @@ class DataLoader:
         index, place = blend(weights, taken, (step - start) * self.global_batch, self.global_batch)
         source = np.array(members, dtype=np.int64)[index]
         position = np.array(base, dtype=np.int64)[source] + np.array(place, dtype=np.int64)
-        step += 1
-        if k + 1 < len(self.stages) and self.stages[k + 1][0] == step:  # the next stage: a fresh blend
+        if k + 1 < len(self.stages) and self.stages[k + 1][0] == step + 1:  # the next stage: a fresh blend
             base = list(base)
             for m, t in zip(members, taken):
                 base[m] += t
             k, taken = k + 1, [0] * len(self.stages[k + 1][1])
-        return source, position, (step, k, tuple(taken), tuple(base))
+        return source, position, (step + 1, k, tuple(taken), tuple(base))
 
     def _cursor(self, step):
         known = [c for c in (*self._recent.values(), *self._stage_starts.values()) if c[0] <= step]
@@ -589,7 +584,6 @@ class DataLoader:
                 for s in np.unique(source)}
 
     # ---- batches
-
     def get_batch(self, step: int) -> list[Batch]:
         """This DP rank's micro-batches of global batch `step`."""
         source, position, after = self._blend_step(self._cursor(step))

@@ -3,12 +3,11 @@
 Decoder-only, pre-norm, no biases:
     h   = x + o_proj(attn(attention_layernorm(x)))
     out = h + down_proj(xielu(up_proj(feedforward_layernorm(h))))
-with GQA, an RMSNorm over head_dim on q and k (QK-norm) BEFORE RoPE, llama3-scaled RoPE in the
-rotate_half convention, a non-gated MLP with the xIELU activation, a final norm and an untied head.
-Sources: the Apertus tech report (arXiv 2509.14233, section 2), transformers' models/apertus/
-modeling_apertus.py (the reference the tests compare against), xIELU (arXiv 2411.13010) and Llama 3's
-RoPE scaling (transformers' _compute_llama3_parameters). Module and parameter names are the Hugging Face
-ones: `model.state_dict()` has exactly the keys of the released safetensors.
+with GQA, an RMSNorm over head_dim on q and k (QK-norm) BEFORE RoPE, llama3-scaled RoPE in the rotate_half convention,
+a non-gated MLP with the xIELU activation, a final norm and an untied head. Sources: the Apertus tech report
+(arXiv 2509.14233, section 2), transformers' models/apertus/modeling_apertus.py (the reference the tests compare
+against), xIELU (arXiv 2411.13010) and Llama 3's RoPE scaling (transformers' _compute_llama3_parameters). Module and
+parameter names are the Hugging Face ones: `model.state_dict()` has exactly the keys of the released safetensors.
 
 Every parameter carries a Role stamped where it is made (Megatron-LM's habit): init, parallel.py, the
 optimizer groups and the checkpoints read the role, never the name. The model knows nothing of
@@ -24,10 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # FlexAttention: the fast document-masked attention on CUDA (torch >= 2.5)
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-except ImportError:  # pragma: no cover
-    BlockMask = create_block_mask = flex_attention = None
+# FlexAttention: the fast document-masked attention on CUDA (torch >= 2.5)
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 @dataclass
 class ModelConfig:
@@ -41,9 +38,8 @@ class ModelConfig:
     vocab_size: int = 131072
     max_position_embeddings: int = 65536
     rope_theta: float = 12_000_000.0     # 500,000 during the 4k pretraining
-    rope_scaling: dict | None = field(default_factory=lambda: dict(
-        rope_type="llama3", factor=8.0, original_max_position_embeddings=8192,
-        low_freq_factor=1.0, high_freq_factor=4.0))  # None = plain RoPE
+    rope_scaling: dict | None = field(default_factory=lambda: dict(rope_type="llama3", factor=8.0,
+        original_max_position_embeddings=8192, low_freq_factor=1.0, high_freq_factor=4.0))  # None = plain RoPE
     rms_norm_eps: float = 1e-5
     init_std: float = 0.008944           # N(0, std) for every linear and the embedding
     bos_token_id: int = 1
@@ -58,9 +54,8 @@ class ModelConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"GQA cannot split {self.num_attention_heads} query heads into "
-                             f"{self.num_key_value_heads} KV groups: num_attention_heads must be a "
-                             f"multiple of num_key_value_heads")
+            raise ValueError(f"GQA cannot split {self.num_attention_heads} query heads into {self.num_key_value_heads} "
+                             f"KV groups: num_attention_heads must be a multiple of num_key_value_heads")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "llama3") != "llama3":
             raise ValueError(f"unsupported rope_scaling {self.rope_scaling}: only llama3 (or none)")
 
@@ -190,7 +185,6 @@ FLEX_KERNEL_OPTIONS = None  # FlexAttention's kernel_options (block sizes, warps
 class compiled_on_first_use:
     """fn, torch.compile'd the first time it is called: importing this module stays fast (torch.compile
     imports the whole compiler stack) and CPU-only runs never pay for it."""
-
     def __init__(self, fn):
         self.fn, self.compiled = fn, None
 
@@ -218,9 +212,8 @@ def _block_mask(doc_ids, q_pos=None):
 _block_mask_compiled = compiled_on_first_use(_block_mask)
 
 def make_block_mask(doc_ids, q_pos=None):
-    """The FlexAttention block mask of a micro-batch: causal, and never across a document boundary.
-    Built once per forward and shared by every layer. q_pos [Tq]: only these queries (positions in the
-    sequence), against every key (context parallelism)."""
+    """The FlexAttention block mask of a micro-batch: causal, and never across a document boundary. q_pos [Tq]: only
+    these queries (positions in the sequence), against every key (context parallelism)."""
     return (_block_mask_compiled if doc_ids.is_cuda else _block_mask)(doc_ids, q_pos)
 
 def sdpa_mask(doc_ids, q_pos=None):
@@ -233,15 +226,12 @@ def sdpa_mask(doc_ids, q_pos=None):
     return (causal & (doc_ids[:, q, None] == doc_ids[:, None, :]))[:, None]
 
 def attention(q, k, v, mask=None):
-    """q [B, Hq, T, D], k/v [B, Hkv, T, D] -> [B, Hq, T, D], causal. mask: a BlockMask (FlexAttention),
-    a [B, 1, T, T] bool mask (SDPA) or None (plain causal). KV head j serves query heads j*G .. j*G+G-1
-    (G = Hq/Hkv), as in HF."""
-    if BlockMask is not None and isinstance(mask, BlockMask):
+    """q [B, Hq, T, D], k/v [B, Hkv, T, D] -> [B, Hq, T, D], causal. mask: a BlockMask (FlexAttention), a [B, 1, T, T]
+    bool mask (SDPA) or None (plain causal). KV head j serves query heads j*G .. j*G+G-1 (G = Hq/Hkv), as in HF."""
+    if isinstance(mask, BlockMask):
         flex = flex_attention if torch.compiler.is_compiling() or not q.is_cuda else _flex_compiled
         return flex(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=FLEX_KERNEL_OPTIONS)
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -341,13 +331,11 @@ def _ce_grad(logits, mx, sum_exp, local, inside, m):          # -> (softmax - on
 _CE_COMPILED = {f: compiled_on_first_use(f) for f in (_ce_max, _ce_sum_exp, _ce_grad)}
 
 class LMHeadLoss(torch.autograd.Function):
-    """sum_i mask_i * cross_entropy(h_i @ W^T, target_i), a chunk of tokens at a time, so the [N, V]
-    logits never exist, forward or backward (Liger-Kernel's fused linear cross-entropy). The output
-    is a scalar, so the gradients are computed in the forward, chunk by chunk, and backward only
-    scales them. W may be a vocabulary slice [V/tp, d] starting at id vocab_start: then all_reduce
-    (given by parallel.py) combines the max, the target logit and the sum of exp over the TP ranks
-    (Megatron's vocab-parallel cross-entropy)."""
-
+    """sum_i mask_i * cross_entropy(h_i @ W^T, target_i), a chunk of tokens at a time, so the [N, V] logits never exist,
+    forward or backward (Liger-Kernel's fused linear cross-entropy). The output is a scalar, so the gradients are
+    computed in the forward, chunk by chunk, and backward only scales them. W may be a vocabulary slice [V/tp, d]
+    starting at id vocab_start: then all_reduce (given by parallel.py) combines the max, the target logit and the
+    sum of exp over the TP ranks (Megatron's vocab-parallel cross-entropy)."""
     @staticmethod
     def forward(ctx, h, weight, targets, mask, need_grad, chunk, vocab_start, all_reduce, compiled):
         # h [N, d], weight [Vl, d], targets [N] (global ids), mask [N] bool
@@ -383,15 +371,12 @@ class LMHeadLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors  # scaled in fp32, then rounded once to the weights' dtype
         return (grad_h * grad).to(ctx.h_dtype), grad_w.mul_(grad).to(ctx.weight_dtype), *[None] * 7
 
-def _no_reduce(x, op):
-    return x
-
 def loss_chunk_rows(vocab_slice, device_type):
     """Rows of logits [rows, vocab_slice] the loss holds at once on this device type (at least one)."""
     elements = LOSS_CHUNK_ELEMENTS if isinstance(LOSS_CHUNK_ELEMENTS, int) else LOSS_CHUNK_ELEMENTS[device_type]
     return max(1, elements // vocab_slice)
 
-def lm_head_loss(h, head, targets, mask, vocab_start=0, all_reduce=_no_reduce, compiled=False):
+def lm_head_loss(h, head, targets, mask, vocab_start=0, all_reduce=lambda x, op: x, compiled=False):
     """h [B, T, d] -> the summed loss over the tokens where mask is True (fp32 scalar)."""
     d, Vl = h.shape[-1], head.weight.shape[0]
     chunk = loss_chunk_rows(Vl, "cuda" if h.is_cuda else "cpu")
@@ -423,13 +408,12 @@ class Apertus(nn.Module):
     def forward(self, input_ids, targets=None, loss_mask=None, doc_ids=None, reduction="mean", hidden=None,
                 cp_index=None, chunk=None, cache=None):
         """input_ids [B, T] -> logits [B, T, V/tp]; with targets, the loss: the mean (or "sum", or each row's sum
-        [B]: "sequence") over the tokens that count (loss_mask True and target != -100). doc_ids [B, T]
-        (document_ids) masks attention per document and restarts positions. cache: the keys and values the
-        input continues (generation: the last logits only). A pipeline stage (parallel.keep_stage) without
-        the embedding takes the previous stage's output as `hidden`; one without the head returns its
-        output; chunk (c, V) runs only the c-th of V equal runs of its layers (interleaved schedule).
-        cp_index [T/cp] (parallel.cp_positions): positions and the mask come from the whole sequence, then
-        only these tokens run (context parallelism)."""
+        [B]: "sequence") over the tokens that count (loss_mask True and target != -100). doc_ids [B, T] (document_ids)
+        masks attention per document and restarts positions. cache: the keys and values the input continues (generation:
+        the last logits only). A pipeline stage (parallel.keep_stage) without the embedding takes the previous stage's
+        output as `hidden`; one without the head returns its output; chunk (c, V) runs only the c-th of V equal runs of
+        its layers (interleaved schedule). cp_index [T/cp] (parallel.cp_positions): positions and the mask come from the
+        whole sequence, then only these tokens run (context parallelism)."""
         doc = torch.zeros_like(input_ids) if doc_ids is None else doc_ids
         S, T = 0 if cache is None else cache.setdefault("length", 0), input_ids.shape[1]  # S: positions in the cache
         pos = document_positions(doc) + S
@@ -441,8 +425,7 @@ class Apertus(nn.Module):
             input_ids, pos = input_ids[:, cp_index], pos[:, cp_index]
             targets, loss_mask = (t if t is None else t[:, cp_index] for t in (targets, loss_mask))
         x = self.model.embed_tokens(input_ids) if hidden is None else hidden
-        if self.inv_freq.device != x.device:
-            self.inv_freq = self.inv_freq.to(x.device)
+        self.inv_freq = self.inv_freq.to(x.device)  # no copy when already there
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
         blocks = list(self.model.layers.items())
         c, V = chunk or (0, 1)

@@ -187,12 +187,10 @@ def shutdown(grid: Grid, opt=None):
 def gloo_threads():
     """The names of this process's gloo threads (Linux; [] elsewhere)."""
     names = []
-    try:
+    with contextlib.suppress(OSError):
         for t in os.listdir("/proc/self/task"):
             with contextlib.suppress(OSError), open(f"/proc/self/task/{t}/comm") as f:  # a thread may end meanwhile
                 names.append(f.read().strip())
-    except OSError:
-        return []
     return [n for n in names if "gloo" in n]
 
 def _size(group):
@@ -231,33 +229,23 @@ class ReduceFromTP(torch.autograd.Function):
     def backward(ctx, grad):
         return grad, None
 
-class GatherFromSP(torch.autograd.Function):
-    """f under sequence parallelism: all-gather along the sequence, reduce-scatter backward."""
+class SequenceParallel(torch.autograd.Function):
+    """f and g under sequence parallelism: gather=True is f, all-gather along the sequence forward and reduce-scatter
+    backward; gather=False is g, reduce-scatter along the sequence forward and all-gather backward."""
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq(x, group, gather=True)
+    def forward(ctx, x, group, gather):
+        ctx.group, ctx.gather = group, gather
+        return _seq(x, group, gather)
 
     @staticmethod
     def backward(ctx, grad):
-        return _seq(grad, ctx.group, gather=False), None
-
-class ReduceScatterToSP(torch.autograd.Function):
-    """g under sequence parallelism: reduce-scatter along the sequence, all-gather backward."""
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq(x, group, gather=False)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq(grad, ctx.group, gather=True), None
+        return _seq(grad, ctx.group, not ctx.gather), None, None
 
 def _f(x, group, sp):
-    return GatherFromSP.apply(x, group) if sp else CopyToTP.apply(x, group)
+    return SequenceParallel.apply(x, group, True) if sp else CopyToTP.apply(x, group)
 
 def _g(x, group, sp):
-    return ReduceScatterToSP.apply(x, group) if sp else ReduceFromTP.apply(x, group)
+    return SequenceParallel.apply(x, group, False) if sp else ReduceFromTP.apply(x, group)
 
 # ----------------------------------------------------------------------------- parallel layers
 def _sliced(old: nn.Parameter, name: str, dim: int, grid: Grid) -> nn.Parameter:
@@ -339,11 +327,10 @@ def parallelize(model, grid: Grid):
             if kind == "input":
                 prepare_input(block.get_submodule(path), grid)
                 continue
-            parent, name = block.get_submodule(path.rsplit(".", 1)[0]), path.rsplit(".", 1)[1]
-            old = getattr(parent, name)
+            old = block.get_submodule(path)
             assert type(old) is nn.Linear, f"{path} is {type(old).__name__}, the plan expects nn.Linear"
             new = ColumnParallelLinear(old, grid, gather_input=False) if kind == "column" else RowParallelLinear(old, grid)
-            setattr(parent, name, new)
+            block.set_submodule(path, new)
     if model.model.embed_tokens is not None:
         model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens, grid)
     if model.lm_head is not None:
@@ -374,15 +361,15 @@ def cp_owner(positions, T, cp):
     chunk = positions // c
     return torch.minimum(chunk, 2 * cp - 1 - chunk), positions % c + c * (chunk >= cp)
 
-class GatherKV(GatherFromSP):
-    """Context parallelism's one collective pair (Llama 3, 3.3.2): GatherFromSP's, over the CP group."""
+class GatherKV(SequenceParallel):
+    """Context parallelism's one collective pair (Llama 3, 3.3.2): SequenceParallel's f, over the CP group."""
 
 def gather_kv(k, v, grid: Grid):
     """k, v [B, T/cp, Hkv, D] of this rank's tokens -> [B, T, Hkv, D] each, in sequence order: one all-gather of
     both (rank after rank, put in order by cp_owner); backward, a reduce-scatter: each rank gets its own keys'
     gradient summed over every rank's queries. With GQA, K and V are small next to the rest of a block."""
     T = k.shape[1] * grid.cp
-    kv = GatherKV.apply(torch.cat((k, v), 2), grid.cp_group)
+    kv = GatherKV.apply(torch.cat((k, v), 2), grid.cp_group, True)
     rank, index = cp_owner(torch.arange(T, device=k.device), T, grid.cp)
     return kv[:, rank * (T // grid.cp) + index].chunk(2, 2)
 
@@ -462,10 +449,7 @@ def wait_for_stream(device):
 
 def _stage_backward(x, y, grad_y):
     """Backward through this stage: y is the loss on the last stage, else the activations sent on."""
-    if grad_y is None:
-        y.backward()
-    else:
-        torch.autograd.backward(y, grad_y)
+    torch.autograd.backward(y, grad_y)  # grad_y None: the loss, as y.backward()
     return None if x is None else x.grad
 
 def pipeline_1f1b(micro_steps, pipe: Pipe, opt, train=True):
@@ -789,8 +773,7 @@ def check_replicas(model, grid: Grid):
     Returns the names that differ (empty list when all is well)."""
     bad = []
     for name, p in model.named_parameters():
-        groups = [grid.dp_cp_group] + ([grid.tp_group] if role_of(name, p).tp_dim is None else [])
-        for group in groups:
+        for group in [grid.dp_cp_group] + ([grid.tp_group] if role_of(name, p).tp_dim is None else []):
             if _size(group) > 1:
                 ref = p.detach().clone()
                 dist.broadcast(ref, src=dist.get_global_rank(group, 0), group=group)

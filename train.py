@@ -331,14 +331,13 @@ def qrpo_loss(logps, ref_logps, lengths, rewards, ref_rewards, beta, length_norm
     r = b * (logps - ref_logps)
     return ((rq - b * log_z - r) ** 2).mean(1), r[:, 0] - r[:, 1], rq
 
-# dense bf16 peak (no sparsity) per GPU, from NVIDIA's datasheets; looked up by the device name, the
-# longest matching key first ("H100 PCIe" before "H100", "GH200" before "H200")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H800": 989e12, "GH200": 989e12,
                    "H200": 989e12, "H200 NVL": 835e12, "A100": 312e12, "A800": 312e12, "B200": 2250e12,
-                   "GB200": 2500e12, "L40S": 362e12}
+                   "GB200": 2500e12, "L40S": 362e12}  # dense bf16 (no sparsity) per GPU, NVIDIA's datasheets
 
 def peak_flops(device):
-    """Dense bf16 peak of the GPU, looked up by its name; None when unknown (MFU is then null)."""
+    """The GPU's dense bf16 peak, looked up by its name, the longest matching key first ("H100 PCIe" before "H100",
+    "GH200" before "H200"); None when unknown (MFU is then null)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((PEAK_BF16_FLOPS[k] for k in sorted(PEAK_BF16_FLOPS, key=len, reverse=True) if k in name), None)
 

@@ -48,9 +48,8 @@ def write_safetensors(path, tensors: dict, metadata: dict) -> dict:
     tensors themselves (no second copy in memory), fsynced. Returns {"bytes": size, "crc32": checksum}."""
     header, offset = {"__metadata__": metadata}, 0
     for name, t in tensors.items():
-        n = t.nbytes
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
+        header[name] = dict(dtype=_ST_DTYPES[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + t.nbytes])
+        offset += t.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     views = [memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()) for t in tensors.values()]  # zero-copy
@@ -228,8 +227,8 @@ def verify(path, grid) -> str | None:
     for name, info in sorted(files.items())[grid.rank::grid.world]:
         file = os.path.join(path, name)
         try:
-            if os.path.getsize(file) != info["bytes"]:
-                return f"{name} has {os.path.getsize(file)} bytes, meta.json says {info['bytes']} (truncated?)"
+            if (size := os.path.getsize(file)) != info["bytes"]:
+                return f"{name} has {size} bytes, meta.json says {info['bytes']} (truncated?)"
             if file_crc32(file) != info["crc32"]:
                 return f"{name} fails its CRC-32 check (corrupt)"
         except FileNotFoundError:
@@ -271,20 +270,17 @@ def slice_runs(shape, dim, tp, tp_rank, src_tp, start, end):
 
     The full tensor of `shape` is seen as [outer, D, inner] around the split dimension (D = shape[dim]):
     split tp ways, rank r holds the middle rows [r*D/tp, (r+1)*D/tp), a slice [outer, D/tp, inner] stored
-    flattened. For elements [start, end) of reader slice tp_rank this yields runs (src_rank, src_start,
+    flattened. For elements [start, end) of reader slice tp_rank this returns runs (src_rank, src_start,
     length, at): `length` elements that lie at [src_start, src_start + length) of the flattened slice
     src_rank of a split src_tp ways, and at [at, at + length) of the request. The runs cover the request
     once, in order, each as long as it can be. dim None: a tensor that is not split (tp = src_tp = 1)."""
-    if dim is None or start >= end:
-        if start < end:
-            yield 0, start, end - start, 0
-        return
+    if dim is None:  # whatever tp says: the whole tensor is one slice, [1, numel, 1]
+        shape, dim, tp, tp_rank, src_tp = [math.prod(shape)], 0, 1, 0, 1
     inner = math.prod(shape[dim + 1:])
     rows, src_rows = shape[dim] // tp, shape[dim] // src_tp  # middle rows per slice, reader and writer
     per_outer = rows * inner            # elements of one outer index in the reader's slice
     first = tp_rank * rows              # the reader's first middle row, in the full tensor
-    run = None                          # the run being extended: [src_rank, src_start, length, at]
-    pos = start
+    runs, pos = [], start               # runs: [src_rank, src_start, length, at], the last one still growing
     while pos < end:
         outer, within = divmod(pos, per_outer)
         row = first + within // inner                        # middle row in the full tensor
@@ -292,14 +288,12 @@ def slice_runs(shape, dim, tp, tp_rank, src_tp, start, end):
         rows_left = min((src + 1) * src_rows, first + rows) - row  # up to its end or the reader's
         stop = min(pos + rows_left * inner - within % inner, end)
         src_start = (outer * src_rows + row - src * src_rows) * inner + within % inner
-        if run and run[0] == src and run[1] + run[2] == src_start:  # continues the previous run
-            run[2] += stop - pos
+        if runs and runs[-1][0] == src and runs[-1][1] + runs[-1][2] == src_start:  # continues the last run
+            runs[-1][2] += stop - pos
         else:
-            if run:
-                yield tuple(run)
-            run = [src, src_start, stop - pos, pos - start]
+            runs.append([src, src_start, stop - pos, pos - start])
         pos = stop
-    yield tuple(run)
+    return [tuple(run) for run in runs]
 
 class CheckpointReader:
     """Reads pieces of a checkpoint for any layout. The layout that wrote it (tp, cp, pp, dp, bucket_size in
@@ -327,7 +321,6 @@ class CheckpointReader:
                         rank = ((d * pp + pp_rank) * cp + c) * tp + t  # parallel.init_distributed's
                         self.sources.setdefault(pc.name, {}).setdefault(t, []).append((pc.start, pc.end, rank))
         self.sources = {n: {t: sorted(p) for t, p in pieces.items()} for n, pieces in self.sources.items()}
-        self.starts = {n: {t: [s for s, _, _ in p] for t, p in pieces.items()} for n, pieces in self.sources.items()}
         self.files, self.bytes_read = {}, 0
 
     def _open(self, rank):
@@ -347,11 +340,10 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: no {kind} for parameter {name}")
         dim, shape = self.shapes[name]
         dim = tp_dim if tp_dim is not None else dim
-        split = (tp, tp_rank, self.tp) if dim is not None else (1, 0, 1)
         out = torch.empty(end - start, dtype=torch.float32)
-        pieces, starts = self.sources[name], self.starts[name]
-        for src, src_start, length, at in slice_runs(shape, dim, *split, start, end):
-            k = max(bisect.bisect_right(starts.get(src, []), src_start) - 1, 0)
+        pieces = self.sources[name]
+        for src, src_start, length, at in slice_runs(shape, dim, tp, tp_rank, self.tp, start, end):
+            k = max(bisect.bisect_right(pieces.get(src, []), src_start, key=lambda piece: piece[0]) - 1, 0)
             for s, e, rank in pieces.get(src, [])[k:]:  # the pieces that overlap the run
                 if s >= src_start + length:
                     break
@@ -571,10 +563,9 @@ def load_hf_into(opt, path, grid):
         row = math.prod(local[1:])  # elements per row of this rank's slice
         r0, r1 = piece.start // max(row, 1), -(-piece.end // max(row, 1))  # the rows holding the piece
         index = [slice(r0, r1)] + [slice(None)] * (len(local) - 1)
-        if role.tp_dim is not None:
-            w = local[role.tp_dim]
-            lo = grid.tp_rank * w + (r0 if role.tp_dim == 0 else 0)
-            index[role.tp_dim] = slice(lo, lo + (r1 - r0 if role.tp_dim == 0 else w))
+        if role.tp_dim is not None:  # this rank's slice of the full tensor (and along dim 0, the piece's rows)
+            lo = grid.tp_rank * local[role.tp_dim]
+            index[role.tp_dim] = slice(lo + r0, lo + r1) if role.tp_dim == 0 else slice(lo, lo + local[role.tp_dim])
         block = sl[tuple(index)] if local else sl[:]
         nbytes += block.nbytes
         return block.flatten()[piece.start - r0 * row:piece.end - r0 * row]
@@ -588,13 +579,11 @@ def consolidate(ckpt_path, out_dir, dtype=torch.bfloat16):
         names = list(Apertus(ck.cfg).state_dict())
     defaults = XIELU()  # beta and eps are fixed buffers, not trained
 
-    def tensors():
-        for name in names:
-            if name.endswith(("act_fn.beta", "act_fn.eps")):  # a copy each: safetensors refuses shared memory
-                yield name, getattr(defaults, name.rsplit(".", 1)[1]).to(dtype).clone()
-            else:
-                yield name, ck.full("master", name).to(dtype)
-    write_hf(ck.cfg, tensors(), out_dir, dtype)
+    def tensor(name):
+        if name.endswith(("act_fn.beta", "act_fn.eps")):  # a copy each: safetensors refuses shared memory
+            return getattr(defaults, name.rsplit(".", 1)[1]).to(dtype).clone()
+        return ck.full("master", name).to(dtype)
+    write_hf(ck.cfg, ((name, tensor(name)) for name in names), out_dir, dtype)
 
 # ----------------------------------------------------------------------------- train.init_from
 # What a run that starts from a Hugging Face directory or a training checkpoint (ckpt-N: a long-context
@@ -613,9 +602,9 @@ def init_from_config(init_from, out_dir, mine: ModelConfig, keys) -> ModelConfig
         with contextlib.suppress(CheckpointError):  # the resume will say so and fall back
             theirs, where = read_meta(where)[1], os.path.join(where, "meta.json")
     if theirs is None:
-        if committed_checkpoints(init_from):  # its config.json is a run's, not a model's
+        if checkpoints := committed_checkpoints(init_from):  # its config.json is a run's, not a model's
             raise CheckpointError(f"train.init_from: {init_from} is a run directory: name one of its checkpoints "
-                                  f"({os.path.basename(latest_checkpoint(init_from))} is the newest)")
+                                  f"({os.path.basename(checkpoints[-1])} is the newest)")
         try:
             if os.path.exists(os.path.join(init_from, "meta.json")):  # a training checkpoint
                 theirs, where = read_meta(init_from)[1], os.path.join(init_from, "meta.json")

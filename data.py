@@ -193,8 +193,8 @@ class IndexedDataset:
     def __len__(self) -> int:
         return self.num_sequences
 
-    def _index(self, name, dtype, a, b):  # entries a ... b-1 of one of the .idx's arrays (the table at the top)
-        with open(self.idx_path, "rb") as f:
+    def _index(self, name, dtype, a, b, idx=None):  # entries a ... b-1 of an .idx array (the table at the top)
+        with open(self.idx_path, "rb") if idx is None else contextlib.nullcontext(idx) as f:  # idx: the .idx, open
             return _pread(f, self._at[name] + np.dtype(dtype).itemsize * a, b - a, dtype)
 
     lengths = functools.partialmethod(_index, "lengths", "<i4")  # (a, b) -> int32 [b - a], tokens
@@ -202,13 +202,10 @@ class IndexedDataset:
     doc_indices = functools.partialmethod(_index, "doc_idx", "<i8")  # (a, b) -> int64 [b - a]
 
     def sequences(self, ks) -> list[np.ndarray]:
-        """The tokens of sequences ks (one read of the .idx and one of the .bin each)."""
-        out = []
+        """The tokens of sequences ks (two reads of the .idx and one of the .bin each)."""
         with open(self.idx_path, "rb") as idx, open(self.bin_path, "rb") as bin_:
-            for k in map(int, ks):
-                n = int(_pread(idx, self._at["lengths"] + 4 * k, 1, "<i4")[0])
-                out.append(_pread(bin_, int(_pread(idx, self._at["pointers"] + 8 * k, 1, "<i8")[0]), n, self.dtype))
-        return out
+            return [_pread(bin_, int(self.pointers(k, k + 1, idx)[0]), int(self.lengths(k, k + 1, idx)[0]), self.dtype)
+                    for k in map(int, ks)]
 
     def sequence(self, k: int) -> np.ndarray:
         return self.sequences([k])[0]
@@ -503,36 +500,31 @@ class DataLoader:
     # ---- the blend's cursor
     def _reset(self, *cursors):
         """A cursor is (step, stage, samples each of the stage's sources gave in it, samples each source gave
-        in earlier stages); the loader remembers the last few and those at the stages' starts."""
-        self._stage_starts, self._recent = {0: (0, 0, (0,) * len(self.stages[0][1]), (0,) * len(self.sources))}, {}
+        in earlier stages); the loader remembers them by step: those at the stages' starts and the last few others."""
+        self._known = {0: (0, 0, (0,) * len(self.stages[0][1]), (0,) * len(self.sources))}
         for cur in cursors:
             self._remember(cur)
 
     def _remember(self, cur):
-        if cur[0] == self.stages[cur[1]][0]:
-            self._stage_starts[cur[1]] = cur
-        self._recent[cur[0]] = cur
-        for step in sorted(self._recent)[:-2]:
-            del self._recent[step]
+        self._known[cur[0]] = cur
+        for step in sorted(set(self._known) - {start for start, _, _ in self.stages})[:-2]:
+            del self._known[step]
 
     def _blend_step(self, cur):
         """Global batch cur[0]: each sample's source and position in it, and the cursor after it."""
         step, k, taken, base = cur
         start, members, weights = self.stages[k]
-        taken = list(taken)
+        taken, base = list(taken), np.array(base, dtype=np.int64)
         index, place = blend(weights, taken, (step - start) * self.global_batch, self.global_batch)
         source = np.array(members, dtype=np.int64)[index]
-        position = np.array(base, dtype=np.int64)[source] + np.array(place, dtype=np.int64)
+        position = base[source] + np.array(place, dtype=np.int64)
         if k + 1 < len(self.stages) and self.stages[k + 1][0] == step + 1:  # the next stage: a fresh blend
-            base = list(base)
-            for m, t in zip(members, taken):
-                base[m] += t
+            base[members] += taken
             k, taken = k + 1, [0] * len(self.stages[k + 1][1])
-        return source, position, (step + 1, k, tuple(taken), tuple(base))
+        return source, position, (step + 1, k, tuple(taken), tuple(base.tolist()))
 
     def _cursor(self, step):
-        known = [c for c in (*self._recent.values(), *self._stage_starts.values()) if c[0] <= step]
-        cur = max(known, key=lambda c: c[0])
+        cur = self._known[max(s for s in self._known if s <= step)]
         while cur[0] < step:
             cur = self._blend_step(cur)[2]
             self._remember(cur)
@@ -547,10 +539,9 @@ class DataLoader:
     def state(self, step: int) -> dict:
         """The cursor at the start of global batch `step`, as a small JSON-able dict for a checkpoint."""
         _, k, taken, base = self._cursor(step)
-        members, samples = self.stages[k][1], list(base)
-        for m, t in zip(members, taken):
-            samples[m] += t
-        return {"step": step, **self._history(step), "samples": dict(zip(self.source_names, samples)),
+        members, samples = self.stages[k][1], np.array(base, dtype=np.int64)
+        samples[members] += taken
+        return {"step": step, **self._history(step), "samples": dict(zip(self.source_names, samples.tolist())),
                 "stage_samples": {self.source_names[m]: t for m, t in zip(members, taken)}}
 
     def load_state(self, state: dict) -> bool:
@@ -561,11 +552,11 @@ class DataLoader:
             return False
         k = bisect.bisect_right([s[0] for s in self.stages], step) - 1
         start, members, _ = self.stages[k]
-        base = [state["samples"].get(name, 0) for name in self.source_names]
+        base = np.array([state["samples"].get(name, 0) for name in self.source_names], dtype=np.int64)
         taken = [state["stage_samples"].get(self.source_names[m], 0) if start < step else 0 for m in members]
-        for m, t in zip(members, taken):
-            base[m] -= t
-        self._reset((start, k, (0,) * len(members), tuple(base)), (step, k, tuple(taken), tuple(base)))
+        base[members] -= taken
+        base = tuple(base.tolist())
+        self._reset((start, k, (0,) * len(members), base), (step, k, tuple(taken), base))
         return True
 
     def tokens_seen(self, step: int) -> dict:

@@ -270,8 +270,7 @@ def write_index(f, dtype, sequences: int, lengths, chunk: int = 1 << 22) -> None
     for the lengths and then for the pointers (their running sum x itemsize), so memory stays flat."""
     code = {np.dtype(v): k for k, v in DTYPES.items()}[np.dtype(dtype).newbyteorder("=")]
     f.write(INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, code, sequences, sequences + 1))
-    for block in lengths():
-        f.write(np.asarray(block, dtype="<i4").tobytes())
+    f.writelines(np.asarray(block, dtype="<i4").tobytes() for block in lengths())
     pointer = 0
     for block in lengths():
         ends = pointer + np.cumsum(block, dtype=np.int64) * np.dtype(dtype).itemsize

@@ -610,10 +610,12 @@ def start(cfg, grid, opt, loader):
 
 def across_ranks(x, grid):
     """(min, max, sum) of a float over all ranks."""
-    world = torch.distributed.group.WORLD if grid.world > 1 else None
-    as_tensor = lambda v: torch.tensor(v, dtype=torch.float64, device=grid.device)
-    lo, hi = all_sum(as_tensor([-x, x]), world, op=torch.distributed.ReduceOp.MAX).tolist()
-    return -lo, hi, all_sum(as_tensor([x]), world).item()
+    mm = torch.tensor([-x, x], dtype=torch.float64, device=grid.device)
+    sm = torch.tensor([x], dtype=torch.float64, device=grid.device)
+    if grid.world > 1:
+        torch.distributed.all_reduce(mm, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(sm)
+    return -mm[0].item(), mm[1].item(), sm.item()
 
 class Metrics:
     """metrics.jsonl (rank 0, appended, one line per logged step and per step that evaluates or saves) and
@@ -704,8 +706,9 @@ def watchdog(t):
 def agree(grid, *flags):
     """Flags any rank raised, known to every rank (one small all-reduce): they must all stop together."""
     v = torch.tensor([float(f) for f in flags], device=grid.device)
-    world = torch.distributed.group.WORLD if grid.world > 1 else None
-    return [bool(x) for x in all_sum(v, world, op=torch.distributed.ReduceOp.MAX).tolist()]
+    if grid.world > 1:
+        torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX)
+    return [bool(x) for x in v.tolist()]
 
 def signalled(grid, saver, t):
     """Whether a signal reached any rank, which every rank then knows. A save that failed on any rank is said here,

@@ -318,7 +318,7 @@ class CheckpointReader:
                 d, c = divmod(z, cp)
                 for pc in parallel.zero_pieces(index, buckets, numels, z, zero):
                     for t in range(tp) if self.shapes[pc.name][0] is not None else [0]:
-                        rank = ((d * pp + pp_rank) * cp + c) * tp + t  # parallel.init_distributed's
+                        rank = parallel.rank_at(d, pp_rank, c, t, pp, cp, tp)
                         self.sources.setdefault(pc.name, {}).setdefault(t, []).append((pc.start, pc.end, rank))
         self.sources = {n: {t: sorted(p) for t, p in pieces.items()} for n, pieces in self.sources.items()}
         self.files, self.bytes_read = {}, 0

@@ -100,6 +100,9 @@ class Grid:
     first_stage = property(lambda self: self.pp_rank == 0)
     last_stage = property(lambda self: self.pp_rank == self.pp - 1)
 
+def rank_at(d, p, c, t, pp, cp, tp):  # the rank at grid position (d, p, c, t) of a layout, in Megatron-LM's order
+    return ((d * pp + p) * cp + c) * tp + t
+
 def env_rank():
     """(rank, world, local_rank) from torchrun's environment, else from srun's own: SLURM_STEP_NUM_TASKS is set
     for the tasks of a job step, not for the batch script, so `python train.py` typed inside an sbatch
@@ -156,10 +159,10 @@ def init_distributed(pcfg: ParallelConfig, device_type: str) -> Grid:
              pcfg.sequence_parallel and tp > 1, pp, (rank // (tp * cp)) % pp, None, cp, (rank // tp) % cp,
              virtual_stages=pcfg.virtual_stages)
     if world > 1:  # one call each, made by every rank with the same lists: the groups all ranks agree on
-        def group(*axes):  # the ranks that differ only along axes of (d, p, c, t), rank r at the r-th coordinates
+        def group(*axes):  # the ranks that differ only along axes of (d, p, c, t)
             out = {}
-            for r, at in enumerate(itertools.product(range(dp), range(pp), range(cp), range(tp))):
-                out.setdefault(tuple(v for i, v in enumerate(at) if i not in axes), []).append(r)
+            for at in itertools.product(range(dp), range(pp), range(cp), range(tp)):
+                out.setdefault(tuple(v for i, v in enumerate(at) if i not in axes), []).append(rank_at(*at, pp, cp, tp))
             return dist.new_subgroups_by_enumeration(list(out.values()))[0]
         g.tp_group, g.pp_group, g.dp_group = group(3), group(1), group(0)
         g.cp_group, g.dp_cp_group = (group(2), group(0, 2)) if cp > 1 else (None, g.dp_group)
@@ -208,26 +211,17 @@ def _all_reduce(x, group):
     dist.all_reduce(x, group=group)
     return x
 
-class CopyToTP(torch.autograd.Function):
-    """f: identity forward, all-reduce of the input gradient backward."""
+class AllReduce(torch.autograd.Function):
+    """f and g without sequence parallelism: in_forward=False is f, identity forward and all-reduce of the input
+    gradient backward; in_forward=True is g, all-reduce forward and identity backward."""
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
+    def forward(ctx, x, group, in_forward):
+        ctx.group, ctx.in_forward = group, in_forward
+        return _all_reduce(x, group) if in_forward else x
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
-
-class ReduceFromTP(torch.autograd.Function):
-    """g: all-reduce forward, identity backward."""
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+        return grad if ctx.in_forward else _all_reduce(grad, ctx.group), None, None
 
 class SequenceParallel(torch.autograd.Function):
     """f and g under sequence parallelism: gather=True is f, all-gather along the sequence forward and reduce-scatter
@@ -242,10 +236,10 @@ class SequenceParallel(torch.autograd.Function):
         return _seq(grad, ctx.group, not ctx.gather), None, None
 
 def _f(x, group, sp):
-    return SequenceParallel.apply(x, group, True) if sp else CopyToTP.apply(x, group)
+    return SequenceParallel.apply(x, group, True) if sp else AllReduce.apply(x, group, False)
 
 def _g(x, group, sp):
-    return SequenceParallel.apply(x, group, False) if sp else ReduceFromTP.apply(x, group)
+    return SequenceParallel.apply(x, group, False) if sp else AllReduce.apply(x, group, True)
 
 # ----------------------------------------------------------------------------- parallel layers
 def _sliced(old: nn.Parameter, name: str, dim: int, grid: Grid) -> nn.Parameter:
@@ -266,8 +260,7 @@ class ColumnParallelLinear(nn.Module):
         self.grid, self.gather_input = grid, gather_input  # the grid, not its group: see shutdown
 
     def forward(self, x):
-        g = self.grid
-        return F.linear(_f(x, g.tp_group, g.sequence_parallel) if self.gather_input else x, self.weight)
+        return F.linear(_f(x, self.grid.tp_group, self.grid.sequence_parallel) if self.gather_input else x, self.weight)
 
 class RowParallelLinear(nn.Module):
     """weight [out, in/tp]: rank r takes input features r*in/tp .. and the partial outputs are summed."""
@@ -295,10 +288,6 @@ class VocabParallelEmbedding(nn.Module):
         x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)
         return _g(x, self.grid.tp_group, self.grid.sequence_parallel)
 
-def prepare_input(module: nn.Module, grid: Grid):
-    """Apply f to a sublayer's input once, for all its column-parallel layers (torchtitan's PrepareModuleInput)."""
-    module.register_forward_pre_hook(lambda m, args: (_f(args[0], grid.tp_group, grid.sequence_parallel), *args[1:]))
-
 def vocab_parallel_loss(grid: Grid):
     """The loss on this rank's vocabulary slice of the head; the [B, T, V] logits never exist."""
     def all_reduce(x, op):  # op: "max" or "sum"
@@ -324,10 +313,11 @@ def parallelize(model, grid: Grid):
         return model
     for block in model.model.layers.values():
         for path, kind in BLOCK_PLAN.items():
-            if kind == "input":
-                prepare_input(block.get_submodule(path), grid)
-                continue
             old = block.get_submodule(path)
+            if kind == "input":  # f once for all its column-parallel layers (torchtitan's PrepareModuleInput)
+                old.register_forward_pre_hook(
+                    lambda m, args: (_f(args[0], grid.tp_group, grid.sequence_parallel), *args[1:]))
+                continue
             assert type(old) is nn.Linear, f"{path} is {type(old).__name__}, the plan expects nn.Linear"
             new = ColumnParallelLinear(old, grid, gather_input=False) if kind == "column" else RowParallelLinear(old, grid)
             block.set_submodule(path, new)
@@ -398,8 +388,8 @@ class Pipe:
 
     def __init__(self, grid: Grid, shape, dtype):
         self.grid, self.shape, self.dtype, self.wait_s = grid, shape, dtype, 0.0
-        step, ring = grid.tp * grid.cp, grid.rank - grid.pp_rank * grid.tp * grid.cp  # same tp, cp, dp ranks: a ring
-        self.next, self.prev = ring + (grid.pp_rank + 1) % grid.pp * step, ring + (grid.pp_rank - 1) % grid.pp * step
+        ring = [rank_at(grid.dp_rank, p, grid.cp_rank, grid.tp_rank, grid.pp, grid.cp, grid.tp) for p in range(grid.pp)]
+        self.next, self.prev = ring[(grid.pp_rank + 1) % grid.pp], ring[(grid.pp_rank - 1) % grid.pp]  # a ring
 
     def _exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
         ops = [dist.P2POp(dist.isend, t.contiguous(), peer)
@@ -409,14 +399,13 @@ class Pipe:
             if wanted:
                 got[key] = torch.empty(self.shape, dtype=self.dtype, device=self.grid.device)
                 ops.append(dist.P2POp(dist.irecv, got[key], peer))
-        if not ops:
-            return got
-        wait_for_stream(self.grid.device)  # time the wait, not the compute queued before it
-        t0 = time.perf_counter()
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
-        wait_for_stream(self.grid.device)
-        self.wait_s += time.perf_counter() - t0
+        if ops:
+            wait_for_stream(self.grid.device)  # time the wait, not the compute queued before it
+            t0 = time.perf_counter()
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+            wait_for_stream(self.grid.device)
+            self.wait_s += time.perf_counter() - t0
         return got
 
     def recv_forward(self):
@@ -624,8 +613,7 @@ class DistributedOptimizer:
                                 torch.zeros(b.size // dp, device=p0.device) for b in self.buckets]
         for n, p in self.params:
             off = self.index[n][0]
-            self.param_buffer[off:off + p.numel()].copy_(p.detach().flatten())
-            p.data = self.param_buffer[off:off + p.numel()].view_as(p)
+            p.data = self.param_buffer[off:off + p.numel()].view_as(p).copy_(p.detach())
             p.register_post_accumulate_grad_hook(self._grad_hook(n))
         self.pieces = zero_pieces(self.index, self.buckets, {n: p.numel() for n, p in self.params}, grid.dp_cp_rank, dp)
         named = dict(self.params)
@@ -633,8 +621,8 @@ class DistributedOptimizer:
         for piece, m in zip(self.pieces, self.masters):
             m.grad = self.partition_grads[piece.bucket][piece.offset:piece.offset + m.numel()]
         self.optimizer = make_optimizer([self.roles[pc.name] for pc in self.pieces], self.masters)
-        self.partial = [i for i, pc in enumerate(self.pieces) if tp_grad_is_partial(self.roles[pc.name], grid)]
-        self.gloo = grid.world > 1 and dist.get_backend() == "gloo"
+        self.partial_grads = [m.grad for pc, m in zip(self.pieces, self.masters)
+                              if tp_grad_is_partial(self.roles[pc.name], grid)]
         self._register_param_waits()
 
     # --------------------------------------------------------------- gradients: reduce-scatter
@@ -668,11 +656,10 @@ class DistributedOptimizer:
                 b.reduce_work.wait()
                 b.reduce_work = None
             b.ready = 0
-        if self.partial and self.grid.tp > 1:
-            flat = torch.cat([self.masters[i].grad for i in self.partial])
+        if self.partial_grads and self.grid.tp > 1:
+            flat = torch.cat(self.partial_grads)
             dist.all_reduce(flat, group=self.grid.tp_group)
-            for i, g in zip(self.partial, flat.split([self.masters[i].numel() for i in self.partial])):
-                self.masters[i].grad.copy_(g)
+            torch._foreach_copy_(self.partial_grads, flat.split([g.numel() for g in self.partial_grads]))
 
     def zero_grads(self):
         self.grad_buffer.zero_()
@@ -721,12 +708,11 @@ class DistributedOptimizer:
         for b in reversed(self.buckets):
             full = self.param_buffer[b.start:b.start + b.size]
             mine = full.chunk(self.grid.dp_cp)[self.grid.dp_cp_rank]  # in place (NCCL); gloo needs a separate input
-            b.gather_work = dist.all_gather_into_tensor(full, mine.clone() if self.gloo else mine,
+            b.gather_work = dist.all_gather_into_tensor(full, mine.clone() if dist.get_backend() == "gloo" else mine,
                                                         group=self.grid.dp_cp_group, async_op=True)
 
     def wait_params(self, buckets=None):
-        for b_id in (range(len(self.buckets)) if buckets is None else buckets):
-            b = self.buckets[b_id]
+        for b in self.buckets if buckets is None else [self.buckets[i] for i in buckets]:
             if b.gather_work is not None:
                 b.gather_work.wait()
                 b.gather_work = None
@@ -758,8 +744,7 @@ class DistributedOptimizer:
     def load_state(self, steps, read, kinds=None):
         """read(piece, kind) -> the fp32 tensor of that piece, for "master" and every moment (or only
         the given kinds: a Hugging Face directory holds weights alone), then the model's weights."""
-        tensors, _ = self.state()
-        for pc, named in tensors:
+        for pc, named in self.state()[0]:
             for kind, t in named.items():
                 if kinds is None or kind in kinds:
                     t.copy_(read(pc, kind))

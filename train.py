@@ -383,7 +383,7 @@ def pair_loss(b, mask, t, sums, cp_group, out):
     """Micro-batch b of whole pairs (rows 2i chosen, 2i + 1 rejected), out [B] its rows' summed losses: its
     pairs' losses over the global batch's pairs; margins, accuracy (a tie: half) and quantile rewards go to
     sums. Without b.ref_logps (in the reference pass) these log-probabilities become b.ref_logps."""
-    out = parallel.ReduceFromTP.apply(out, cp_group) if cp_group else out  # CP: every rank's part of each row
+    out = parallel.AllReduce.apply(out, cp_group, True) if cp_group else out  # CP: every rank's part of each row
     logps, lengths = -out.view(-1, 2), mask.view(-1, 2, mask.shape[1]).sum(-1)  # [P, 2]: chosen, rejected
     b.ref_logps = logps.detach().double() if b.ref_logps is None else b.ref_logps
     ref, r, norm = b.ref_logps.to(out.device), b.rewards.to(out.device), t.length_normalize

@@ -341,7 +341,7 @@ class Source:
         self.num_val = max(1, int(total * val_fraction))
         self.num_train = total - self.num_val
         if self.num_train < 1:
-            what = "sequences" if self.mask else f"samples of seq_len {seq_len} (+1 for the targets)"
+            what = "sequences" if self.mask is not None else f"samples of seq_len {seq_len} (+1 for the targets)"
             raise DataError(f"{self.data.bin_path}: holds {total} {what}: too few for training and validation")
 
     def train_samples(self, positions: np.ndarray, seed: int) -> np.ndarray:

@@ -244,15 +244,14 @@ def _g(x, group, sp):
 # ----------------------------------------------------------------------------- parallel layers
 def _sliced(old: nn.Parameter, name: str, dim: int, grid: Grid) -> nn.Parameter:
     """An empty parameter for this rank's slice of `old` along dim, its role stamped with the split."""
-    shape = list(old.shape)
-    shape[dim] //= grid.tp
+    shape = [n // grid.tp if d == dim else n for d, n in enumerate(old.shape)]
     p = nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device))
     p.role = replace(role_of(name, old), tp_dim=dim, full_shape=tuple(old.shape))
     return p
 
 class ColumnParallelLinear(nn.Module):
     """weight [out/tp, in]: rank r computes output features r*out/tp .. (r+1)*out/tp - 1. f is applied
-    to the input here unless the module that holds this layer already applied it (prepare_input)."""
+    to the input here unless the module that holds this layer already applied it (BLOCK_PLAN's "input")."""
 
     def __init__(self, old: nn.Linear, grid: Grid, gather_input=True):
         super().__init__()
@@ -682,9 +681,8 @@ class DistributedOptimizer:
         self.finish_grads()
         norm = self.grad_norm()
         if torch.isfinite(norm):
-            if clip:
-                coef = (clip / (norm + 1e-6)).clamp(max=1.0)
-                torch._foreach_mul_([m.grad for m in self.masters], coef)
+            if clip:  # scaled by min(1, clip / norm)
+                torch._foreach_mul_([m.grad for m in self.masters], (clip / (norm + 1e-6)).clamp(max=1.0))
             self.optimizer.step(lr)
             self.publish()
         self.zero_grads()

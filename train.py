@@ -374,8 +374,7 @@ def micro_loss(model, x, y, mask, n_tokens, hidden=None, chunk=None, cp_index=No
     """One micro-batch on this rank's stage: its share of the global mean loss (the last stage), or the activations
     for the next stage. Under context parallelism x, y and mask are the whole sequences and the model runs the
     tokens at cp_index. pairs: the share from the rows' summed losses [B] (pair_loss)."""
-    cfg = model.config
-    doc = document_ids(x, cfg.eos_token_id, cfg.bos_token_id)
+    doc = document_ids(x, model.config.eos_token_id, model.config.bos_token_id)
     out = model(x, y, mask, doc, "sequence" if pairs else "sum", hidden=hidden, cp_index=cp_index, chunk=chunk)
     return out if out.dim() > 1 else pairs(out) if pairs else out / n_tokens  # activations, or the loss
 
@@ -750,9 +749,8 @@ def save(saver, t, step, opt, grid, meta, loader, signal_seen):
 def wait_for_save(grid, saver):
     """Wait for the save in flight; why it failed, if it did on any rank (every rank learns it: all stop together)."""
     saver.wait()
-    if agree(grid, saver.error is not None)[0]:
-        return saver.error or "a checkpoint save failed on another rank"
-    return None
+    failed = agree(grid, saver.error is not None)[0]
+    return (saver.error or "a checkpoint save failed on another rank") if failed else None
 
 def export_hf(t, grid, saver, dtype):
     """<out_dir>/hf from the newest checkpoint, in the dtype the weights came in, with the tokenizer files of

@@ -100,8 +100,7 @@ class Saver:
 
     def __init__(self, out_dir, grid, keep=3, async_save=False, commit_timeout_s=3600.0):
         self.out_dir, self.grid, self.keep, self.async_save = out_dir, grid, keep, async_save
-        self.commit_timeout_s = commit_timeout_s
-        self.thread, self.error, self.pinned = None, None, {}
+        self.commit_timeout_s, self.thread, self.error, self.pinned = commit_timeout_s, None, None, {}
 
     def save(self, step, opt, meta) -> float:
         """Start (async) or do (sync) the save of `step`. Returns the seconds the training loop was
@@ -387,8 +386,7 @@ def load_checkpoint(path, opt, grid, optimizer_name):
             torch.cuda.set_rng_state(f.get_tensor("rng|cuda"), grid.device)
     return ck.meta["step"], ck.meta, ck.bytes_read
 
-# ============================================================================= Hugging Face
-# ----------------------------------------------------------------------------- Hugging Face format
+# ============================================================================= Hugging Face: the format
 def config_from_hf(hf: dict) -> ModelConfig:
     """config.json -> ModelConfig. RoPE comes in two spellings: top-level rope_theta + rope_scaling
     (transformers 4.x, the released checkpoints) or one rope_parameters dict (transformers 5)."""
@@ -431,8 +429,7 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "rope_scaling": cfg.rope_scaling or {"rope_type": "default"}, "rms_norm_eps": cfg.rms_norm_eps,
         "hidden_act": "xielu", "tie_word_embeddings": False, "attention_bias": False,
         "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id, "torch_dtype": str(dtype).removeprefix("torch."),
-    }
+        "pad_token_id": cfg.pad_token_id, "torch_dtype": str(dtype).removeprefix("torch.")}
 
 def read_hf_config(path) -> ModelConfig:
     cfg_path = os.path.join(path, "config.json")
@@ -486,15 +483,17 @@ def load_hf(path, device="cpu", dtype=torch.float32) -> Apertus:
                 if name not in expected:
                     raise CheckpointError(f"{file}: unexpected tensor {name} (not an Apertus weight)")
                 t = f.get_tensor(name)
-                if tuple(t.shape) != tuple(expected[name].shape):
-                    raise CheckpointError(f"{file}: tensor {name} has shape {tuple(t.shape)}, the config "
-                                          f"implies {tuple(expected[name].shape)}")
+                _check_shape(file, name, t.shape, expected[name].shape)
                 expected[name].copy_(t)
                 params.discard(name)
     if params:
         raise CheckpointError(f"{path}: missing tensor {sorted(params)[0]}"
                               + (f" and {len(params) - 1} more" if len(params) > 1 else ""))
     return model
+
+def _check_shape(file, name, shape, want):
+    if tuple(shape) != tuple(want):
+        raise CheckpointError(f"{file}: tensor {name} has shape {tuple(shape)}, the config implies {tuple(want)}")
 
 def save_hf(model: Apertus, path, dtype=None, max_file_bytes=5 * 2**30):
     """Write config.json and safetensors that transformers.AutoModelForCausalLM loads."""
@@ -555,10 +554,7 @@ def load_hf_into(opt, path, grid):
             files[where[name]] = safe_open(where[name], framework="pt")
         sl = files[where[name]].get_slice(name)
         p = opt.model.get_parameter(name)
-        want = full_shape(name, p)
-        if tuple(sl.get_shape()) != tuple(want):
-            raise CheckpointError(f"{where[name]}: tensor {name} has shape {tuple(sl.get_shape())}, the config "
-                                  f"implies {tuple(want)}")
+        _check_shape(where[name], name, sl.get_shape(), full_shape(name, p))
         local = list(p.shape)
         row = math.prod(local[1:])  # elements per row of this rank's slice
         r0, r1 = piece.start // max(row, 1), -(-piece.end // max(row, 1))  # the rows holding the piece

@@ -30,6 +30,10 @@ class Conversation:
 
     def reset(self):
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.forget()
+
+    def forget(self):
+        """Drop the KV cache: the next turn feeds the whole conversation again."""
         self.ids, self.cache = [], {"length": 0}
 
     @torch.no_grad()
@@ -38,7 +42,7 @@ class Conversation:
         self.messages.append({"role": "user", "content": text})
         ids, _ = prepare.chat_tokens(self.tok, self.messages, self.date, generation_prompt=True)
         if ids[:len(self.ids)] != self.ids:  # the answer re-encoded differently: start the cache over
-            self.ids, self.cache = [], {"length": 0}
+            self.forget()
         end, limit = self.tok.special["<|assistant_end|>"], self.model.config.max_position_embeddings
         new, answer, shown = ids[len(self.ids):], [], ""  # new: what the cache lacks
         for _ in range(max_new_tokens):
@@ -103,7 +107,7 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the conversation: its question is taken back,
             if chat.messages[-1]["role"] == "user":  # and the cache (perhaps half-written) starts over
                 chat.messages.pop()
-            chat.ids, chat.cache = [], {"length": 0}
+            chat.forget()
         print()
         if args.prompt is not None:
             return 0

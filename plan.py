@@ -283,8 +283,9 @@ def format_bytes(cfg):
 # latency_us: per collective call (0: left out, not measured here); efficiency: the compute efficiency
 # (0: the measured row of EFFICIENCY nearest the layout's shape). Sources: Alps as APERTUS.md section 3
 # gives it (4 GH200 a node, NVLink 150 GB/s per direction between each pair, Slingshot-11 25 GB/s per
-# GPU, 96 GB); NVIDIA's datasheets for the rest (dense bf16 peak: train.PEAK_BF16_FLOPS; HBM3 4 TB/s on the 96 GB GH200, 3.35 TB/s on the H100 SXM; NVLink 4 at 900 GB/s
-# both ways through NVSwitch; one 400 Gb/s NDR InfiniBand NIC per H100, 50 GB/s).
+# GPU, 96 GB); NVIDIA's datasheets for the rest (dense bf16 peak: train.PEAK_BF16_FLOPS; HBM3 4 TB/s on the
+# 96 GB GH200, 3.35 TB/s on the H100 SXM; NVLink 4 at 900 GB/s both ways through NVSwitch; one 400 Gb/s NDR
+# InfiniBand NIC per H100, 50 GB/s).
 MACHINES = {
     "gh200-alps": dict(gpus_per_node=4, memory_GB=96, peak_tflops=round(train.PEAK_BF16_FLOPS["GH200"] / 1e12),
                        hbm_GBps=4000, nvlink_GBps=150, nvlink_pairwise=1, net_GBps=25, latency_us=0, efficiency=0),

@@ -241,10 +241,7 @@ def find_resume(out_dir, grid):
     candidates = committed_checkpoints(out_dir)
     for path in reversed(candidates):
         problem = verify(path, grid)
-        bad = torch.tensor([float(problem is not None)], device=grid.device)
-        if grid.world > 1:
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        if not bad.item():
+        if not parallel.agree(grid, problem is not None)[0]:  # every rank finds it whole
             return path
         if problem is not None:
             print(f"checkpoint {path} is unusable: {problem}; falling back to an older one", flush=True)

@@ -196,6 +196,13 @@ def gloo_threads():
                 names.append(f.read().strip())
     return [n for n in names if "gloo" in n]
 
+def agree(grid: Grid, *flags):
+    """Flags any rank raised, known to every rank (one small all-reduce): they must all stop together."""
+    v = torch.tensor([float(f) for f in flags], device=grid.device)
+    if grid.world > 1:
+        dist.all_reduce(v, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in v.tolist()]
+
 def _size(group):
     return 1 if group is None else dist.get_world_size(group)
 

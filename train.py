@@ -702,17 +702,10 @@ def watchdog(t):
     if t.hang_timeout_s:
         faulthandler.dump_traceback_later(t.hang_timeout_s, exit=True)
 
-def agree(grid, *flags):
-    """Flags any rank raised, known to every rank (one small all-reduce): they must all stop together."""
-    v = torch.tensor([float(f) for f in flags], device=grid.device)
-    if grid.world > 1:
-        torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX)
-    return [bool(x) for x in v.tolist()]
-
 def signalled(grid, saver, t):
     """Whether a signal reached any rank, which every rank then knows. A save that failed on any rank is said here,
     by every rank together: the run stops (train.on_save_error = stop) or retries."""
-    signal_seen, save_failed = agree(grid, SIGNALLED["name"] is not None, saver.error is not None)
+    signal_seen, save_failed = parallel.agree(grid, SIGNALLED["name"] is not None, saver.error is not None)
     if save_failed:
         say = saver.error or "a checkpoint save failed on another rank"
         saver.error = None
@@ -749,7 +742,7 @@ def save(saver, t, step, opt, grid, meta, loader, signal_seen):
 def wait_for_save(grid, saver):
     """Wait for the save in flight; why it failed, if it did on any rank (every rank learns it: all stop together)."""
     saver.wait()
-    failed = agree(grid, saver.error is not None)[0]
+    failed = parallel.agree(grid, saver.error is not None)[0]
     return (saver.error or "a checkpoint save failed on another rank") if failed else None
 
 def export_hf(t, grid, saver, dtype):
@@ -765,7 +758,7 @@ def export_hf(t, grid, saver, dtype):
             log(grid, f"exported {latest} to {out} ({dtype})")
         except (OSError, checkpoint.CheckpointError) as e:
             error = f"export to {out} failed: {e}"
-    if agree(grid, error is not None)[0]:
+    if parallel.agree(grid, error is not None)[0]:
         raise SaveError(error or "the export failed on rank 0")
 
 def finish(model, tok, t, grid, saver, meta, step, signal_seen, failed):
